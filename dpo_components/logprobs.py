@@ -1,0 +1,90 @@
+"""Per-sequence log-probs of the response tokens, without materialising the [N, L, V] logits.
+
+torchtune 0.6.1's DPO recipes run the whole output projection, cast the [2B, L, V] logits to fp32 and take a
+``log_softmax`` over them (a second fp32 [2B, L, V] tensor) before gathering one value per token. For Llama 3
+(V = 128256) at 8 x 1024 tokens each of those tensors is ~4.2 GB.
+
+:func:`sequence_logprobs` instead keeps only the final hidden states of **response** positions (prompt and
+padding positions need no logits at all) and projects them to the vocabulary ``chunk_size`` tokens at a time:
+
+    log p(y_t) = logits[y_t] - logsumexp(logits),     logits = output(norm(h_t)) in fp32
+
+Each chunk runs under activation checkpointing, so autograd keeps only the chunk's hidden states and recomputes
+its logits in the backward pass: peak logits memory is one [chunk_size, V] fp32 block in forward and backward,
+at the cost of one extra output-projection matmul per token in the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _target_logprobs(hidden: Tensor, targets: Tensor, output: Callable[[Tensor], Tensor]) -> Tensor:
+    logits = output(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_target_logprobs(
+    hidden: Tensor, targets: Tensor, output: Callable[[Tensor], Tensor], chunk_size: int = 256
+) -> Tensor:
+    """log p(target) for each row of ``hidden`` [T, D] under ``output`` (D -> V), ``chunk_size`` rows at a time."""
+    pieces = []
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_target_logprobs, h, t, output, use_reentrant=False))
+        else:
+            pieces.append(_target_logprobs(h, t, output))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_size: int = 256, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` (a torchtune ``TransformerDecoder``) and return per-sequence (log-prob sums, token counts).
+
+    ``labels`` are aligned with ``input_ids`` (torchtune's convention): position t's label is the token itself, and
+    it is scored by the logits at position t - 1. ``ignore_index`` marks prompt and padding positions. Both
+    outputs have shape [N] (float32 sums, int64 counts).
+
+    The chunked head runs *inside* the model's forward (by replacing ``model.unembed`` for the call), so it sees
+    the output projection exactly as the model does: tied, LoRA, NF4, or sharded by FSDP.
+    """
+    targets_all = labels[:, 1:]
+    keep = targets_all != ignore_index
+    counts = keep.sum(-1)
+    targets = targets_all[keep]
+    row_of_token = keep.nonzero()[:, 0]
+
+    def unembed(h: Tensor) -> Tensor:
+        # RMSNorm is per position, so normalising only the kept positions is exact.
+        hidden = model.norm(h[:, :-1][keep])
+        return chunked_target_logprobs(hidden, targets, model.output, chunk_size)
+
+    model.unembed = unembed
+    try:
+        token_logps = model(input_ids)
+    finally:
+        del model.unembed  # back to the class's own unembed
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    sums = sums.index_add(0, row_of_token, token_logps)
+    return sums, counts
+
+
+def full_logits_sequence_logprobs(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """The naive computation from full [N, L, V] logits, as torchtune's ``rlhf.get_batch_log_probs`` does it.
+
+    Kept for tests and benchmarks as the baseline the chunked path must equal.
+    """
+    targets = labels[:, 1:].clone()
+    keep = targets != ignore_index
+    targets[~keep] = 0
+    token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * keep).sum(-1), keep.sum(-1)

@@ -1,0 +1,127 @@
+"""A synthetic preference task whose preference a program can check.
+
+It follows the spirit of the DPO paper's IMDb controlled-sentiment experiment (Rafailov et al. 2023, Sec. 6.1):
+the prompt is the opening of a short movie review ("the plot was"), the response continues it with a few
+clauses, and the ground-truth reward is the review's sentiment. Here the sentiment is computed by a word list
+instead of a sentiment classifier, so the reward is exact, cheap and needs no download:
+
+    reward(y) = (#positive adjectives - #negative adjectives) / #adjectives      in [-1, 1]
+
+Everything is generated from a seed:
+- ``sft_examples``: (prompt, response) pairs drawn from a neutral "SFT policy" where each adjective is positive,
+  negative or neutral with equal probability, so the mean SFT reward is 0;
+- ``preference_pairs``: two responses sampled from that same policy for one prompt, the one with the higher
+  reward is chosen (ties are re-drawn), exactly as the paper builds its pairs from SFT samples.
+
+DPO on these pairs should raise the reward of sampled responses towards +1 while an SFT model stays near 0.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+SUBJECTS = (
+    "the film", "the plot", "the acting", "the music", "the ending", "the cast", "the script", "the story",
+    "the dialogue", "the villain", "the hero", "the pacing", "the soundtrack", "the effects", "the humor",
+    "the director",
+)  # fmt: skip
+VERBS = ("was", "felt", "seemed", "looked", "became", "stayed")
+POSITIVE = (
+    "great", "wonderful", "brilliant", "moving", "charming", "superb", "delightful", "beautiful", "clever",
+    "gripping", "excellent", "fresh",
+)  # fmt: skip
+NEGATIVE = (
+    "boring", "awful", "dull", "terrible", "clumsy", "weak", "bland", "painful", "silly", "messy", "tedious",
+    "poor",
+)  # fmt: skip
+NEUTRAL = (
+    "long", "quiet", "loud", "old", "french", "short", "slow", "dark", "simple", "strange", "familiar", "odd",
+)  # fmt: skip
+CONNECTORS = ("and", "but", "while", "although")
+
+_POSITIVE = frozenset(POSITIVE)
+_NEGATIVE = frozenset(NEGATIVE)
+_ADJECTIVES = _POSITIVE | _NEGATIVE | frozenset(NEUTRAL)
+_WORD = re.compile(r"[a-z]+")
+
+
+def sentiment_reward(response: str) -> float:
+    """The task's ground-truth reward: (#positive - #negative) / #adjectives, 0.0 when there is no adjective.
+
+    Words are matched case-insensitively; anything that is not one of the task's adjectives is ignored, so a
+    degenerate response ("great great great") scores 1.0 by this reward, as a sentiment classifier would.
+    """
+    words = _WORD.findall(response.lower())
+    adjectives = [w for w in words if w in _ADJECTIVES]
+    if not adjectives:
+        return 0.0
+    positive = sum(w in _POSITIVE for w in adjectives)
+    negative = sum(w in _NEGATIVE for w in adjectives)
+    return (positive - negative) / len(adjectives)
+
+
+def sample_prompt(rng: random.Random) -> str:
+    """The opening of a review: a subject and a verb, e.g. "the plot was"."""
+    return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)}"
+
+
+def _adjective(rng: random.Random) -> str:
+    return rng.choice(rng.choice((POSITIVE, NEGATIVE, NEUTRAL)))
+
+
+def sample_response(rng: random.Random) -> str:
+    """A continuation from the neutral SFT policy: an adjective that completes the prompt, then 1-3 clauses."""
+    parts = [_adjective(rng)]
+    for _ in range(rng.randint(1, 3)):
+        clause = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {_adjective(rng)}"
+        parts.append(f"{rng.choice(CONNECTORS)} {clause}" if rng.random() < 0.5 else f". {clause}")
+    return " ".join(parts) + " ."
+
+
+def sft_examples(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` SFT rows ``{"prompt", "response"}`` drawn from the neutral policy."""
+    rng = random.Random(seed)
+    return [{"prompt": sample_prompt(rng), "response": sample_response(rng)} for _ in range(n)]
+
+
+def preference_pairs(n: int, seed: int) -> list[dict[str, object]]:
+    """``n`` explicit-format preference rows ``{"prompt", "chosen", "rejected"}`` labelled by ``sentiment_reward``.
+
+    Both responses are drawn from the SFT policy for the same prompt; a pair with equal rewards is re-drawn.
+    Each row also carries both rewards so that analyses need not recompute them.
+    """
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        prompt, a, b = sample_prompt(rng), sample_response(rng), sample_response(rng)
+        reward_a, reward_b = sentiment_reward(a), sentiment_reward(b)
+        if reward_a == reward_b:
+            continue
+        (chosen, r_chosen), (rejected, r_rejected) = sorted([(a, reward_a), (b, reward_b)], key=lambda x: -x[1])
+        rows.append(
+            {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+             "chosen_reward": r_chosen, "rejected_reward": r_rejected}
+        )  # fmt: skip
+    return rows
+
+
+def corpus_lines(seed: int = 0, n: int = 2000) -> Iterator[str]:
+    """Plain-text lines covering every word of the task, used to train the tiny tokenizer."""
+    for row in sft_examples(n, seed):
+        yield f"{row['prompt']} {row['response']}"
+    yield " ".join(SUBJECTS + VERBS + POSITIVE + NEGATIVE + NEUTRAL + CONNECTORS)
+    yield "system user assistant"  # the chat headers' role names
+
+
+def write_jsonl(rows: list[dict[str, object]], path: str | Path) -> Path:
+    """Write rows as JSON lines (the format ``datasets.load_dataset("json", ...)`` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
