@@ -380,7 +380,8 @@ def collate_preference_batch(
     """Pad B pairs into one [2B, L] batch for a single concatenated forward: chosen rows first, then rejected.
 
     Returns ``input_ids`` and ``labels`` (right-padded with ``padding_idx`` / ``ignore_idx``; prompt positions
-    are ``ignore_idx`` in ``labels``) and ``index`` [B], the samples' dataset indices.
+    are ``ignore_idx`` in ``labels``), ``lengths`` [2B] (tokens before padding) and ``index`` [B], the samples'
+    dataset indices.
     ``pad_to_multiple_of`` rounds L up (fewer distinct shapes for ``torch.compile``).
     """
     inputs, labels = [], []
@@ -396,4 +397,5 @@ def collate_preference_batch(
         input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=padding_idx)
         label_ids = torch.nn.functional.pad(label_ids, (0, extra), value=ignore_idx)
     index = torch.tensor([sample["index"] for sample in batch])
-    return {"input_ids": input_ids, "labels": label_ids, "index": index}
+    lengths = torch.tensor([len(row) for row in inputs])
+    return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index}

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import Message
-from torchtune.modules import TransformerDecoder
+from torchtune.generation import generate
+from torchtune.modules import TransformerDecoder, local_kv_cache
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from dpo_components import synthetic
@@ -83,12 +84,11 @@ def sample_responses(
     model: TransformerDecoder, tokenizer: ModelTokenizer, prompts: list[str], *,
     max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0,
 ) -> list[str]:  # fmt: skip
-    """Sample one response per prompt (chat format, stop at end-of-turn). Simple and cache-free: tiny models only.
+    """Sample one response per prompt in chat format with torchtune's ``generate`` (KV-cached), until end of turn.
 
     Prompts are batched by token length, so no padding enters the attention.
     """
     generator = torch.Generator().manual_seed(seed)
-    stop = set(tokenizer.stop_tokens)
     by_length: dict[int, list[int]] = {}
     encoded = []
     for i, prompt in enumerate(prompts):
@@ -99,21 +99,26 @@ def sample_responses(
     responses = [""] * len(prompts)
     was_training = model.training
     model.eval()
-    for indices in by_length.values():
-        tokens = torch.tensor([encoded[i] for i in indices])
-        done = torch.zeros(len(indices), dtype=torch.bool)
-        new = []
-        for _ in range(max_new_tokens):
-            logits = model(tokens)[:, -1].float() / temperature
-            next_token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            tokens = torch.cat([tokens, next_token], dim=1)
-            new.append(next_token)
-            done |= torch.tensor([t in stop for t in next_token.flatten().tolist()])
-            if done.all():
-                break
-        generated = torch.cat(new, dim=1).tolist()
-        for row, i in zip(generated, indices):
-            cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+    for length, indices in by_length.items():
+        prompt_ids = torch.tensor([encoded[i] for i in indices])
+        with local_kv_cache(
+            model,
+            batch_size=len(indices),
+            device=prompt_ids.device,
+            dtype=next(model.parameters()).dtype,
+            decoder_max_seq_len=length + max_new_tokens,
+        ):
+            output, _ = generate(
+                model,
+                prompt_ids,
+                max_generated_tokens=max_new_tokens,
+                pad_id=tokenizer.pad_id,
+                temperature=temperature,
+                stop_tokens=tokenizer.stop_tokens,
+                rng=generator,
+            )
+        for i, row in zip(indices, output[:, length:].tolist()):
+            cut = next((k for k, t in enumerate(row) if t in tokenizer.stop_tokens or t == tokenizer.pad_id), len(row))
             responses[i] = tokenizer.decode(row[:cut]).strip()
     model.train(was_training)
     return responses

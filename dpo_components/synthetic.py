@@ -11,7 +11,9 @@ Everything is generated from a seed:
 - ``sft_examples``: (prompt, response) pairs drawn from a neutral "SFT policy" where each adjective is positive,
   negative or neutral with equal probability, so the mean SFT reward is 0;
 - ``preference_pairs``: two responses sampled from that same policy for one prompt, the one with the higher
-  reward is chosen (ties are re-drawn), exactly as the paper builds its pairs from SFT samples.
+  reward is chosen, as the paper builds its pairs from SFT samples. Pairs whose rewards differ by less than
+  ``min_reward_gap`` (0.5 by default) are re-drawn, so every pair has a clear winner: the reward is a ratio,
+  and near-ties such as 1/3 vs 1/4 hinge on counting neutral words, which only adds label noise here.
 
 DPO on these pairs should raise the reward of sampled responses towards +1 while an SFT model stays near 0.
 """
@@ -88,18 +90,18 @@ def sft_examples(n: int, seed: int) -> list[dict[str, str]]:
     return [{"prompt": sample_prompt(rng), "response": sample_response(rng)} for _ in range(n)]
 
 
-def preference_pairs(n: int, seed: int) -> list[dict[str, object]]:
+def preference_pairs(n: int, seed: int, min_reward_gap: float = 0.5) -> list[dict[str, object]]:
     """``n`` explicit-format preference rows ``{"prompt", "chosen", "rejected"}`` labelled by ``sentiment_reward``.
 
-    Both responses are drawn from the SFT policy for the same prompt; a pair with equal rewards is re-drawn.
-    Each row also carries both rewards so that analyses need not recompute them.
+    Both responses are drawn from the SFT policy for the same prompt; a pair whose rewards differ by less than
+    ``min_reward_gap`` (or are equal) is re-drawn. Each row also carries both rewards.
     """
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         prompt, a, b = sample_prompt(rng), sample_response(rng), sample_response(rng)
         reward_a, reward_b = sentiment_reward(a), sentiment_reward(b)
-        if reward_a == reward_b:
+        if reward_a == reward_b or abs(reward_a - reward_b) < min_reward_gap:
             continue
         (chosen, r_chosen), (rejected, r_rejected) = sorted([(a, reward_a), (b, reward_b)], key=lambda x: -x[1])
         rows.append(

@@ -1,6 +1,10 @@
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # our recipes/ before the `recipes` package torchtune's wheel installs
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,3 +17,38 @@ def tokenizer():
     from dpo_components.tiny_tokenizer import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    """A small SFT'd tiny model and synthetic preference data (about 10 s), shared by the recipe tests."""
+    from dpo_components.prepare_tiny import prepare_tiny
+
+    return prepare_tiny(
+        tmp_path_factory.mktemp("tiny"), sft_steps=60, sft_examples=2000, train_pairs=256, eval_pairs=64
+    )
+
+
+@pytest.fixture
+def recipe_cfg(tiny_setup, tmp_path):
+    """The tiny LoRA DPO config pointed at ``tiny_setup``, writing to a fresh output dir; merge overrides."""
+    from omegaconf import OmegaConf
+
+    def make(config="recipe_configs/tiny/lora_dpo_single_device.yaml", **overrides):
+        cfg = OmegaConf.load(REPO_ROOT / config)
+        base = {
+            "output_dir": str(tmp_path / "out"),
+            "checkpointer": {"checkpoint_dir": str(tiny_setup / "sft_model")},
+            "dataset": {"data_files": str(tiny_setup / "data/train.jsonl")},
+            "eval_dataset": {"data_files": str(tiny_setup / "data/eval.jsonl")},
+            "epochs": 1,
+            "log_every_n_steps": 1,
+            "eval_every_n_steps": None,
+            "save_every_n_steps": None,
+        }
+        cfg = OmegaConf.merge(
+            cfg, base, OmegaConf.from_dotlist([f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
+        )
+        return cfg
+
+    return make

@@ -250,6 +250,7 @@ def test_collator_concatenates_chosen_then_rejected(tokenizer, tmp_path):
     ):
         ids = sample["prompt_ids"] + sample[f"{side}_response_ids"]
         n = len(ids)
+        assert batch["lengths"][row] == n
         assert input_ids[row, :n].tolist() == ids
         assert (input_ids[row, n:] == tokenizer.pad_id).all() and (labels[row, n:] == IGNORE_INDEX).all()
         assert (labels[row, : len(sample["prompt_ids"])] == IGNORE_INDEX).all()

@@ -1,0 +1,150 @@
+"""Checkpoints in Hugging Face layout, written atomically, and read back for resume without pickle.
+
+A checkpoint is one directory, ``<output_dir>/step_<N>/``:
+
+    model-00001-of-0000K.safetensors + model.safetensors.index.json + config.json + tokenizer files
+        the merged full model (base + LoRA), in HF key layout: ``transformers`` and vLLM load it as is;
+    adapter_model.safetensors + adapter_config.json
+        the LoRA adapter in PEFT layout (``PeftModel.from_pretrained(base, dir)``);
+    recipe_state.pt
+        what an exact resume needs: optimizer, LR schedule, step, data position, RNG (tensors and plain
+        Python values only, read back with ``torch.load(weights_only=True)``).
+
+The HF conversion (key names, q/k permutation, sharding like the source checkpoint, copying config and tokenizer
+files) is torchtune's ``FullModelHFCheckpointer``; we point it at a temporary directory, drop the pickled
+``adapter_model.pt`` it writes, and rename the finished directory into place, so an interrupted save never
+leaves a half-written ``step_<N>`` behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchao.dtypes.nf4tensor import NF4Tensor
+from torchtune import training
+from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
+
+RECIPE_STATE_FILE = "recipe_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def merged_lora_state_dict(model: nn.Module, rank: int, alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Base + LoRA (or DoRA) merged into plain weights, in ``dtype``, on CPU; the model is left untouched.
+
+    NF4 (QLoRA) base weights are dequantized to ``dtype``. (torchtune's recipes merge into ``v.cpu()``, which on
+    a CPU run is the live parameter itself, so its merge silently adds the LoRA delta into the training weights.)
+    """
+    state = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, NF4Tensor):
+            value = value.get_original_weight()
+        state[key] = value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else None).clone()
+    return get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA/DoRA parameters only (torchtune key names), detached copies on CPU."""
+    return {k: v.detach().cpu().clone() for k, v in get_adapter_state_dict(model.state_dict()).items()}
+
+
+def save_checkpoint_dir(
+    checkpointer: Any,
+    out_dir: str | Path,
+    model_state: dict[str, torch.Tensor],
+    adapter_state: dict[str, torch.Tensor] | None = None,
+    adapter_config: dict[str, Any] | None = None,
+    recipe_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint directory atomically with torchtune's HF checkpointer; returns its path.
+
+    ``checkpointer`` is a ``FullModelHFCheckpointer`` whose ``load_checkpoint`` has run (it learns the source's
+    sharding then). An existing ``out_dir`` is replaced.
+    """
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    state: dict[str, Any] = {training.MODEL_KEY: model_state}
+    if adapter_state is not None:
+        state[training.ADAPTER_KEY] = adapter_state
+        state[training.ADAPTER_CONFIG] = dict(adapter_config or {})
+    saved_output_dir = checkpointer._output_dir
+    checkpointer._output_dir = tmp_dir  # torchtune writes into <output_dir>/epoch_<n>/
+    torchtune_log = logging.getLogger("torchtune.utils._logging")  # the logger all of torchtune logs to
+    saved_level = torchtune_log.level
+    torchtune_log.setLevel(logging.WARNING)  # its messages name the temporary directory; the caller logs the real one
+    try:
+        checkpointer.save_checkpoint(state, epoch=0, intermediate_checkpoint=False)
+    finally:
+        checkpointer._output_dir = saved_output_dir
+        torchtune_log.setLevel(saved_level)
+    written = tmp_dir / "epoch_0"
+    for path in list(written.iterdir()):
+        path.rename(tmp_dir / path.name)
+    written.rmdir()
+    (tmp_dir / "adapter_model.pt").unlink(missing_ok=True)  # a pickle; the safetensors copy is the adapter
+    if recipe_state is not None:
+        torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return out_dir
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The ``step_<N>`` directory with the largest N that holds a recipe state, or None."""
+    steps = []
+    for path in Path(output_dir).glob("step_*"):
+        match = _STEP_DIR.match(path.name)
+        if match and (path / RECIPE_STATE_FILE).is_file():
+            steps.append((int(match.group(1)), path))
+    return max(steps)[1] if steps else None
+
+
+def load_recipe_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / RECIPE_STATE_FILE, weights_only=True)
+
+
+def _unpermute_lora_b(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Undo torchtune's ``_permute_lora_matrix`` (HF's rotary layout -> torchtune's interleaved layout)."""
+    rank = t.shape[-1]
+    return t.view(n_heads, 2, head_dim // 2, rank).transpose(1, 2).reshape(head_dim * n_heads, rank)
+
+
+def load_peft_adapter(
+    checkpoint_dir: str | Path, num_heads: int, num_kv_heads: int, dim: int, head_dim: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` (PEFT layout) back into torchtune key names: the inverse of torchtune's
+    ``tune_to_peft_adapter_weights``, including the q/k ``lora_B`` permutation."""
+    head_dim = head_dim or dim // num_heads
+    peft = load_file(Path(checkpoint_dir) / "adapter_model.safetensors")
+    renames = [
+        (r"^base_model\.model\.model\.layers\.", "layers."),
+        (r"\.self_attn\.o_proj\.", ".attn.output_proj."),
+        (r"\.self_attn\.", ".attn."),
+        (r"\.mlp\.gate_proj\.", ".mlp.w1."),
+        (r"\.mlp\.down_proj\.", ".mlp.w2."),
+        (r"\.mlp\.up_proj\.", ".mlp.w3."),
+        (r"^base_model\.model\.lm_head\.", "output."),
+        (r"\.lora_A\.weight$", ".lora_a.weight"),
+        (r"\.lora_B\.weight$", ".lora_b.weight"),
+        (r"\.lora_magnitude_vector$", ".magnitude"),
+    ]
+    tune = {}
+    for key, value in peft.items():
+        new_key = key
+        for pattern, replacement in renames:
+            new_key = re.sub(pattern, replacement, new_key)
+        if new_key.endswith("lora_b.weight") and ".attn.q_proj." in new_key:
+            value = _unpermute_lora_b(value, num_heads, head_dim)
+        elif new_key.endswith("lora_b.weight") and ".attn.k_proj." in new_key:
+            value = _unpermute_lora_b(value, num_kv_heads, head_dim)
+        tune[new_key] = value
+    return tune

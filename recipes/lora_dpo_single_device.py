@@ -1,0 +1,366 @@
+"""LoRA / QLoRA / DoRA DPO on one device (CPU or one GPU).
+
+    tune run recipes/lora_dpo_single_device.py --config recipe_configs/tiny/lora_dpo_single_device.yaml
+    python recipes/lora_dpo_single_device.py --config recipe_configs/tiny/lora_dpo_single_device.yaml key=value
+
+The policy is the base model plus LoRA adapters; the reference is the same base model with the adapters
+disabled (no second copy of the weights), and is skipped entirely for reference-free losses. Everything is
+built from the YAML config: model (``quantize_base: true`` for QLoRA, ``use_dora: true`` for DoRA), tokenizer,
+preference dataset, loss (any ``dpo_components.losses`` class), optimizer (any torch or torchao optimizer),
+LR schedule and metric logger.
+
+Features: fp32 / bf16; gradient accumulation (each micro-batch loss is divided by the number of micro-batches,
+so a step equals one big batch); activation checkpointing; ``compile``; gradient clipping; chunked log-probs
+(no [2B, L, V] logits); metrics averaged over the micro-batches of a step, every ``log_every_n_steps``; eval on
+held-out pairs every ``eval_every_n_steps`` and at the end; checkpoints every ``save_every_n_steps`` and at the
+end in Hugging Face layout (PEFT adapter + merged model), written atomically; exact resume from the latest
+checkpoint (``resume_from_checkpoint: true``): data order and position, optimizer, LR schedule and RNG.
+A NaN/inf loss or gradient stops the run before the optimizer step, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from torchtune import config, modules, training, utils
+from torchtune.config._errors import InstantiationError
+from torchtune.modules.peft import (
+    disable_adapter,
+    get_adapter_params,
+    get_lora_module_names,
+    set_trainable_params,
+    validate_missing_and_unexpected_for_lora,
+)
+from tqdm import tqdm
+
+from dpo_components.checkpointing import (
+    adapter_state_dict,
+    latest_checkpoint,
+    load_peft_adapter,
+    load_recipe_state,
+    merged_lora_state_dict,
+    save_checkpoint_dir,
+)
+from dpo_components.data import collate_preference_batch
+from dpo_components.losses import PreferenceLoss
+from dpo_components.training import (
+    PreferenceMetrics,
+    concatenated_logprobs,
+    epoch_order,
+    peak_memory_gib,
+    rng_state,
+    set_rng_state,
+)
+
+log = utils.get_logger("INFO")
+
+
+class ConfigError(ValueError):
+    """A config the recipe refuses, with what to change."""
+
+
+class LoRADPORecipeSingleDevice:
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)  # refuses bf16 where unsupported
+        if self._dtype == torch.float16:
+            raise ConfigError("dtype fp16 is not supported (no loss scaling); use bf16 or fp32")
+        self._output_dir = Path(cfg.output_dir)
+        self.seed = training.set_seed(cfg.seed)
+        self._batch_size = cfg.batch_size
+        self._grad_accum = cfg.gradient_accumulation_steps
+        self._total_epochs = cfg.epochs
+        self._max_steps_per_epoch = cfg.get("max_steps_per_epoch")
+        self._clip_grad_norm = cfg.get("clip_grad_norm")
+        self._chunk_size = cfg.get("logprob_chunk_size", 256)
+        self._log_every = cfg.get("log_every_n_steps", 1)
+        self._eval_every = cfg.get("eval_every_n_steps")
+        self._save_every = cfg.get("save_every_n_steps")
+        self._shuffle = cfg.get("shuffle", True)
+        self._resume = cfg.get("resume_from_checkpoint", False)
+        for key in ("batch_size", "gradient_accumulation_steps", "epochs"):
+            if cfg[key] < 1:
+                raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+        _check_paths(cfg)
+
+        self.global_step = 0  # optimizer steps taken
+        self.epochs_run = 0
+        self._batches_done_in_epoch = 0  # micro-batches of the current epoch already trained on
+        self._last_checkpoint: Path | None = None
+        self._last_eval_step: int | None = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._metric_logger = config.instantiate(cfg.metric_logger)
+        self._metric_logger.log_config(cfg)
+
+        resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
+        if self._resume and resume_dir is None:
+            raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")
+        # Our resume reads our own checkpoints; torchtune's checkpointer only loads the base weights.
+        self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
+        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._model = self._setup_model(cfg, base_state, resume_dir)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._loss_fn = _instantiate_loss(cfg.loss)
+
+        self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
+        self._eval_data = config.instantiate(cfg.eval_dataset, self._tokenizer) if cfg.get("eval_dataset") else None
+        if self._eval_every and self._eval_data is None:
+            raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
+        if len(self._train_data) < self._batch_size * self._grad_accum:
+            raise ConfigError(
+                f"the dataset has {len(self._train_data)} pairs, fewer than one step's "
+                f"batch_size x gradient_accumulation_steps = {self._batch_size * self._grad_accum}"
+            )
+        self._collate = partial(collate_preference_batch, padding_idx=self._tokenizer.pad_id,
+                                pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1))  # fmt: skip
+
+        steps_per_epoch = len(self._train_data) // (self._batch_size * self._grad_accum)
+        if self._max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, self._max_steps_per_epoch)
+        self._steps_per_epoch = steps_per_epoch
+        self._total_steps = steps_per_epoch * self._total_epochs
+
+        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
+        self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
+        if resume_dir is not None:
+            self._load_recipe_state(resume_dir)
+        log.info(
+            f"{len(self._train_data)} train pairs, {steps_per_epoch} steps/epoch x {self._total_epochs} epochs, "
+            f"loss {self._loss_fn}, reference {'base model, adapters off' if self._loss_fn.needs_reference else 'none'}"
+        )
+
+    def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any], resume_dir: Path | None) -> torch.nn.Module:
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg.model)
+        self._lora = {
+            "rank": cfg.model.lora_rank,
+            "alpha": cfg.model.lora_alpha,
+            "attn_modules": list(cfg.model.lora_attn_modules),
+            "mlp": cfg.model.get("apply_lora_to_mlp", False),
+            "output": cfg.model.get("apply_lora_to_output", False),
+            "dora": cfg.model.get("use_dora", False),
+        }
+        set_trainable_params(model, get_adapter_params(model))
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+
+        base_missing, base_unexpected = model.load_state_dict(base_state, strict=False)
+        lora_missing = lora_unexpected = None
+        if resume_dir is not None:
+            hf = self._checkpointer._config
+            adapter = load_peft_adapter(resume_dir, hf["num_attention_heads"], hf["num_key_value_heads"],
+                                        hf["hidden_size"], hf.get("head_dim"))  # fmt: skip
+            lora_missing, lora_unexpected = model.load_state_dict(adapter, strict=False)
+        elif self._lora["dora"]:
+            for module in model.modules():
+                if hasattr(module, "initialize_dora_magnitude"):
+                    module.initialize_dora_magnitude()
+        validate_missing_and_unexpected_for_lora(
+            lora_attn_modules=self._lora["attn_modules"], apply_lora_to_mlp=self._lora["mlp"],
+            apply_lora_to_output=self._lora["output"], base_missing=base_missing, base_unexpected=base_unexpected,
+            lora_missing=lora_missing, lora_unexpected=lora_unexpected,
+        )  # fmt: skip
+        if cfg.get("compile", False):
+            training.compile_model(model)  # per layer; padded lengths vary, see pad_to_multiple_of
+        return model
+
+    # -------------------------------------------------------------------------------------------- the step
+
+    def _forward(self, batch: dict[str, torch.Tensor]):
+        """Policy (with grad) and reference (adapters off, no grad) log-probs, then the loss."""
+        batch = {k: v.to(self._device) for k, v in batch.items()}
+        policy = concatenated_logprobs(self._model, batch, self._chunk_size)
+        reference = None
+        if self._loss_fn.needs_reference:
+            with torch.no_grad(), disable_adapter(self._model):
+                reference = concatenated_logprobs(self._model, batch, self._chunk_size)
+        return self._loss_fn(policy, reference), policy
+
+    def train(self) -> None:
+        metrics, interval_start = PreferenceMetrics(), time.perf_counter()
+        progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True)
+        for epoch in range(self.epochs_run, self._total_epochs):
+            order = epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
+            loader = DataLoader(
+                self._train_data,
+                batch_size=self._batch_size,
+                sampler=order[self._batches_done_in_epoch * self._batch_size :],
+                collate_fn=self._collate,
+                drop_last=True,
+                generator=torch.Generator(),  # not the global RNG: a resumed run must draw the same dropout masks
+            )
+            self._model.train()
+            for batch in loader:
+                if self._batches_done_in_epoch // self._grad_accum >= self._steps_per_epoch:
+                    break
+                out, policy = self._forward(batch)
+                loss = out.losses.mean()
+                if not torch.isfinite(loss):
+                    self._stop_on_nonfinite("loss", loss.item())
+                (loss / self._grad_accum).backward()
+                metrics.update(out, policy, tokens=int(batch["lengths"].sum()))
+                self._batches_done_in_epoch += 1
+                if self._batches_done_in_epoch % self._grad_accum:
+                    continue
+
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self._model.parameters() if p.requires_grad],
+                    max_norm=float(self._clip_grad_norm or math.inf),
+                )
+                if not torch.isfinite(grad_norm):
+                    self._stop_on_nonfinite("gradient norm", grad_norm.item())
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self._lr_scheduler.step()
+                self.global_step += 1
+                progress.update(1)
+
+                if self.global_step % self._log_every == 0:
+                    seconds = time.perf_counter() - interval_start
+                    logged = metrics.compute()
+                    logged.update(lr=self._optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                                  tokens_per_second=metrics.tokens / seconds,
+                                  peak_memory_gib=peak_memory_gib(self._device))  # fmt: skip
+                    self._metric_logger.log_dict(logged, step=self.global_step)
+                    progress.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['rewards/accuracies']:.2f}")
+                    metrics, interval_start = PreferenceMetrics(), time.perf_counter()
+                if self._eval_every and self.global_step % self._eval_every == 0:
+                    self.evaluate()
+                if self._save_every and self.global_step % self._save_every == 0:
+                    self.save_checkpoint()
+            self.epochs_run, self._batches_done_in_epoch = epoch + 1, 0
+        progress.close()
+        if self._eval_data is not None and self._last_eval_step != self.global_step:
+            self.evaluate()
+        if self._last_checkpoint is None or self._last_checkpoint.name != f"step_{self.global_step}":
+            self.save_checkpoint()
+
+    def _stop_on_nonfinite(self, what: str, value: float) -> None:
+        last = self._last_checkpoint or "none saved yet"
+        raise FloatingPointError(
+            f"the {what} is {value} at step {self.global_step + 1}; stopping before the optimizer step. "
+            f"Last good checkpoint: {last}. Lower the learning rate, use fp32 or set clip_grad_norm."
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, preference accuracy and margins on the held-out pairs (policy vs reference), logged as eval/*."""
+        was_training = self._model.training
+        self._model.eval()
+        metrics = PreferenceMetrics()
+        loader = DataLoader(self._eval_data, batch_size=self._batch_size, collate_fn=self._collate,
+                            generator=torch.Generator())  # fmt: skip
+        for batch in loader:
+            out, policy = self._forward(batch)
+            metrics.update(out, policy)
+        results = {f"eval/{name}": value for name, value in metrics.compute().items()}
+        self._metric_logger.log_dict(results, step=self.global_step)
+        self._last_eval_step = self.global_step
+        log.info(
+            f"step {self.global_step} eval: loss {results['eval/loss']:.4f}, accuracy "
+            f"{results['eval/rewards/accuracies']:.3f}, margin {results['eval/rewards/margins']:.4f}"
+        )
+        self._model.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``<output_dir>/step_<N>/``: merged HF model, PEFT adapter, and the state for an exact resume."""
+        lora = self._lora
+        adapter_config = {
+            "r": lora["rank"], "lora_alpha": lora["alpha"], "peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "use_dora": lora["dora"], "bias": "none",
+            "target_modules": get_lora_module_names(lora["attn_modules"], lora["mlp"], lora["output"]),
+        }  # fmt: skip
+        recipe_state = {
+            "global_step": self.global_step,
+            "epochs_run": self.epochs_run,
+            "batches_done_in_epoch": self._batches_done_in_epoch,
+            "optimizer": self._optimizer.state_dict(),
+            "lr_scheduler": self._lr_scheduler.state_dict(),
+            "rng": rng_state(),
+            "run": self._run_signature(),
+        }
+        path = save_checkpoint_dir(
+            self._checkpointer,
+            self._output_dir / f"step_{self.global_step}",
+            model_state=merged_lora_state_dict(self._model, lora["rank"], lora["alpha"], self._dtype),
+            adapter_state=adapter_state_dict(self._model),
+            adapter_config=adapter_config,
+            recipe_state=recipe_state,
+        )
+        self._last_checkpoint = path
+        log.info(f"saved checkpoint {path}")
+        return path
+
+    def _run_signature(self) -> dict[str, Any]:
+        """What must not change between a run and its resume for the data order to be the same."""
+        return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
+                "train_pairs": len(self._train_data), "shuffle": self._shuffle}  # fmt: skip
+
+    def _load_recipe_state(self, checkpoint_dir: Path) -> None:
+        state = load_recipe_state(checkpoint_dir)
+        if state["run"] != self._run_signature():
+            raise ConfigError(
+                f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, "
+                f"this run has {self._run_signature()}"
+            )
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        set_rng_state(state["rng"])
+        self.global_step = state["global_step"]
+        self.epochs_run = state["epochs_run"]
+        self._batches_done_in_epoch = state["batches_done_in_epoch"]
+        self._last_checkpoint = checkpoint_dir
+        log.info(f"resumed from {checkpoint_dir} at step {self.global_step}")
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    """Refuse configs whose checkpoint paths are wrong before anything is built."""
+    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"checkpointer.checkpoint_dir {ckpt_dir} does not exist (download the model first)")
+    missing = [f for f in cfg.checkpointer.checkpoint_files if not (ckpt_dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"checkpointer.checkpoint_files not found in {ckpt_dir}: {missing}")
+    output_dir = Path(cfg.output_dir).resolve()
+    if output_dir == ckpt_dir.resolve() or ckpt_dir.resolve() in output_dir.parents:
+        raise ConfigError(f"output_dir {output_dir} must not be inside checkpointer.checkpoint_dir {ckpt_dir}")
+
+
+def _instantiate_loss(cfg_loss: DictConfig) -> PreferenceLoss:
+    try:
+        loss = config.instantiate(cfg_loss)
+    except (InstantiationError, ImportError, AttributeError, ValueError, TypeError) as error:
+        raise ConfigError(f"cannot build loss {OmegaConf.to_container(cfg_loss)}: {error}") from error
+    if not isinstance(loss, PreferenceLoss):
+        raise ConfigError(f"loss must be a dpo_components.losses.PreferenceLoss, got {type(loss).__name__}")
+    return loss
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="LoRADPORecipeSingleDevice", cfg=cfg)
+    recipe = LoRADPORecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
