@@ -22,7 +22,9 @@ Any loss takes ``nll_weight`` (alpha): it adds the RPO term (Pang et al. 2024, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +59,16 @@ class SequenceLogProbs:
 
 @dataclass
 class PreferenceLossOutput:
-    """``losses``: per pair, differentiable, shape [B]. Rewards: detached, on the log-probs the loss used."""
+    """``losses``: per pair, differentiable, shape [B]. Rewards: detached, on the log-probs the loss used.
+
+    ``metrics``: loss-specific per-pair quantities (detached, shape [B]) that recipes average and log next to the
+    reward metrics, e.g. IPO's margin ``ipo/margin`` and its target.
+    """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class PreferenceLoss(nn.Module):
@@ -96,14 +103,19 @@ class PreferenceLoss(nn.Module):
             policy_in, reference_in = policy, reference
         losses, chosen_rewards, rejected_rewards = self.pair_losses(policy_in, reference_in)
         if self.nll_weight:
-            losses = losses - self.nll_weight * policy.chosen_logps / policy.chosen_tokens
-        return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+            losses = losses + self.nll_weight * chosen_nll(policy)
+        metrics = {name: value.detach() for name, value in self.pair_metrics(policy_in, reference_in).items()}
+        return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), metrics)
 
     def pair_losses(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Return (per-pair losses, chosen rewards, rejected rewards), each of shape [B]."""
         raise NotImplementedError
+
+    def pair_metrics(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None) -> dict[str, Tensor]:
+        """Loss-specific quantities worth logging, per pair (none by default)."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, average_logprobs={self.average_logprobs}, nll_weight={self.nll_weight}"
@@ -124,6 +136,23 @@ def _log_ratios(policy: SequenceLogProbs, reference: SequenceLogProbs) -> tuple[
     return policy.chosen_logps - reference.chosen_logps, policy.rejected_logps - reference.rejected_logps
 
 
+def chosen_nll(policy: SequenceLogProbs) -> Tensor:
+    """Per-pair negative log-likelihood of the chosen response per token, -pi_w / |y_w| (from summed log-probs)."""
+    return -policy.chosen_logps / policy.chosen_tokens
+
+
+def _smoothed_sigmoid_loss(logits: Tensor, eps: float) -> Tensor:
+    """(1 - eps) * L(z) + eps * L(-z): the logistic loss with conservative label smoothing eps."""
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def _check_smoothing(owner: str, eps: float, low: float = 0.0) -> float:
+    if not low <= eps < 0.5 or (low > 0 and eps <= 0):
+        bound = "(0, 0.5)" if low > 0 else "[0, 0.5)"
+        raise ValueError(f"{owner}: label_smoothing must be in {bound}, got {eps}")
+    return eps
+
+
 class DPOLoss(PreferenceLoss):
     """DPO (Rafailov et al. 2023, arXiv 2305.18290), with conservative DPO's label smoothing.
 
@@ -134,17 +163,15 @@ class DPOLoss(PreferenceLoss):
     code's ``preference_loss``. TRL 1.16's ``sigmoid`` loss silently ignores ``label_smoothing``; we apply it.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, nll_weight: float = 0.0) -> None:
-        super().__init__(beta, nll_weight=nll_weight)
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"DPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+    def __init__(
+        self, beta: float = 0.1, label_smoothing: float = 0.0, average_logprobs: bool = False, nll_weight: float = 0.0
+    ) -> None:
+        super().__init__(beta, average_logprobs=average_logprobs, nll_weight=nll_weight)
+        self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = _log_ratios(policy, reference)
-        logits = self.beta * (chosen - rejected)
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        losses = _smoothed_sigmoid_loss(self.beta * (chosen - rejected), self.label_smoothing)
         return losses, self.beta * chosen, self.beta * rejected
 
 
@@ -158,9 +185,7 @@ class RobustDPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1, nll_weight: float = 0.0) -> None:
         super().__init__(beta, nll_weight=nll_weight)
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"RobustDPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = _log_ratios(policy, reference)
@@ -185,8 +210,19 @@ class IPOLoss(PreferenceLoss):
 
     def pair_losses(self, policy, reference):
         chosen, rejected = _log_ratios(policy, reference)
-        losses = (chosen - rejected - 1 / (2 * self.beta)) ** 2
+        losses = (chosen - rejected - self.target) ** 2
         return losses, self.beta * chosen, self.beta * rejected
+
+    @property
+    def target(self) -> float:
+        """The margin IPO regresses h onto, 1 / (2 tau)."""
+        return 1 / (2 * self.beta)
+
+    def pair_metrics(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        margin = chosen - rejected
+        return {"ipo/margin": margin, "ipo/target": torch.full_like(margin, self.target),
+                "ipo/abs_gap": (margin - self.target).abs()}  # fmt: skip
 
 
 class HingeLoss(PreferenceLoss):
@@ -222,14 +258,328 @@ class SimPOLoss(PreferenceLoss):
         self, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0, nll_weight: float = 0.0
     ) -> None:
         super().__init__(beta, average_logprobs=True, nll_weight=nll_weight)
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"SimPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.gamma = gamma
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = self.beta * policy.chosen_logps, self.beta * policy.rejected_logps
-        logits = chosen - rejected - self.gamma
-        eps = self.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        losses = _smoothed_sigmoid_loss(chosen - rejected - self.gamma, self.label_smoothing)
         return losses, chosen, rejected
+
+
+class SigmoidNormLoss(DPOLoss):
+    """Length-normalised DPO (TRL's ``sigmoid_norm``; the "DPO w/ LN" ablation of SimPO, Tulu 3's ``dpo_norm``).
+
+        loss = L(beta * (h_w / |y_w| - h_l / |y_l|)),   h_y = pi_y - ref_y
+
+    i.e. :class:`DPOLoss` on per-token averaged log-probs. Equals TRL 1.16's ``sigmoid_norm``.
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, label_smoothing=label_smoothing, average_logprobs=True, nll_weight=nll_weight)
+
+
+class EXOPairLoss(PreferenceLoss):
+    """EXO (Ji et al. 2024, arXiv 2402.00856, Eq. 16): reverse KL between sigma(beta h) and the labels [1-eps, eps].
+
+        loss = s(z) (log s(z) - log(1 - eps)) + s(-z) (log s(-z) - log eps),   z = beta * h,  s = sigmoid
+
+    on summed log-probs; eps > 0 is required (the paper uses 1e-3). Equals TRL 1.16's ``exo_pair``.
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+        self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing, low=1e-12)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        z, eps = self.beta * (chosen - rejected), self.label_smoothing
+        losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - math.log(eps)
+        )
+        return losses, self.beta * chosen, self.beta * rejected
+
+
+class NCAPairLoss(PreferenceLoss):
+    """NCA (Chen et al. 2024, arXiv 2402.05369), pairwise: absolute rewards r = beta * (pi - ref), not only h.
+
+        loss = L(r_w) + 0.5 * L(-r_w) + 0.5 * L(-r_l)
+
+    on summed log-probs. Equals TRL 1.16's ``nca_pair``.
+    """
+
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        losses = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+        return losses, chosen, rejected
+
+
+class BCOPairLoss(PreferenceLoss):
+    """BCO, pairwise (Jung et al. 2024, arXiv 2404.04656): each response classified on its own reward.
+
+        loss = L(r_w) + L(-r_l),   r = beta * (pi - ref)
+
+    on summed log-probs. As in TRL 1.16's ``bco_pair`` there is no running-mean reward shift delta (the paper's
+    and older TRL's version subtract a running mean of the rewards from r; that couples batches and steps).
+    """
+
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        return -F.logsigmoid(chosen) - F.logsigmoid(-rejected), chosen, rejected
+
+
+class SPPOHardLoss(PreferenceLoss):
+    """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 with P = 1 for the winner, 0 the loser).
+
+        loss = (h_w - 1 / (2 beta))^2 + (h_l + 1 / (2 beta))^2,   h_y = pi_y - ref_y
+
+    on summed log-probs. Equals TRL 1.16's ``sppo_hard``.
+    """
+
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        half = 1 / (2 * self.beta)
+        return (chosen - half) ** 2 + (rejected + half) ** 2, self.beta * chosen, self.beta * rejected
+
+
+class AOTLoss(PreferenceLoss):
+    """AOT (Melnyk et al. 2024, arXiv 2406.05882): distributional alignment via optimal transport over the batch.
+
+        paired (default):  d = sort_batch(pi_w - pi_l) - sort_batch(ref_w - ref_l)
+        unpaired:          d = sort_batch(pi_w - ref_w) - sort_batch(pi_l - ref_l)
+        loss = (1 - eps) L(beta d) + eps L(-beta d)
+
+    on summed log-probs; equals TRL 1.16's ``aot`` and ``aot_unpaired``. **Batch-coupled**: the i-th loss pairs the
+    i-th smallest values of the micro-batch, so results depend on the micro-batch size (and, with gradient
+    accumulation, only each micro-batch is sorted).
+    """
+
+    def __init__(
+        self, beta: float = 0.1, label_smoothing: float = 0.0, unpaired: bool = False, nll_weight: float = 0.0
+    ) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+        self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
+        self.unpaired = unpaired
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        if self.unpaired:
+            d = chosen.sort().values - rejected.sort().values
+        else:
+            policy_margin = policy.chosen_logps - policy.rejected_logps
+            reference_margin = reference.chosen_logps - reference.rejected_logps
+            d = policy_margin.sort().values - reference_margin.sort().values
+        return _smoothed_sigmoid_loss(self.beta * d, self.label_smoothing), self.beta * chosen, self.beta * rejected
+
+
+class APOZeroLoss(PreferenceLoss):
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7), for chosen responses better than the model's.
+
+        loss = (1 - s(r_w)) + s(r_l),   r = beta * (pi - ref),  s = sigmoid
+
+    on summed log-probs. Equals TRL 1.16's ``apo_zero``.
+    """
+
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        return (1 - torch.sigmoid(chosen)) + torch.sigmoid(rejected), chosen, rejected
+
+
+class APODownLoss(PreferenceLoss):
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8), for chosen responses worse than the model's own outputs.
+
+        loss = s(r_w) + (1 - s(r_w - r_l)),   r = beta * (pi - ref)
+
+    on summed log-probs. Equals TRL 1.16's ``apo_down``.
+    """
+
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        return torch.sigmoid(chosen) + (1 - torch.sigmoid(chosen - rejected)), chosen, rejected
+
+
+class DiscoPOPLoss(PreferenceLoss):
+    """DiscoPOP (Chris Lu et al. 2024, arXiv 2406.08414, Eq. 5): a log-ratio-modulated blend found by LLM search.
+
+        z = beta * h,  m = sigmoid(z / tau):   loss = (1 - m) * L(z) + m * exp(-z)
+
+    on summed log-probs, tau = 0.05 as in the paper. Equals TRL 1.16's ``discopop``.
+    """
+
+    def __init__(self, beta: float = 0.1, tau: float = 0.05, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+        if tau <= 0:
+            raise ValueError(f"DiscoPOPLoss: tau must be > 0, got {tau}")
+        self.tau = tau
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        z = self.beta * (chosen - rejected)
+        m = torch.sigmoid(z / self.tau)
+        return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z), self.beta * chosen, self.beta * rejected
+
+
+class DPOPLoss(PreferenceLoss):
+    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228): DPO plus a penalty whenever the chosen
+    response's likelihood falls below the reference's, which plain DPO allows (both likelihoods may drop).
+
+        loss = L(beta * (h - lambda * max(0, ref_w - pi_w)))
+
+    on summed log-probs; ``dpop_lambda`` defaults to 50, the value the paper trains Smaug with. Not in TRL 1.16.
+    """
+
+    def __init__(self, beta: float = 0.1, dpop_lambda: float = 50.0, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+        if dpop_lambda < 0:
+            raise ValueError(f"DPOPLoss: dpop_lambda must be >= 0, got {dpop_lambda}")
+        self.dpop_lambda = dpop_lambda
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        penalty = torch.relu(reference.chosen_logps - policy.chosen_logps)
+        losses = -F.logsigmoid(self.beta * (chosen - rejected - self.dpop_lambda * penalty))
+        return losses, self.beta * chosen, self.beta * rejected
+
+
+class RDPOLoss(PreferenceLoss):
+    """R-DPO, length-regularised DPO (Park et al. 2024, arXiv 2403.19159, Eq. 9; as tabulated in SimPO's Table 3):
+
+        loss = L(beta * h + alpha * (|y_w| - |y_l|))
+
+    on summed log-probs. With alpha > 0 a longer chosen response needs a smaller log-ratio margin, which removes
+    the incentive to prefer length that plain DPO learns from length-biased data. Not in TRL 1.16.
+    """
+
+    def __init__(self, beta: float = 0.1, alpha: float = 0.01, nll_weight: float = 0.0) -> None:
+        super().__init__(beta, nll_weight=nll_weight)
+        self.alpha = alpha
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = _log_ratios(policy, reference)
+        length_gap = (policy.chosen_tokens - policy.rejected_tokens).to(chosen.dtype)
+        losses = -F.logsigmoid(self.beta * (chosen - rejected) + self.alpha * length_gap)
+        return losses, self.beta * chosen, self.beta * rejected
+
+
+class CPOLoss(PreferenceLoss):
+    """CPO (Xu et al. 2024, arXiv 2401.08417), reference-free: a DPO-style term on the policy alone plus NLL.
+
+        loss = (1 - eps) L(beta (pi_w - pi_l)) + eps L(-beta (pi_w - pi_l)) + alpha * NLL(y_w) / |y_w|
+
+    on summed log-probs; rewards ``beta * pi``. TRL's CPOTrainer (``loss_type="sigmoid"``, ``cpo_alpha``) has the
+    same preference term; its NLL is the token mean over the whole batch, ours per pair (equal for equal lengths).
+    """
+
+    needs_reference = False
+
+    def __init__(self, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__(beta)
+        self.alpha = alpha
+        self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
+
+    def pair_losses(self, policy, reference):
+        chosen, rejected = self.beta * policy.chosen_logps, self.beta * policy.rejected_logps
+        losses = _smoothed_sigmoid_loss(chosen - rejected, self.label_smoothing) + self.alpha * chosen_nll(policy)
+        return losses, chosen, rejected
+
+
+class ORPOLoss(PreferenceLoss):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691), reference-free: NLL plus an odds-ratio term, in one stage.
+
+        p_y = exp(pi_y / |y|),  odds_y = p_y / (1 - p_y)
+        loss = NLL(y_w) / |y_w| - beta * log sigmoid(log odds_w - log odds_l)
+
+    ``beta`` is the paper's lambda (0.1 there and in TRL). Rewards are ``beta * pi / |y|`` as TRL's ORPOTrainer
+    logs them. TRL's NLL is the token mean over the batch, ours per pair (equal for equal lengths).
+    """
+
+    needs_reference = False
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__(beta, average_logprobs=True)
+
+    def pair_losses(self, policy, reference):
+        w, l = policy.chosen_logps, policy.rejected_logps  # noqa: E741 (per-token averages)
+        log_odds = (w - l) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l)))
+        losses = -w - self.beta * F.logsigmoid(log_odds)
+        return losses, self.beta * w, self.beta * l
+
+    def pair_metrics(self, policy, reference):
+        w, l = policy.chosen_logps, policy.rejected_logps  # noqa: E741
+        return {"orpo/log_odds": (w - l) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l)))}
+
+
+class NLLLoss(PreferenceLoss):
+    """Supervised NLL of the chosen response per token, -pi_w / |y_w|: the SFT term of combinations such as
+    ``DPO + 0.2 * NLL`` (RPO, MPO). Reference-free; the ``beta`` only scales the logged rewards ``beta * pi / |y|``."""
+
+    needs_reference = False
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__(beta)
+
+    def pair_losses(self, policy, reference):
+        averaged = policy.averaged()
+        return chosen_nll(policy), self.beta * averaged.chosen_logps, self.beta * averaged.rejected_logps
+
+
+class WeightedSum(PreferenceLoss):
+    """A weighted sum of losses, e.g. DPO + 0.2 * NLL, built from YAML:
+
+        loss:
+          _component_: dpo_components.losses.WeightedSum
+          terms:
+            - {weight: 1.0, loss: {_component_: dpo_components.losses.DPOLoss, beta: 0.1}}
+            - {weight: 0.2, loss: {_component_: dpo_components.losses.NLLLoss}}
+
+    Each term sees the log-probs it asks for (summed or averaged); the reference is needed if any term needs it.
+    Rewards come from the first term; every term's loss is logged as ``loss/<i>_<Class>``.
+    """
+
+    def __init__(self, terms: list[Any]) -> None:
+        losses, weights = [], []
+        for i, term in enumerate(terms):
+            term = dict(term)
+            loss = term["loss"]
+            if not isinstance(loss, PreferenceLoss):
+                from omegaconf import OmegaConf
+                from torchtune import config
+
+                loss = config.instantiate(OmegaConf.create(dict(loss)))
+            if not isinstance(loss, PreferenceLoss):
+                raise ValueError(f"WeightedSum term {i}: {type(loss).__name__} is not a PreferenceLoss")
+            losses.append(loss)
+            weights.append(float(term.get("weight", 1.0)))
+        if not losses:
+            raise ValueError("WeightedSum needs at least one term")
+        super().__init__(beta=losses[0].beta)
+        self.terms = nn.ModuleList(losses)
+        self.weights = weights
+        self.needs_reference = any(loss.needs_reference for loss in losses)
+
+    def forward(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> PreferenceLossOutput:
+        outputs = [loss(policy, reference if loss.needs_reference else None) for loss in self.terms]
+        total = sum(w * out.losses for w, out in zip(self.weights, outputs))
+        metrics = {}
+        for i, (loss, out) in enumerate(zip(self.terms, outputs)):
+            metrics[f"loss/{i}_{type(loss).__name__}"] = out.losses.detach()
+            metrics.update(out.metrics)
+        return PreferenceLossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards, metrics)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}"

@@ -54,6 +54,7 @@ class PreferenceMetrics:
             "rewards/accuracies": accuracies,
             "logps/chosen": policy.chosen_logps.detach(),
             "logps/rejected": policy.rejected_logps.detach(),
+            **out.metrics,  # loss-specific, e.g. ipo/margin
         }
         stacked = torch.stack([v.float().sum() for v in values.values()]).tolist()  # one device sync
         for name, total in zip(values, stacked):

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchtune import config, modules, training, utils
-from torchtune.config._errors import InstantiationError
 from torchtune.modules.peft import (
     disable_adapter,
     get_adapter_params,
@@ -49,8 +48,8 @@ from dpo_components.checkpointing import (
     merged_lora_state_dict,
     save_checkpoint_dir,
 )
+from dpo_components.config_checks import ConfigError, check_checkpoint_paths, check_positive, instantiate_loss
 from dpo_components.data import collate_preference_batch
-from dpo_components.losses import PreferenceLoss
 from dpo_components.training import (
     PreferenceMetrics,
     concatenated_logprobs,
@@ -61,10 +60,6 @@ from dpo_components.training import (
 )
 
 log = utils.get_logger("INFO")
-
-
-class ConfigError(ValueError):
-    """A config the recipe refuses, with what to change."""
 
 
 class LoRADPORecipeSingleDevice:
@@ -86,10 +81,8 @@ class LoRADPORecipeSingleDevice:
         self._save_every = cfg.get("save_every_n_steps")
         self._shuffle = cfg.get("shuffle", True)
         self._resume = cfg.get("resume_from_checkpoint", False)
-        for key in ("batch_size", "gradient_accumulation_steps", "epochs"):
-            if cfg[key] < 1:
-                raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-        _check_paths(cfg)
+        check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
 
         self.global_step = 0  # optimizer steps taken
         self.epochs_run = 0
@@ -111,7 +104,7 @@ class LoRADPORecipeSingleDevice:
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model = self._setup_model(cfg, base_state, resume_dir)
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._loss_fn = _instantiate_loss(cfg.loss)
+        self._loss_fn = instantiate_loss(cfg.loss)
 
         self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
         self._eval_data = config.instantiate(cfg.eval_dataset, self._tokenizer) if cfg.get("eval_dataset") else None
@@ -328,29 +321,6 @@ class LoRADPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
-
-
-def _check_paths(cfg: DictConfig) -> None:
-    """Refuse configs whose checkpoint paths are wrong before anything is built."""
-    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
-    if not ckpt_dir.is_dir():
-        raise ConfigError(f"checkpointer.checkpoint_dir {ckpt_dir} does not exist (download the model first)")
-    missing = [f for f in cfg.checkpointer.checkpoint_files if not (ckpt_dir / f).is_file()]
-    if missing:
-        raise ConfigError(f"checkpointer.checkpoint_files not found in {ckpt_dir}: {missing}")
-    output_dir = Path(cfg.output_dir).resolve()
-    if output_dir == ckpt_dir.resolve() or ckpt_dir.resolve() in output_dir.parents:
-        raise ConfigError(f"output_dir {output_dir} must not be inside checkpointer.checkpoint_dir {ckpt_dir}")
-
-
-def _instantiate_loss(cfg_loss: DictConfig) -> PreferenceLoss:
-    try:
-        loss = config.instantiate(cfg_loss)
-    except (InstantiationError, ImportError, AttributeError, ValueError, TypeError) as error:
-        raise ConfigError(f"cannot build loss {OmegaConf.to_container(cfg_loss)}: {error}") from error
-    if not isinstance(loss, PreferenceLoss):
-        raise ConfigError(f"loss must be a dpo_components.losses.PreferenceLoss, got {type(loss).__name__}")
-    return loss
 
 
 @config.parse

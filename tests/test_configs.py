@@ -8,6 +8,7 @@ from conftest import REPO_ROOT
 from omegaconf import OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
+from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
 CONFIGS = sorted(p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "recipe_configs").rglob("*.yaml"))
@@ -70,11 +71,11 @@ def test_components_resolve_and_accept_their_arguments(path):
 def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tmp_path):
     cfg = OmegaConf.load(REPO_ROOT / path)
     lora_args = {k: v for k, v in cfg.model.items() if k.startswith("lora_") or k in ("apply_lora_to_mlp", "use_dora")}
-    cfg.model = {
-        "_component_": "dpo_components.tiny_model.lora_tiny_llama",
-        **lora_args,
-        "quantize_base": "qlora" in cfg.model._component_,
-    }
+    if lora_args:
+        cfg.model = {"_component_": "dpo_components.tiny_model.lora_tiny_llama", **lora_args,
+                     "quantize_base": "qlora" in cfg.model._component_}  # fmt: skip
+    else:
+        cfg.model = {"_component_": "dpo_components.tiny_model.tiny_llama"}
     cfg.tokenizer = {"_component_": "dpo_components.tiny_tokenizer.tiny_tokenizer"}
     cfg.checkpointer.update(
         checkpoint_dir=str(tiny_setup / "sft_model"), checkpoint_files=["model.safetensors"], model_type="LLAMA3_2"
@@ -85,11 +86,13 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tmp_path):
         output_dir=str(tmp_path / "out"),
         device="cpu",
         dtype="fp32",
+        epochs=1,
         max_steps_per_epoch=1,
         eval_every_n_steps=None,
         save_every_n_steps=None,
     )
-    recipe = LoRADPORecipeSingleDevice(cfg)
+    recipe = (IPORecipeSingleDevice if "ipo" in path.name else LoRADPORecipeSingleDevice)(cfg)
     recipe.setup(cfg)
     recipe.train()
-    assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "adapter_model.safetensors").exists()
+    assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
+    assert (tmp_path / "out" / "step_1" / "adapter_model.safetensors").exists() == bool(lora_args)

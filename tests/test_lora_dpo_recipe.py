@@ -310,3 +310,49 @@ def test_tune_run_and_python_entry_points_from_repo_root(tiny_setup, tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert (out / "step_1" / "adapter_model.safetensors").exists()
+
+
+LOSSES = [
+    "DPOLoss",
+    "RobustDPOLoss",
+    "IPOLoss",
+    "HingeLoss",
+    "SimPOLoss",
+    "SigmoidNormLoss",
+    "EXOPairLoss",
+    "NCAPairLoss",
+    "BCOPairLoss",
+    "SPPOHardLoss",
+    "AOTLoss",
+    "APOZeroLoss",
+    "APODownLoss",
+    "DiscoPOPLoss",
+    "DPOPLoss",
+    "RDPOLoss",
+    "CPOLoss",
+    "ORPOLoss",
+    "NLLLoss",
+]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_runs_in_the_recipe_from_yaml(recipe_cfg, name):
+    cfg = recipe_cfg(max_steps_per_epoch=2, eval_dataset=None, batch_size=4, **{"lr_scheduler.num_warmup_steps": 1})
+    cfg.loss = OmegaConf.create({"_component_": f"dpo_components.losses.{name}"})
+    recipe = run(cfg)
+    assert recipe.global_step == 2 and torch.isfinite(torch.tensor(logged(cfg)[2]["loss"]))
+
+
+def test_weighted_combination_runs_in_the_recipe(recipe_cfg):
+    cfg = recipe_cfg(max_steps_per_epoch=2, eval_dataset=None, batch_size=4)
+    cfg.loss = OmegaConf.create(
+        {
+            "_component_": "dpo_components.losses.WeightedSum",
+            "terms": [
+                {"weight": 1.0, "loss": {"_component_": "dpo_components.losses.DPOLoss", "beta": 0.1}},
+                {"weight": 0.2, "loss": {"_component_": "dpo_components.losses.NLLLoss"}},
+            ],
+        }
+    )
+    run(cfg)
+    assert {"loss/0_DPOLoss", "loss/1_NLLLoss"} <= set(logged(cfg)[2])

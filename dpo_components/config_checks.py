@@ -1,0 +1,45 @@
+"""Checks the recipes run on their config before building anything, so a bad config fails fast and says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config
+from torchtune.config._errors import InstantiationError
+
+from dpo_components.losses import PreferenceLoss
+
+
+class ConfigError(ValueError):
+    """A config a recipe refuses, with what to change."""
+
+
+def check_checkpoint_paths(cfg_checkpointer: DictConfig, output_dir: str | Path, key: str = "checkpointer") -> None:
+    """The checkpoint directory and files exist, and ``output_dir`` is not inside the checkpoint directory."""
+    ckpt_dir = Path(cfg_checkpointer.checkpoint_dir)
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{key}.checkpoint_dir {ckpt_dir} does not exist (download the model first)")
+    missing = [f for f in cfg_checkpointer.checkpoint_files if not (ckpt_dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"{key}.checkpoint_files not found in {ckpt_dir}: {missing}")
+    output_dir = Path(output_dir).resolve()
+    if output_dir == ckpt_dir.resolve() or ckpt_dir.resolve() in output_dir.parents:
+        raise ConfigError(f"output_dir {output_dir} must not be inside {key}.checkpoint_dir {ckpt_dir}")
+
+
+def instantiate_loss(cfg_loss: DictConfig) -> PreferenceLoss:
+    """Build the loss from YAML; anything but a ``PreferenceLoss`` is refused with the config that was given."""
+    try:
+        loss = config.instantiate(cfg_loss)
+    except (InstantiationError, ImportError, AttributeError, ValueError, TypeError) as error:
+        raise ConfigError(f"cannot build loss {OmegaConf.to_container(cfg_loss)}: {error}") from error
+    if not isinstance(loss, PreferenceLoss):
+        raise ConfigError(f"loss must be a dpo_components.losses.PreferenceLoss, got {type(loss).__name__}")
+    return loss
+
+
+def check_positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")

@@ -1,0 +1,99 @@
+"""Precomputed reference log-probs: one no-grad pass over the data, cached on disk, then no reference model.
+
+The reference model's log-probs of every pair never change during DPO, so they can be computed once before
+training. After that the reference weights can be freed (a full copy of an 8B model is 16 GB in bf16) and each
+step skips the reference forward.
+
+The cache is a safetensors file ``reference_logps_<key>.safetensors`` holding four [N] tensors indexed like the
+dataset (``chosen_logps``, ``rejected_logps`` as fp32 sums, and the token counts). The key hashes what the values
+depend on: the tokenized samples (so dataset, tokenizer, chat template and truncation settings), the reference
+checkpoint files and the dtype; change any of them and the cache is recomputed, never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dpo_components.data import PreferenceDataset
+from dpo_components.losses import SequenceLogProbs
+from dpo_components.training import concatenated_logprobs
+
+FIELDS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+_SAMPLED_BYTES = 1 << 20  # of each checkpoint file, from its start and its end
+
+
+def _file_fingerprint(path: Path) -> bytes:
+    """Name, size and the first and last MiB: cheap for multi-GB shards, and changes whenever weights do."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_SAMPLED_BYTES)
+        f.seek(max(0, size - _SAMPLED_BYTES))
+        tail = f.read(_SAMPLED_BYTES)
+    return f"{path.name}:{size}:".encode() + hashlib.sha256(head + tail).digest()
+
+
+def reference_cache_key(
+    dataset: PreferenceDataset, checkpoint_dir: str | Path, checkpoint_files: list[str], dtype: torch.dtype
+) -> str:
+    """A short hash of (tokenized dataset, reference checkpoint, dtype)."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        fields = [sample[k] for k in ("prompt_ids", "chosen_response_ids", "chosen_labels",
+                                      "rejected_response_ids", "rejected_labels")]  # fmt: skip
+        digest.update(json.dumps(fields, separators=(",", ":")).encode())
+    for name in sorted(checkpoint_files):
+        digest.update(_file_fingerprint(Path(checkpoint_dir) / name))
+    digest.update(str(dtype).encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference_logprobs(
+    model: nn.Module,
+    dataset: PreferenceDataset,
+    collate_fn: Callable,
+    batch_size: int,
+    device: torch.device,
+    chunk_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Per-pair reference log-prob sums and token counts for the whole dataset, indexed like it, on CPU."""
+    was_training = model.training
+    model.eval()
+    out = {name: torch.zeros(len(dataset), dtype=torch.float32 if "logps" in name else torch.long) for name in FIELDS}
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
+    for batch in tqdm(loader, desc="reference log-probs", dynamic_ncols=True):
+        index = batch["index"]
+        logps = concatenated_logprobs(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
+        for name in FIELDS:
+            out[name][index] = getattr(logps, name).to("cpu", out[name].dtype)
+    model.train(was_training)
+    return out
+
+
+def load_or_compute(cache_file: str | Path, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Read the cache file if it exists, else compute and write it atomically (temp name + rename)."""
+    cache_file = Path(cache_file)
+    if cache_file.is_file():
+        return load_file(cache_file)
+    values = compute()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in values.items()}, tmp)
+    os.replace(tmp, cache_file)
+    return values
+
+
+def reference_for_batch(cache: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> SequenceLogProbs:
+    """The cached reference log-probs of the pairs ``index`` of a batch."""
+    return SequenceLogProbs(*(cache[name][index].to(device) for name in FIELDS))
