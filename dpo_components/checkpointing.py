@@ -30,7 +30,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
-from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
+from torchtune.modules.peft import get_adapter_state_dict, get_lora_module_names, get_merged_lora_ckpt
+
+from dpo_components.training import rng_state, set_rng_state
 
 RECIPE_STATE_FILE = "recipe_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -148,3 +150,60 @@ def load_peft_adapter(
             value = _unpermute_lora_b(value, num_kv_heads, head_dim)
         tune[new_key] = value
     return tune
+
+
+def lora_settings(cfg_model: Any) -> dict[str, Any]:
+    """The LoRA hyper-parameters a recipe needs for merging and for the PEFT config, read from the model config."""
+    return {
+        "rank": cfg_model.lora_rank,
+        "alpha": cfg_model.lora_alpha,
+        "attn_modules": list(cfg_model.lora_attn_modules),
+        "mlp": cfg_model.get("apply_lora_to_mlp", False),
+        "output": cfg_model.get("apply_lora_to_output", False),
+        "dora": cfg_model.get("use_dora", False),
+    }
+
+
+def save_lora_checkpoint(
+    checkpointer: Any, out_dir: Path, model: nn.Module, lora: dict[str, Any], dtype: torch.dtype, recipe_state: dict
+) -> Path:
+    """A LoRA checkpoint: the merged model, the PEFT adapter and its config, and the recipe state."""
+    adapter_config = {
+        "r": lora["rank"], "lora_alpha": lora["alpha"], "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "use_dora": lora["dora"], "bias": "none",
+        "target_modules": get_lora_module_names(lora["attn_modules"], lora["mlp"], lora["output"]),
+    }  # fmt: skip
+    return save_checkpoint_dir(
+        checkpointer,
+        out_dir,
+        model_state=merged_lora_state_dict(model, lora["rank"], lora["alpha"], dtype),
+        adapter_state=adapter_state_dict(model),
+        adapter_config=adapter_config,
+        recipe_state=recipe_state,
+    )
+
+
+def training_state(
+    progress: dict[str, int], optimizer: torch.optim.Optimizer, lr_scheduler: Any, run: dict[str, Any]
+) -> dict[str, Any]:
+    """What an exact resume needs. ``progress``: global_step, epochs_run, batches_done_in_epoch. ``run``: the
+    settings that fix the data order (seed, batch size, ...), checked on resume."""
+    return {**progress, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "rng": rng_state(), "run": run}  # fmt: skip
+
+
+def restore_training_state(
+    checkpoint_dir: Path, optimizer: torch.optim.Optimizer, lr_scheduler: Any, run: dict[str, Any]
+) -> dict[str, int]:
+    """Load optimizer, LR schedule and RNG from ``checkpoint_dir``; return the progress counters.
+
+    Refuses (``ValueError``) when the run settings differ: the data order would not be the same.
+    """
+    state = load_recipe_state(checkpoint_dir)
+    if state["run"] != run:
+        raise ValueError(f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, this run "
+                         f"has {run}")  # fmt: skip
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    set_rng_state(state["rng"])
+    return {key: state[key] for key in ("global_step", "epochs_run", "batches_done_in_epoch")}

@@ -37,16 +37,17 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchtune import config, modules, training, utils
-from torchtune.modules.peft import disable_adapter, get_adapter_params, get_lora_module_names, set_trainable_params
+from torchtune.modules.peft import disable_adapter, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
 from dpo_components.checkpointing import (
-    adapter_state_dict,
     latest_checkpoint,
     load_peft_adapter,
-    load_recipe_state,
-    merged_lora_state_dict,
+    lora_settings,
+    restore_training_state,
     save_checkpoint_dir,
+    save_lora_checkpoint,
+    training_state,
 )
 from dpo_components.config_checks import ConfigError, check_checkpoint_paths, check_positive, instantiate_loss
 from dpo_components.data import collate_preference_batch
@@ -61,8 +62,6 @@ from dpo_components.training import (
     concatenated_logprobs,
     epoch_order,
     peak_memory_gib,
-    rng_state,
-    set_rng_state,
 )
 
 log = utils.get_logger("INFO")
@@ -134,11 +133,7 @@ class IPORecipeSingleDevice:
         self._setup_reference(cfg, base_state)
         del base_state
         if self._is_lora:
-            self._lora = {
-                "rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha,
-                "attn_modules": list(cfg.model.lora_attn_modules), "mlp": cfg.model.get("apply_lora_to_mlp", False),
-                "output": cfg.model.get("apply_lora_to_output", False), "dora": cfg.model.get("use_dora", False),
-            }  # fmt: skip
+            self._lora = lora_settings(cfg.model)
             set_trainable_params(self._model, get_adapter_params(self._model))
         if resume_dir is not None:
             self._load_policy_weights(cfg, resume_dir)
@@ -334,53 +329,34 @@ class IPORecipeSingleDevice:
 
     def save_checkpoint(self) -> Path:
         """``<output_dir>/step_<N>/``: HF-layout weights (merged + PEFT adapter for LoRA) and the resume state."""
-        recipe_state = {
-            "global_step": self.global_step,
-            "epochs_run": self.epochs_run,
-            "batches_done_in_epoch": self._batches_done_in_epoch,
-            "optimizer": self._optimizer.state_dict(),
-            "lr_scheduler": self._lr_scheduler.state_dict(),
-            "rng": rng_state(),
-            "run": self._run_signature(),
-        }
+        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._run_signature())
         out_dir = self._output_dir / f"step_{self.global_step}"
         if self._is_lora:
-            lora = self._lora
-            adapter_config = {
-                "r": lora["rank"], "lora_alpha": lora["alpha"], "peft_type": "LORA", "task_type": "CAUSAL_LM",
-                "use_dora": lora["dora"], "bias": "none",
-                "target_modules": get_lora_module_names(lora["attn_modules"], lora["mlp"], lora["output"]),
-            }  # fmt: skip
-            path = save_checkpoint_dir(
-                self._checkpointer, out_dir,
-                model_state=merged_lora_state_dict(self._model, lora["rank"], lora["alpha"], self._dtype),
-                adapter_state=adapter_state_dict(self._model), adapter_config=adapter_config,
-                recipe_state=recipe_state,
-            )  # fmt: skip
+            path = save_lora_checkpoint(self._checkpointer, out_dir, self._model, self._lora, self._dtype, state)
         else:
             model_state = {k: v.detach().cpu().clone() for k, v in self._model.state_dict().items()}
-            path = save_checkpoint_dir(self._checkpointer, out_dir, model_state=model_state, recipe_state=recipe_state)
+            path = save_checkpoint_dir(self._checkpointer, out_dir, model_state=model_state, recipe_state=state)
         self._last_checkpoint = path
         log.info(f"saved checkpoint {path}")
         return path
+
+    def _progress(self) -> dict[str, int]:
+        return {"global_step": self.global_step, "epochs_run": self.epochs_run,
+                "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
 
     def _run_signature(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
                 "train_pairs": len(self._train_data), "shuffle": self._shuffle}  # fmt: skip
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        state = load_recipe_state(checkpoint_dir)
-        if state["run"] != self._run_signature():
-            raise ConfigError(
-                f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, "
-                f"this run has {self._run_signature()}"
-            )
-        self._optimizer.load_state_dict(state["optimizer"])
-        self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_rng_state(state["rng"])
-        self.global_step = state["global_step"]
-        self.epochs_run = state["epochs_run"]
-        self._batches_done_in_epoch = state["batches_done_in_epoch"]
+        try:
+            progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler,
+                                              self._run_signature())  # fmt: skip
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.global_step = progress["global_step"]
+        self.epochs_run = progress["epochs_run"]
+        self._batches_done_in_epoch = progress["batches_done_in_epoch"]
         self._last_checkpoint = checkpoint_dir
         log.info(f"resumed from {checkpoint_dir} at step {self.global_step}")
 

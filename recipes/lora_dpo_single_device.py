@@ -34,19 +34,18 @@ from torchtune import config, modules, training, utils
 from torchtune.modules.peft import (
     disable_adapter,
     get_adapter_params,
-    get_lora_module_names,
     set_trainable_params,
     validate_missing_and_unexpected_for_lora,
 )
 from tqdm import tqdm
 
 from dpo_components.checkpointing import (
-    adapter_state_dict,
     latest_checkpoint,
     load_peft_adapter,
-    load_recipe_state,
-    merged_lora_state_dict,
-    save_checkpoint_dir,
+    lora_settings,
+    restore_training_state,
+    save_lora_checkpoint,
+    training_state,
 )
 from dpo_components.config_checks import ConfigError, check_checkpoint_paths, check_positive, instantiate_loss
 from dpo_components.data import collate_preference_batch
@@ -55,8 +54,6 @@ from dpo_components.training import (
     concatenated_logprobs,
     epoch_order,
     peak_memory_gib,
-    rng_state,
-    set_rng_state,
 )
 
 log = utils.get_logger("INFO")
@@ -136,14 +133,7 @@ class LoRADPORecipeSingleDevice:
     def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any], resume_dir: Path | None) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)
-        self._lora = {
-            "rank": cfg.model.lora_rank,
-            "alpha": cfg.model.lora_alpha,
-            "attn_modules": list(cfg.model.lora_attn_modules),
-            "mlp": cfg.model.get("apply_lora_to_mlp", False),
-            "output": cfg.model.get("apply_lora_to_output", False),
-            "dora": cfg.model.get("use_dora", False),
-        }
+        self._lora = lora_settings(cfg.model)
         set_trainable_params(model, get_adapter_params(model))
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
@@ -271,32 +261,16 @@ class LoRADPORecipeSingleDevice:
 
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/step_<N>/``: merged HF model, PEFT adapter, and the state for an exact resume."""
-        lora = self._lora
-        adapter_config = {
-            "r": lora["rank"], "lora_alpha": lora["alpha"], "peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "use_dora": lora["dora"], "bias": "none",
-            "target_modules": get_lora_module_names(lora["attn_modules"], lora["mlp"], lora["output"]),
-        }  # fmt: skip
-        recipe_state = {
-            "global_step": self.global_step,
-            "epochs_run": self.epochs_run,
-            "batches_done_in_epoch": self._batches_done_in_epoch,
-            "optimizer": self._optimizer.state_dict(),
-            "lr_scheduler": self._lr_scheduler.state_dict(),
-            "rng": rng_state(),
-            "run": self._run_signature(),
-        }
-        path = save_checkpoint_dir(
-            self._checkpointer,
-            self._output_dir / f"step_{self.global_step}",
-            model_state=merged_lora_state_dict(self._model, lora["rank"], lora["alpha"], self._dtype),
-            adapter_state=adapter_state_dict(self._model),
-            adapter_config=adapter_config,
-            recipe_state=recipe_state,
-        )
+        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._run_signature())
+        path = save_lora_checkpoint(self._checkpointer, self._output_dir / f"step_{self.global_step}", self._model,
+                                    self._lora, self._dtype, state)  # fmt: skip
         self._last_checkpoint = path
         log.info(f"saved checkpoint {path}")
         return path
+
+    def _progress(self) -> dict[str, int]:
+        return {"global_step": self.global_step, "epochs_run": self.epochs_run,
+                "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
 
     def _run_signature(self) -> dict[str, Any]:
         """What must not change between a run and its resume for the data order to be the same."""
@@ -304,18 +278,14 @@ class LoRADPORecipeSingleDevice:
                 "train_pairs": len(self._train_data), "shuffle": self._shuffle}  # fmt: skip
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        state = load_recipe_state(checkpoint_dir)
-        if state["run"] != self._run_signature():
-            raise ConfigError(
-                f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, "
-                f"this run has {self._run_signature()}"
-            )
-        self._optimizer.load_state_dict(state["optimizer"])
-        self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_rng_state(state["rng"])
-        self.global_step = state["global_step"]
-        self.epochs_run = state["epochs_run"]
-        self._batches_done_in_epoch = state["batches_done_in_epoch"]
+        try:
+            progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler,
+                                              self._run_signature())  # fmt: skip
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.global_step = progress["global_step"]
+        self.epochs_run = progress["epochs_run"]
+        self._batches_done_in_epoch = progress["batches_done_in_epoch"]
         self._last_checkpoint = checkpoint_dir
         log.info(f"resumed from {checkpoint_dir} at step {self.global_step}")
 

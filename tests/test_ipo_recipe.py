@@ -149,8 +149,14 @@ def test_unknown_reference_mode_is_refused(recipe_cfg):
 def test_losses_run_in_the_ipo_recipe_with_precomputed_reference(recipe_cfg, name, tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = recipe_cfg(CONFIG, max_steps_per_epoch=2, epochs=1, eval_dataset=None, batch_size=4,
-                     **{"reference.cache_dir": str(tmp_path / "cache")})
+    cfg = recipe_cfg(
+        CONFIG,
+        max_steps_per_epoch=2,
+        epochs=1,
+        eval_dataset=None,
+        batch_size=4,
+        **{"reference.cache_dir": str(tmp_path / "cache")},
+    )
     cfg.loss = OmegaConf.create({"_component_": f"dpo_components.losses.{name}"})
     recipe = run(cfg)
     assert recipe.global_step == 2
