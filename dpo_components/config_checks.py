@@ -43,3 +43,12 @@ def check_positive(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+
+
+def optional_component(cfg: DictConfig, key: str) -> DictConfig | None:
+    """``cfg[key]`` if it names a component, else None. On torchtune's command line ``key=null`` on a component
+    node sets its ``_component_`` to null (and ``~key`` is refused), so both spellings mean "none"."""
+    node = cfg.get(key)
+    if node is None or (OmegaConf.is_dict(node) and node.get("_component_") is None):
+        return None
+    return node

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dpo_components.data import PreferenceDataset
@@ -66,17 +65,33 @@ def compute_reference_logprobs(
     batch_size: int,
     device: torch.device,
     chunk_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Per-pair reference log-prob sums and token counts for the whole dataset, indexed like it, on CPU."""
+    """Per-pair reference log-prob sums and token counts for the whole dataset, indexed like it, on CPU.
+
+    With ``world_size > 1`` (a sharded model under torch.distributed) rank r takes batches r, r + W, ...; every rank
+    runs the same number of forwards (a rank short of batches repeats its last one and drops the result), as FSDP
+    needs, and the results are summed across ranks so that every rank returns the full table.
+    """
     was_training = model.training
     model.eval()
     out = {name: torch.zeros(len(dataset), dtype=torch.float32 if "logps" in name else torch.long) for name in FIELDS}
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator())
-    for batch in tqdm(loader, desc="reference log-probs", dynamic_ncols=True):
-        index = batch["index"]
+    starts = list(range(0, len(dataset), batch_size))
+    mine = starts[rank::world_size]
+    rounds = -(-len(starts) // world_size)  # ceil: the same count on every rank
+    for i in tqdm(range(rounds), desc="reference log-probs", dynamic_ncols=True, disable=rank != 0):
+        start = mine[min(i, len(mine) - 1)] if mine else starts[0]
+        batch = collate_fn([dataset[j] for j in range(start, min(start + batch_size, len(dataset)))])
         logps = concatenated_logprobs(model, {k: v.to(device) for k, v in batch.items()}, chunk_size)
-        for name in FIELDS:
-            out[name][index] = getattr(logps, name).to("cpu", out[name].dtype)
+        if i < len(mine):
+            for name in FIELDS:
+                out[name][batch["index"]] = getattr(logps, name).to("cpu", out[name].dtype)
+    if world_size > 1:
+        for name in FIELDS:  # each index was filled by exactly one rank, zeros elsewhere
+            values = out[name].to(device)
+            torch.distributed.all_reduce(values)
+            out[name] = values.cpu()
     model.train(was_training)
     return out
 

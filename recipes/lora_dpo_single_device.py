@@ -47,7 +47,13 @@ from dpo_components.checkpointing import (
     save_lora_checkpoint,
     training_state,
 )
-from dpo_components.config_checks import ConfigError, check_checkpoint_paths, check_positive, instantiate_loss
+from dpo_components.config_checks import (
+    ConfigError,
+    check_checkpoint_paths,
+    check_positive,
+    instantiate_loss,
+    optional_component,
+)
 from dpo_components.data import collate_preference_batch
 from dpo_components.training import (
     PreferenceMetrics,
@@ -104,7 +110,8 @@ class LoRADPORecipeSingleDevice:
         self._loss_fn = instantiate_loss(cfg.loss)
 
         self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
-        self._eval_data = config.instantiate(cfg.eval_dataset, self._tokenizer) if cfg.get("eval_dataset") else None
+        eval_cfg = optional_component(cfg, "eval_dataset")
+        self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
             raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
         if len(self._train_data) < self._batch_size * self._grad_accum:

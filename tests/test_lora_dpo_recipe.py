@@ -356,3 +356,29 @@ def test_weighted_combination_runs_in_the_recipe(recipe_cfg):
     )
     run(cfg)
     assert {"loss/0_DPOLoss", "loss/1_NLLLoss"} <= set(logged(cfg)[2])
+
+
+def test_dora_trains_and_its_merged_checkpoint_matches(recipe_cfg):
+    cfg = recipe_cfg(
+        **{
+            "max_steps_per_epoch": 3,
+            "model.use_dora": True,
+            "optimizer.lr": 1e-2,
+            "lr_scheduler.num_warmup_steps": 1,
+            "eval_dataset": None,
+        }
+    )
+    recipe = run(cfg)
+    ckpt = REPO_ROOT / cfg.output_dir / "step_3"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(ckpt / "adapter_model.safetensors"))
+    merged = FullModelHFCheckpointer(
+        checkpoint_dir=str(ckpt),
+        checkpoint_files=["model-00001-of-00001.safetensors"],
+        model_type="LLAMA3_2",
+        output_dir=str(REPO_ROOT / cfg.output_dir / "y"),
+    )
+    plain = tiny_llama()
+    plain.load_state_dict(merged.load_checkpoint()["model"], strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens()), recipe._model.eval()(tokens()), rtol=1e-4, atol=1e-4)

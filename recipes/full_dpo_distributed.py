@@ -1,0 +1,428 @@
+"""Full-parameter DPO (or any preference loss) on several GPUs or CPU processes with FSDP2, one node or many.
+
+    tune run --nproc_per_node 2 recipes/full_dpo_distributed.py --config recipe_configs/tiny/full_dpo_distributed.yaml
+    torchrun --nproc_per_node 8 recipes/full_dpo_distributed.py --config recipe_configs/llama3_1/8B_full_dpo.yaml
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 recipes/... (each node)
+
+PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, the policy sharded with FSDP2
+(``fully_shard`` per transformer layer, then the root), launched by torchrun.
+
+- The global batch of a micro-step is ``batch_size`` pairs per rank x world size; the ranks take consecutive slices
+  of the same seeded order, so 2 ranks x batch 4 train on exactly the pairs 1 process x batch 8 would, and FSDP
+  averages the gradients: the step is the same (tested).
+- Reference (``reference.mode``): ``model``, a frozen FSDP-sharded copy loaded from ``reference.checkpointer``
+  (default: the policy's starting checkpoint), in eval mode with no grads; or ``precomputed``, one no-grad pass
+  over the train and eval pairs before training (the ranks split the batches), cached on disk keyed by (tokenized
+  data, reference checkpoint, dtype) and reused by later runs; no reference model is kept then.
+- Metrics are all-reduced and averaged over ranks and micro-batches; only rank 0 logs and shows progress.
+- Checkpoints: ``step_<N>/`` with distributed checkpointing (DCP: sharded model and optimizer, each rank writes its
+  shard) plus the LR schedule, data position and every rank's RNG, for an exact resume on the same world size;
+  at the end (and every save with ``consolidate_every_save: true``) also the consolidated Hugging Face
+  safetensors + config.json, written by rank 0. Each ``step_<N>`` is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+from torchtune import config, modules, training, utils
+from tqdm import tqdm
+
+from dpo_components.checkpointing import latest_checkpoint, load_recipe_state, save_checkpoint_dir
+from dpo_components.config_checks import (
+    ConfigError,
+    check_checkpoint_paths,
+    check_positive,
+    instantiate_loss,
+    optional_component,
+)
+from dpo_components.data import collate_preference_batch
+from dpo_components.reference import (
+    compute_reference_logprobs,
+    load_or_compute,
+    reference_cache_key,
+    reference_for_batch,
+)
+from dpo_components.training import (
+    PreferenceMetrics,
+    concatenated_logprobs,
+    epoch_order,
+    peak_memory_gib,
+    rng_state,
+    set_rng_state,
+)
+
+log = utils.get_logger("INFO")
+REFERENCE_MODES = ("model", "precomputed")
+
+
+class FullDPORecipeDistributed:
+    def __init__(self, cfg: DictConfig) -> None:
+        self._world_size, self._rank = dist.get_world_size(), dist.get_rank()
+        self._is_rank_zero = self._rank == 0
+        if cfg.device == "cuda":
+            self._device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self._device)
+        else:
+            self._device = torch.device(cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if self._dtype == torch.float16:
+            raise ConfigError("dtype fp16 is not supported (no loss scaling); use bf16 or fp32")
+        self._output_dir = Path(cfg.output_dir)
+        self.seed = training.set_seed(cfg.seed)  # the global seed; torch is seeded with seed + rank (dropout)
+        self._batch_size = cfg.batch_size  # per rank
+        self._grad_accum = cfg.gradient_accumulation_steps
+        self._total_epochs = cfg.epochs
+        self._max_steps_per_epoch = cfg.get("max_steps_per_epoch")
+        self._clip_grad_norm = cfg.get("clip_grad_norm")
+        self._chunk_size = cfg.get("logprob_chunk_size", 256)
+        self._log_every = cfg.get("log_every_n_steps", 1)
+        self._eval_every = cfg.get("eval_every_n_steps")
+        self._save_every = cfg.get("save_every_n_steps")
+        self._consolidate_every_save = cfg.get("consolidate_every_save", False)
+        self._shuffle = cfg.get("shuffle", True)
+        self._resume = cfg.get("resume_from_checkpoint", False)
+        self._reference_cfg = cfg.get("reference") or DictConfig({})
+        self._reference_mode = self._reference_cfg.get("mode", "model")
+        if self._reference_mode not in REFERENCE_MODES:
+            raise ConfigError(f"reference.mode must be one of {REFERENCE_MODES}, got '{self._reference_mode}'")
+        check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
+        if self._reference_cfg.get("checkpointer"):
+            check_checkpoint_paths(self._reference_cfg.checkpointer, cfg.output_dir, key="reference.checkpointer")
+        self.global_step = 0
+        self.epochs_run = 0
+        self._batches_done_in_epoch = 0
+        self._last_checkpoint: Path | None = None
+        self._last_eval_step: int | None = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
+        resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
+        if self._resume and resume_dir is None:
+            raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")
+
+        self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
+        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._model = self._sharded_model(cfg, base_state, trainable=True)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._loss_fn = instantiate_loss(cfg.loss)
+        self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
+        eval_cfg = optional_component(cfg, "eval_dataset")
+        self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
+        if self._eval_every and self._eval_data is None:
+            raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
+        self._global_batch = self._batch_size * self._world_size
+        if len(self._train_data) < self._global_batch * self._grad_accum:
+            raise ConfigError(
+                f"the dataset has {len(self._train_data)} pairs, fewer than one step's batch_size x world size x "
+                f"gradient_accumulation_steps = {self._global_batch * self._grad_accum}"
+            )
+        self._collate = partial(collate_preference_batch, padding_idx=self._tokenizer.pad_id,
+                                pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1))  # fmt: skip
+        self._setup_reference(cfg, base_state)
+        del base_state
+
+        steps_per_epoch = len(self._train_data) // (self._global_batch * self._grad_accum)
+        if self._max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, self._max_steps_per_epoch)
+        self._steps_per_epoch = steps_per_epoch
+        self._total_steps = steps_per_epoch * self._total_epochs
+        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
+        if resume_dir is not None:
+            self._load_checkpoint(resume_dir)
+        if self._is_rank_zero:
+            log.info(
+                f"{self._world_size} ranks ({dist.get_backend()}), {len(self._train_data)} pairs, global batch "
+                f"{self._global_batch} x {self._grad_accum} micro-batches, {steps_per_epoch} steps/epoch x "
+                f"{self._total_epochs} epochs; loss {self._loss_fn}; reference {self._reference_mode}"
+            )
+
+    def _sharded_model(self, cfg: DictConfig, state: dict[str, Any], trainable: bool) -> torch.nn.Module:
+        """Build on the meta device, shard per transformer layer and the root (FSDP2), load the full weights."""
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        if trainable and cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        training.shard_model(
+            model,
+            [lambda name, module: isinstance(module, modules.TransformerSelfAttentionLayer)],
+            cpu_offload=False,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+        )
+        with training.set_default_dtype(self._dtype), self._device:
+            for module in model.modules():
+                if hasattr(module, "rope_init"):  # buffers the meta device could not compute
+                    module.rope_init()
+        training.load_from_full_model_state_dict(model, state, self._device, strict=True)
+        training.validate_no_params_on_meta_device(model)
+        if not trainable:
+            model.eval()
+            for param in model.parameters():
+                param.requires_grad_(False)
+        if trainable and cfg.get("compile", False):
+            training.compile_model(model)
+        return model
+
+    def _setup_reference(self, cfg: DictConfig, base_state: dict[str, Any]) -> None:
+        self._reference_model, self._reference_cache = None, {}
+        if not self._loss_fn.needs_reference:
+            return
+        ref_cfg = self._reference_cfg
+        ckpt_cfg = ref_cfg.checkpointer if ref_cfg.get("checkpointer") else cfg.checkpointer
+        if ref_cfg.get("checkpointer"):
+            state = config.instantiate(ckpt_cfg, resume_from_checkpoint=False).load_checkpoint()[training.MODEL_KEY]
+        else:
+            state = base_state
+        reference = self._sharded_model(cfg, state, trainable=False)
+        if self._reference_mode == "model":
+            self._reference_model = reference
+            return
+        cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
+        batch_size = ref_cfg.get("batch_size", self._batch_size)
+        for split, data in (("train", self._train_data), ("eval", self._eval_data)):
+            if data is None:
+                continue
+            key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files), self._dtype)
+            cache_file = cache_dir / f"reference_logps_{key}.safetensors"
+            self._reference_cache[split] = self._load_or_compute_together(
+                cache_file, partial(compute_reference_logprobs, reference, data, self._collate, batch_size,
+                                    self._device, self._chunk_size, self._rank, self._world_size),
+            )  # fmt: skip
+        del reference
+
+    def _load_or_compute_together(self, cache_file: Path, compute) -> dict[str, torch.Tensor]:
+        """All ranks compute (sharded forwards need every rank) unless every rank sees the cache; rank 0 writes."""
+        have = torch.tensor(int(cache_file.is_file()), device=self._device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if have.item():
+            values = load_or_compute(cache_file, compute)
+        else:
+            values = compute()
+            if self._is_rank_zero:
+                load_or_compute(cache_file, lambda: values)
+        dist.barrier()
+        if self._is_rank_zero:
+            log.info(f"reference log-probs: {'reused' if have.item() else 'computed'} {cache_file}")
+        return values
+
+    # -------------------------------------------------------------------------------------------- the step
+
+    def _forward(self, batch: dict[str, torch.Tensor], split: str):
+        batch = {k: v.to(self._device) for k, v in batch.items()}
+        policy = concatenated_logprobs(self._model, batch, self._chunk_size)
+        reference = None
+        if self._loss_fn.needs_reference:
+            if self._reference_mode == "precomputed":
+                reference = reference_for_batch(self._reference_cache[split], batch["index"].cpu(), self._device)
+            else:
+                with torch.no_grad():
+                    reference = concatenated_logprobs(self._reference_model, batch, self._chunk_size)
+        return self._loss_fn(policy, reference), policy
+
+    def _rank_order(self, epoch: int) -> list[int]:
+        """This rank's sample order: its ``batch_size`` slice of every global batch of the epoch's order."""
+        order = epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)  # same on every rank
+        start = self._rank * self._batch_size
+        usable = len(order) // self._global_batch * self._global_batch
+        return [order[g + start + i] for g in range(0, usable, self._global_batch) for i in range(self._batch_size)]
+
+    def train(self) -> None:
+        metrics, interval_start = PreferenceMetrics(), time.perf_counter()
+        progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True,
+                        disable=not self._is_rank_zero)  # fmt: skip
+        for epoch in range(self.epochs_run, self._total_epochs):
+            order = self._rank_order(epoch)
+            loader = DataLoader(self._train_data, batch_size=self._batch_size, collate_fn=self._collate,
+                                sampler=order[self._batches_done_in_epoch * self._batch_size :], drop_last=True,
+                                generator=torch.Generator())  # fmt: skip
+            self._model.train()
+            for batch in loader:
+                if self._batches_done_in_epoch // self._grad_accum >= self._steps_per_epoch:
+                    break
+                out, policy = self._forward(batch, "train")
+                loss = out.losses.mean()
+                (loss / self._grad_accum).backward()
+                metrics.update(out, policy, tokens=int(batch["lengths"].sum()))
+                self._batches_done_in_epoch += 1
+                if self._batches_done_in_epoch % self._grad_accum:
+                    continue
+
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self._model.parameters(), max_norm=float(self._clip_grad_norm or math.inf)
+                )
+                if isinstance(grad_norm, DTensor):
+                    grad_norm = grad_norm.full_tensor()
+                logged = self._all_reduce(metrics)
+                if not (math.isfinite(logged["loss"]) and torch.isfinite(grad_norm)):
+                    self._stop_on_nonfinite(logged["loss"], grad_norm.item())
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self._lr_scheduler.step()
+                self.global_step += 1
+                progress.update(1)
+
+                if self.global_step % self._log_every == 0:
+                    seconds = time.perf_counter() - interval_start
+                    logged.update(lr=self._optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                                  tokens_per_second=logged.pop("tokens") / seconds,
+                                  peak_memory_gib=peak_memory_gib(self._device))  # fmt: skip
+                    if self._metric_logger is not None:
+                        self._metric_logger.log_dict(logged, step=self.global_step)
+                    progress.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['rewards/accuracies']:.2f}")
+                    metrics, interval_start = PreferenceMetrics(), time.perf_counter()
+                if self._eval_every and self.global_step % self._eval_every == 0:
+                    self.evaluate()
+                if self._save_every and self.global_step % self._save_every == 0:
+                    self.save_checkpoint(consolidate=self._consolidate_every_save)
+            self.epochs_run, self._batches_done_in_epoch = epoch + 1, 0
+        progress.close()
+        if self._eval_data is not None and self._last_eval_step != self.global_step:
+            self.evaluate()
+        self.save_checkpoint(consolidate=True)
+
+    def _all_reduce(self, metrics: PreferenceMetrics) -> dict[str, float]:
+        """Sums over ranks of every metric sum, pair count and token count -> averages over all pairs."""
+        names = sorted(metrics.sums)
+        totals = torch.tensor([metrics.sums[n] for n in names] + [metrics.pairs, metrics.tokens],
+                              dtype=torch.float64, device=self._device)  # fmt: skip
+        dist.all_reduce(totals)
+        pairs = totals[-2].item()
+        averaged = {name: totals[i].item() / pairs for i, name in enumerate(names)}
+        averaged["tokens"] = totals[-1].item()
+        return averaged
+
+    def _stop_on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        raise FloatingPointError(
+            f"loss {loss} / gradient norm {grad_norm} at step {self.global_step + 1}; stopping before the optimizer "
+            f"step. Last good checkpoint: {self._last_checkpoint or 'none saved yet'}."
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss, accuracy and margins; each rank takes every W-th batch, results all-reduced."""
+        was_training = self._model.training
+        self._model.eval()
+        metrics = PreferenceMetrics()
+        indices = list(range(len(self._eval_data)))
+        starts = list(range(0, len(indices), self._batch_size))
+        rounds = -(-len(starts) // self._world_size)
+        mine = starts[self._rank :: self._world_size]
+        for i in range(rounds):
+            start = mine[min(i, len(mine) - 1)] if mine else 0
+            batch = self._collate([self._eval_data[j] for j in indices[start : start + self._batch_size]])
+            out, policy = self._forward(batch, "eval")  # every rank runs the same number of forwards
+            if i < len(mine):
+                metrics.update(out, policy)
+        results = {f"eval/{k}": v for k, v in self._all_reduce(metrics).items() if k != "tokens"}
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(results, step=self.global_step)
+            summary = ", ".join(f"{k.removeprefix('eval/')} {results[k]:.4f}" for k in
+                                ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"))  # fmt: skip
+            log.info(f"step {self.global_step} eval: {summary}")
+        self._last_eval_step = self.global_step
+        self._model.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, consolidate: bool = False) -> Path:
+        """``step_<N>/``: DCP shards of model + optimizer, LR schedule, progress, per-rank RNG; optionally the
+        consolidated HF safetensors (rank 0). Written under a temporary name, renamed by rank 0."""
+        final = self._output_dir / f"step_{self.global_step}"
+        tmp = self._output_dir / f".step_{self.global_step}.tmp"
+        if self._is_rank_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+        torch.save(rng_state(), tmp / f"rng_rank{self._rank}.pt")
+        dist.barrier()  # every rank's files are written before rank 0 renames the directory
+        if consolidate:
+            full_state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+            if self._is_rank_zero:
+                save_checkpoint_dir(self._checkpointer, tmp / "hf", model_state=full_state)
+        if self._is_rank_zero:
+            if consolidate:
+                for path in (tmp / "hf").iterdir():
+                    path.rename(tmp / path.name)
+                (tmp / "hf").rmdir()
+            torch.save({"global_step": self.global_step, "epochs_run": self.epochs_run,
+                        "batches_done_in_epoch": self._batches_done_in_epoch,
+                        "lr_scheduler": self._lr_scheduler.state_dict(), "run": self._run_signature()},
+                       tmp / "recipe_state.pt")  # fmt: skip
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            log.info(f"saved checkpoint {final}{' (with consolidated HF weights)' if consolidate else ''}")
+        dist.barrier()
+        self._last_checkpoint = final
+        return final
+
+    def _run_signature(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self._batch_size, "world_size": self._world_size,
+                "gradient_accumulation_steps": self._grad_accum, "train_pairs": len(self._train_data),
+                "shuffle": self._shuffle}  # fmt: skip
+
+    def _load_checkpoint(self, checkpoint_dir: Path) -> None:
+        state = load_recipe_state(checkpoint_dir)
+        if state["run"] != self._run_signature():
+            raise ConfigError(f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, "
+                              f"this run has {self._run_signature()} (same world size needed)")  # fmt: skip
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        shards = {"model": model_state, "optimizer": optim_state}
+        dcp.load(shards, checkpoint_id=str(checkpoint_dir / "dcp"))
+        set_state_dict(self._model, self._optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])  # fmt: skip
+        self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        set_rng_state(torch.load(checkpoint_dir / f"rng_rank{self._rank}.pt", weights_only=True))
+        self.global_step = state["global_step"]
+        self.epochs_run = state["epochs_run"]
+        self._batches_done_in_epoch = state["batches_done_in_epoch"]
+        self._last_checkpoint = checkpoint_dir
+        if self._is_rank_zero:
+            log.info(f"resumed from {checkpoint_dir} at step {self.global_step}")
+
+    def cleanup(self) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    # NCCL for CUDA, gloo for CPU; nothing CUDA-only on the CPU path.
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    try:
+        if dist.get_rank() == 0:
+            config.log_config(recipe_name="FullDPORecipeDistributed", cfg=cfg)
+        recipe = FullDPORecipeDistributed(cfg)
+        recipe.setup(cfg)
+        recipe.train()
+        recipe.cleanup()
+    finally:
+        dist.barrier()  # every rank done before the group goes away (avoids teardown aborts on gloo)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,122 @@
+"""The FSDP2 recipe on CPU with gloo and 2 processes: same step as 1 process, precomputed == live reference,
+exact resume from a DCP checkpoint, a consolidated HF checkpoint, and the multi-node launch path."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+from test_lora_dpo_recipe import logged
+from torchtune.training import FullModelHFCheckpointer
+
+from dpo_components.tiny_model import tiny_llama
+
+CONFIG = "recipe_configs/tiny/full_dpo_distributed.yaml"
+WEIGHTS = "model-00001-of-00001.safetensors"
+
+
+def overrides(tiny_setup, out, **extra):
+    settings = {
+        "checkpointer.checkpoint_dir": tiny_setup / "sft_model",
+        "dataset.data_files": tiny_setup / "data/train.jsonl",
+        "eval_dataset.data_files": tiny_setup / "data/eval.jsonl",
+        "output_dir": out, "eval_every_n_steps": "null", "save_every_n_steps": "null", "log_every_n_steps": 1,
+        "lr_scheduler.num_warmup_steps": 0, "optimizer.lr": 1e-3,
+        **extra,
+    }  # fmt: skip
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def launch(args, *launcher):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, "recipes/full_dpo_distributed.py",
+               "--config", CONFIG, *args]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def torchrun(args, nproc=2):
+    process = launch(args, "--standalone", f"--nproc_per_node={nproc}")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+class Cfg:  # what `logged` needs
+    def __init__(self, out):
+        self.output_dir = str(out)
+
+
+def weights(out, step):
+    return load_file(out / f"step_{step}" / WEIGHTS)
+
+
+def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_setup, tmp_path):
+    # SGD, not Adam: Adam's first step is lr * g / (|g| + eps), which turns fp32 reduction-order noise in
+    # near-zero gradients into lr-sized differences; with SGD the weights compare the gradients themselves.
+    one, two = tmp_path / "one", tmp_path / "two"
+    sgd = {"optimizer._component_": "torch.optim.SGD", "optimizer.lr": 0.5}
+    torchrun(overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, eval_dataset="null", **sgd), nproc=1)
+    torchrun(overrides(tiny_setup, two, batch_size=4, max_steps_per_epoch=1, eval_dataset="null", **sgd), nproc=2)
+    assert logged(Cfg(two))[1]["loss"] == pytest.approx(logged(Cfg(one))[1]["loss"], rel=1e-6)
+    start = load_file(tiny_setup / "sft_model" / "model.safetensors")
+    a, b = weights(one, 1), weights(two, 1)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The consolidated checkpoint loads back with torchtune's HF checkpointer.
+    checkpointer = FullModelHFCheckpointer(
+        checkpoint_dir=str(two / "step_1"),
+        checkpoint_files=[WEIGHTS],
+        model_type="LLAMA3_2",
+        output_dir=str(tmp_path / "scratch"),
+    )
+    tiny_llama().load_state_dict(checkpointer.load_checkpoint()["model"], strict=True)
+
+
+def test_precomputed_reference_matches_the_live_reference(tiny_setup, tmp_path):
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    torchrun(overrides(tiny_setup, live, max_steps_per_epoch=2, eval_dataset="null"))
+    output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=2, eval_dataset="null",
+                                **{"reference.mode": "precomputed"}))  # fmt: skip
+    assert "reference log-probs: computed" in output
+    for step in (1, 2):
+        assert logged(Cfg(cached))[step]["loss"] == pytest.approx(logged(Cfg(live))[step]["loss"], rel=1e-5)
+    a, b = weights(live, 2), weights(cached, 2)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_from_a_dcp_checkpoint_equals_the_uninterrupted_run(tiny_setup, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    settings = {"max_steps_per_epoch": 4, "save_every_n_steps": 2, "eval_dataset": "null"}
+    torchrun(overrides(tiny_setup, full, **settings))
+    assert (full / "step_2" / "dcp").is_dir() and not (full / "step_2" / WEIGHTS).exists()  # mid-run: DCP only
+    resumed.mkdir()
+    shutil.copytree(full / "step_2", resumed / "step_2")  # as if the run had been killed after step 2
+    torchrun(overrides(tiny_setup, resumed, resume_from_checkpoint=True, **settings))
+    assert min(logged(Cfg(resumed))) == 3
+    a, b = weights(full, 4), weights(resumed, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_with_c10d_rendezvous(tiny_setup, tmp_path):
+    out, port = tmp_path / "nodes", free_port()
+    args = overrides(tiny_setup, out, max_steps_per_epoch=2, eval_dataset="null")
+    nodes = [launch(args, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=dpo-test") for _ in range(2)]  # fmt: skip
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-4000:]
+    assert (out / "step_2" / WEIGHTS).exists() and logged(Cfg(out))[2]["loss"] > 0
