@@ -120,3 +120,29 @@ def test_two_nodes_on_localhost_with_c10d_rendezvous(tiny_setup, tmp_path):
         output, _ = node.communicate(timeout=300)
         assert node.returncode == 0, output[-4000:]
     assert (out / "step_2" / WEIGHTS).exists() and logged(Cfg(out))[2]["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["recipe_configs/llama3_2/1B_full_dpo_distributed.yaml", "recipe_configs/llama3_1/8B_full_dpo_distributed.yaml"],
+)
+def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tmp_path):
+    """The model, tokenizer, checkpoint and data are swapped for tiny stand-ins; everything else is the config's."""
+    stand_ins = {
+        "model._component_": "dpo_components.tiny_model.tiny_llama",
+        "tokenizer._component_": "dpo_components.tiny_tokenizer.tiny_tokenizer",
+        "checkpointer.checkpoint_dir": tiny_setup / "sft_model", "checkpointer.checkpoint_files": "[model.safetensors]",
+        "checkpointer.model_type": "LLAMA3_2", "output_dir": tmp_path / "out", "device": "cpu", "dtype": "fp32",
+        "epochs": 1, "max_steps_per_epoch": 1, "eval_every_n_steps": "null", "save_every_n_steps": "null",
+    }  # fmt: skip
+    for split, file in (("dataset", "train.jsonl"), ("eval_dataset", "eval.jsonl")):
+        stand_ins.update({f"{split}.source": "json", f"{split}.data_files": tiny_setup / "data" / file,
+                          f"{split}.split": "train", f"{split}.format": "explicit"})  # fmt: skip
+    args = [f"{k}={v}" for k, v in stand_ins.items()] + ["~tokenizer.path", "~optimizer.fused"]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                "recipes/full_dpo_distributed.py", "--config", config, *args], cwd=REPO_ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    assert (tmp_path / "out" / "step_1" / WEIGHTS).exists()
