@@ -146,3 +146,12 @@ def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-4000:]
     assert (tmp_path / "out" / "step_1" / WEIGHTS).exists()
+
+
+def test_reference_free_loss_needs_no_reference_model(tiny_setup, tmp_path):
+    out = tmp_path / "simpo"
+    output = torchrun(overrides(tiny_setup, out, max_steps_per_epoch=2, eval_dataset="null",
+                                **{"loss._component_": "dpo_components.losses.SimPOLoss", "loss.beta": 2.0,
+                                   "reference.mode": "precomputed"}))  # fmt: skip
+    assert "reference log-probs" not in output and not (out / "reference_cache").exists()
+    assert logged(Cfg(out))[2]["loss"] > 0
