@@ -17,7 +17,9 @@ default loss is ``IPOLoss`` on per-token averaged log-probs; the recipe logs IPO
   ``reference.cache_dir`` keyed by (tokenized data, reference checkpoint, dtype) and reused by later runs; then
   no reference model is kept. ``reference.checkpointer`` names a different reference checkpoint (e.g. an SFT
   model); by default the reference is the policy's starting point.
-- Optimizers from YAML, torchao's low-bit ones included (``torchao.optim.AdamW8bit``, ``AdamW4bit``, ...).
+- Optimizers from YAML, torchao's low-bit ones included (``torchao.optim.AdamW8bit``, ``AdamW4bit``, ...), and
+  quantized training of the full-parameter policy via ``model_transform`` (``dpo_components.quantization``:
+  ``int8_mixed_precision``, ``int8_weight_only``, ``float8``).
 - Eval every ``eval_every_n_steps`` and at the end; atomic HF-layout checkpoints every ``save_every_n_steps`` and
   at the end (full weights, or merged + PEFT adapter for LoRA); exact resume (``resume_from_checkpoint: true``);
   NaN/inf stop; gradient accumulation; clipping; activation checkpointing; ``compile``.
@@ -57,6 +59,7 @@ from dpo_components.config_checks import (
     optional_component,
 )
 from dpo_components.data import collate_preference_batch
+from dpo_components.quantization import plain_state_dict
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
@@ -144,6 +147,11 @@ class IPORecipeSingleDevice:
             set_trainable_params(self._model, get_adapter_params(self._model))
         if resume_dir is not None:
             self._load_policy_weights(cfg, resume_dir)
+        transform = optional_component(cfg, "model_transform")  # e.g. int8 / float8 training, full-parameter only
+        if transform is not None:
+            if self._is_lora:
+                raise ConfigError("model_transform (int8/float8 training) applies to full-parameter training only")
+            self._model = config.instantiate(transform, self._model)
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(self._model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if cfg.get("compile", False):
@@ -341,7 +349,7 @@ class IPORecipeSingleDevice:
         if self._is_lora:
             path = save_lora_checkpoint(self._checkpointer, out_dir, self._model, self._lora, self._dtype, state)
         else:
-            model_state = {k: v.detach().cpu().clone() for k, v in self._model.state_dict().items()}
+            model_state = plain_state_dict(self._model)
             path = save_checkpoint_dir(self._checkpointer, out_dir, model_state=model_state, recipe_state=state)
         self._last_checkpoint = path
         log.info(f"saved checkpoint {path}")

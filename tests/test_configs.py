@@ -11,7 +11,9 @@ from torchtune.config._utils import _get_component_from_path
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
-CONFIGS = sorted(p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "recipe_configs").rglob("*.yaml"))
+CONFIGS = sorted(
+    p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "recipe_configs").rglob("*.yaml") if p.parent.name != "experiments"
+)  # sweeps are checked below
 REAL = [p for p in CONFIGS if p.parts[1] != "tiny"]
 SINGLE_DEVICE = [p for p in REAL if "distributed" not in p.name]  # distributed ones: test_full_dpo_distributed.py
 RECIPE_ARGS = {
@@ -97,3 +99,28 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tmp_path):
     recipe.train()
     assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
     assert (tmp_path / "out" / "step_1" / "adapter_model.safetensors").exists() == bool(lora_args)
+
+
+SWEEPS = sorted((REPO_ROOT / "recipe_configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_variant_resolves_to_a_valid_config(sweep):
+    """Each variant's config with its overrides applied still names importable components with valid arguments."""
+    spec = OmegaConf.to_container(OmegaConf.load(sweep))
+    for variant in spec["variants"]:
+        merged = {**spec["defaults"], **variant}
+        overrides = {**spec["defaults"].get("overrides", {}), **variant.get("overrides", {})}
+        cfg = OmegaConf.load(REPO_ROOT / merged["config"])
+        for key, value in overrides.items():
+            if key.startswith("~"):
+                parent, _, leaf = key[1:].rpartition(".")
+                assert leaf in OmegaConf.select(cfg, parent), f"{variant['name']}: nothing to remove at {key}"
+                del OmegaConf.select(cfg, parent)[leaf]
+            else:
+                OmegaConf.update(cfg, key, value, force_add=True)
+        assert (REPO_ROOT / merged["recipe"]).is_file()
+        for name, node in components(cfg):
+            target = _get_component_from_path(node["_component_"])
+            args = {k: v for k, v in node.items() if k != "_component_"}
+            inspect.signature(target).bind_partial(**dict.fromkeys(RECIPE_ARGS.get(name, [])), **args)
