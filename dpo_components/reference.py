@@ -96,7 +96,9 @@ def compute_reference_logprobs(
     return out
 
 
-def load_or_compute(cache_file: str | Path, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def load_or_compute(
+    cache_file: str | Path, compute: Callable[[], dict[str, torch.Tensor]] | None
+) -> dict[str, torch.Tensor]:
     """Read the cache file if it exists, else compute and write it atomically (temp name + rename)."""
     cache_file = Path(cache_file)
     if cache_file.is_file():

@@ -189,6 +189,19 @@ class FullDPORecipeDistributed:
             return
         ref_cfg = self._reference_cfg
         ckpt_cfg = ref_cfg.checkpointer if ref_cfg.get("checkpointer") else cfg.checkpointer
+        cache_files, splits = {}, {"train": self._train_data, "eval": self._eval_data}
+        if self._reference_mode == "precomputed":
+            cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
+            for split, data in splits.items():
+                if data is not None:
+                    key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
+                                              self._dtype)  # fmt: skip
+                    cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
+            if self._all_ranks_have(cache_files.values()):  # nothing to compute: build no reference model
+                for split, path in cache_files.items():
+                    self._reference_cache[split] = self._load_or_compute_together(path, None)
+                return
+
         if ref_cfg.get("checkpointer"):
             state = config.instantiate(ckpt_cfg, resume_from_checkpoint=False).load_checkpoint()[training.MODEL_KEY]
         else:
@@ -197,32 +210,31 @@ class FullDPORecipeDistributed:
         if self._reference_mode == "model":
             self._reference_model = reference
             return
-        cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
         batch_size = ref_cfg.get("batch_size", self._batch_size)
-        for split, data in (("train", self._train_data), ("eval", self._eval_data)):
-            if data is None:
-                continue
-            key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files), self._dtype)
-            cache_file = cache_dir / f"reference_logps_{key}.safetensors"
+        for split, path in cache_files.items():
             self._reference_cache[split] = self._load_or_compute_together(
-                cache_file, partial(compute_reference_logprobs, reference, data, self._collate, batch_size,
-                                    self._device, self._chunk_size, self._rank, self._world_size),
+                path, partial(compute_reference_logprobs, reference, splits[split], self._collate, batch_size,
+                              self._device, self._chunk_size, self._rank, self._world_size),
             )  # fmt: skip
         del reference
 
+    def _all_ranks_have(self, paths) -> bool:
+        have = torch.tensor(int(all(Path(p).is_file() for p in paths)), device=self._device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        return bool(have.item())
+
     def _load_or_compute_together(self, cache_file: Path, compute) -> dict[str, torch.Tensor]:
         """All ranks compute (sharded forwards need every rank) unless every rank sees the cache; rank 0 writes."""
-        have = torch.tensor(int(cache_file.is_file()), device=self._device)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        if have.item():
-            values = load_or_compute(cache_file, compute)
+        have = self._all_ranks_have([cache_file])
+        if have:
+            values = load_or_compute(cache_file, None)
         else:
             values = compute()
             if self._is_rank_zero:
                 load_or_compute(cache_file, lambda: values)
         dist.barrier()
         if self._is_rank_zero:
-            log.info(f"reference log-probs: {'reused' if have.item() else 'computed'} {cache_file}")
+            log.info(f"reference log-probs: {'reused' if have else 'computed'} {cache_file}")
         return values
 
     # -------------------------------------------------------------------------------------------- the step

@@ -190,30 +190,37 @@ class IPORecipeSingleDevice:
         if not self._loss_fn.needs_reference:
             return
         ref_cfg = self._reference_cfg
+        ckpt_cfg = ref_cfg.checkpointer if ref_cfg.get("checkpointer") else cfg.checkpointer
+        cache_files = {}
+        if self._reference_mode == "precomputed":
+            cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
+            for split, data in (("train", self._train_data), ("eval", self._eval_data)):
+                if data is not None:
+                    key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
+                                              self._dtype)  # fmt: skip
+                    cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
+            if all(path.is_file() for path in cache_files.values()):  # nothing to compute: build no reference
+                for split, path in cache_files.items():
+                    self._reference_cache[split] = load_or_compute(path, None)
+                    log.info(f"reference log-probs for {split}: reused {path}")
+                return
+
         if ref_cfg.get("checkpointer"):
             ref_checkpointer = config.instantiate(ref_cfg.checkpointer, resume_from_checkpoint=False)
             reference = self._frozen_copy(cfg.model, ref_checkpointer.load_checkpoint()[training.MODEL_KEY])
-            ref_files = (ref_cfg.checkpointer.checkpoint_dir, list(ref_cfg.checkpointer.checkpoint_files))
         else:
             # LoRA: the base model with adapters off is the reference, no copy needed.
             reference = None if self._is_lora else self._frozen_copy(cfg.model, base_state)
-            ref_files = (cfg.checkpointer.checkpoint_dir, list(cfg.checkpointer.checkpoint_files))
         if self._reference_mode == "model":
             self._reference_model = reference
             return
-
-        cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
         batch_size = ref_cfg.get("batch_size", self._batch_size)
-        for split, data in (("train", self._train_data), ("eval", self._eval_data)):
-            if data is None:
-                continue
-            key = reference_cache_key(data, *ref_files, self._dtype)
-            cache_file = cache_dir / f"reference_logps_{key}.safetensors"
-            reused = cache_file.is_file()
-            self._reference_cache[split] = load_or_compute(
-                cache_file, partial(self._reference_pass, reference, data, batch_size)
-            )
-            log.info(f"reference log-probs for {split}: {'reused' if reused else 'computed'} {cache_file}")
+        for split, path in cache_files.items():
+            data = self._train_data if split == "train" else self._eval_data
+            reused = path.is_file()
+            self._reference_cache[split] = load_or_compute(path, partial(self._reference_pass, reference, data,
+                                                                         batch_size))  # fmt: skip
+            log.info(f"reference log-probs for {split}: {'reused' if reused else 'computed'} {path}")
         del reference  # no reference weights are kept in precomputed mode
 
     @torch.no_grad()

@@ -85,6 +85,16 @@ def test_precomputed_reference_matches_the_live_reference(tiny_setup, tmp_path):
     output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=2, eval_dataset="null",
                                 **{"reference.mode": "precomputed"}))  # fmt: skip
     assert "reference log-probs: computed" in output
+    again = torchrun(
+        overrides(
+            tiny_setup,
+            tmp_path / "again",
+            max_steps_per_epoch=1,
+            eval_dataset="null",
+            **{"reference.mode": "precomputed", "reference.cache_dir": cached / "reference_cache"},
+        )
+    )
+    assert "reference log-probs: reused" in again  # a later run reuses the cache (and builds no reference model)
     for step in (1, 2):
         assert logged(Cfg(cached))[step]["loss"] == pytest.approx(logged(Cfg(live))[step]["loss"], rel=1e-5)
     a, b = weights(live, 2), weights(cached, 2)

@@ -51,14 +51,16 @@ def test_precomputed_reference_matches_live_reference(recipe_cfg, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_reference_cache_is_reused_and_keyed(recipe_cfg, tmp_path, caplog):
+def test_reference_cache_is_reused_and_keyed(recipe_cfg, tmp_path, caplog, monkeypatch):
     cache_dir = tmp_path / "cache"
     settings = {"max_steps_per_epoch": 1, "epochs": 1, "eval_dataset": None, "reference.cache_dir": str(cache_dir)}
     run(recipe_cfg(CONFIG, **settings), train=False)
     first = sorted(cache_dir.iterdir())
     assert len(first) == 1
     caplog.clear()
-    run(recipe_cfg(CONFIG, **settings, output_dir=str(tmp_path / "again")), train=False)
+    with monkeypatch.context() as patch:  # a cache hit must not even build the reference model
+        patch.setattr(IPORecipeSingleDevice, "_frozen_copy", lambda *a: pytest.fail("built a reference copy"))
+        run(recipe_cfg(CONFIG, **settings, output_dir=str(tmp_path / "again")), train=False)
     assert "reused" in caplog.text and sorted(cache_dir.iterdir()) == first
     run(
         recipe_cfg(
