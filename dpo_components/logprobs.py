@@ -51,29 +51,50 @@ def sequence_logprobs(
     ``labels`` are aligned with ``input_ids`` (torchtune's convention): position t's label is the token itself, and
     it is scored by the logits at position t - 1. ``ignore_index`` marks prompt and padding positions. Both
     outputs have shape [N] (float32 sums, int64 counts).
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
+    n, length = labels.shape
+    keep = labels[:, 1:] != ignore_index
+    rows, columns = keep.nonzero(as_tuple=True)
+    return scored_logprobs(
+        model, input_ids, positions=rows * length + columns, targets=labels[:, 1:][keep], sequence_ids=rows,
+        num_sequences=n, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def scored_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    positions: Tensor,
+    targets: Tensor,
+    sequence_ids: Tensor,
+    num_sequences: int,
+    chunk_size: int = 256,
+    **forward_kwargs,
+) -> tuple[Tensor, Tensor]:
+    """The general form: token ``k`` to score is ``targets[k]``, predicted by the final hidden state at flat index
+    ``positions[k]`` of the [B, L] input, and it counts towards sequence ``sequence_ids[k]`` (of
+    ``num_sequences``). Returns per-sequence (log-prob sums, token counts). ``forward_kwargs`` go to the model
+    (``mask``, ``input_pos`` for prefix sharing).
 
     The chunked head runs *inside* the model's forward (by replacing ``model.unembed`` for the call), so it sees
     the output projection exactly as the model does: tied, LoRA, NF4, or sharded by FSDP.
     """
-    targets_all = labels[:, 1:]
-    keep = targets_all != ignore_index
-    counts = keep.sum(-1)
-    targets = targets_all[keep]
-    row_of_token = keep.nonzero()[:, 0]
 
     def unembed(h: Tensor) -> Tensor:
-        # RMSNorm is per position, so normalising only the kept positions is exact.
-        hidden = model.norm(h[:, :-1][keep])
+        # RMSNorm is per position, so normalising only the scored positions is exact.
+        hidden = model.norm(h.flatten(0, 1)[positions])
         return chunked_target_logprobs(hidden, targets, model.output, chunk_size)
 
     model.unembed = unembed
     try:
-        token_logps = model(input_ids)
+        token_logps = model(input_ids, **forward_kwargs)
     finally:
         del model.unembed  # back to the class's own unembed
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    sums = sums.index_add(0, row_of_token, token_logps)
-    return sums, counts
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+    sums = sums.index_add(0, sequence_ids, token_logps)
+    return sums, torch.bincount(sequence_ids, minlength=num_sequences)
 
 
 def full_logits_sequence_logprobs(

@@ -42,9 +42,14 @@ def _file_fingerprint(path: Path) -> bytes:
 
 
 def reference_cache_key(
-    dataset: PreferenceDataset, checkpoint_dir: str | Path, checkpoint_files: list[str], dtype: torch.dtype
+    dataset: PreferenceDataset,
+    checkpoint_dir: str | Path,
+    checkpoint_files: list[str],
+    dtype: torch.dtype,
+    variant: str = "",
 ) -> str:
-    """A short hash of (tokenized dataset, reference checkpoint, dtype)."""
+    """A short hash of (tokenized dataset, reference checkpoint, dtype, ``variant``: anything else the reference
+    depends on, e.g. an NF4-quantized base for QLoRA)."""
     digest = hashlib.sha256()
     for i in range(len(dataset)):
         sample = dataset[i]
@@ -54,6 +59,8 @@ def reference_cache_key(
     for name in sorted(checkpoint_files):
         digest.update(_file_fingerprint(Path(checkpoint_dir) / name))
     digest.update(str(dtype).encode())
+    if variant:
+        digest.update(variant.encode())
     return digest.hexdigest()[:20]
 
 

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import random
 import resource
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dpo_components.data import collate_preference_batch
 from dpo_components.logprobs import sequence_logprobs
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
+from dpo_components.prefix_sharing import PADDING, collate_prefix_shared, prefix_shared_logprobs
 
 
 def concatenated_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> SequenceLogProbs:
-    """One forward over the [2B, L] batch (chosen rows, then rejected) -> per-pair log-prob sums and counts."""
+    """One forward over the batch -> per-pair log-prob sums and counts. The batch is either the standard [2B, L]
+    one (chosen rows, then rejected) or, with prefix sharing, B shared rows (``dpo_components.prefix_sharing``)."""
+    if "segments" in batch:
+        return prefix_shared_logprobs(model, batch, chunk_size)
     logps, tokens = sequence_logprobs(model, batch["input_ids"], batch["labels"], chunk_size=chunk_size)
     return SequenceLogProbs.from_concatenated(logps, tokens)
 
@@ -31,19 +38,61 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
+def preference_collator(padding_idx: int, pad_to_multiple_of: int = 1, prefix_sharing: bool = False) -> Callable:
+    """The batch collator a recipe uses: standard [2B, L] rows, or shared [prompt | chosen | rejected] rows."""
+    collate = collate_prefix_shared if prefix_sharing else collate_preference_batch
+    return partial(collate, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def length_grouped_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_batches: int = 64
+) -> list[int]:
+    """An epoch's sample order whose consecutive ``batch_size`` chunks hold pairs of similar length.
+
+    Shuffle, cut into groups of ``group_batches`` batches, sort each group by length, cut it into batches, then
+    shuffle the batches (as Hugging Face's ``LengthGroupedSampler``, plus the batch shuffle so that the order of
+    lengths within a group does not become a schedule). A leftover partial batch goes last, where ``drop_last``
+    drops it. Depends only on (seed, epoch), so a resumed run rebuilds it.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    group = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), group):
+        members = sorted(order[start : start + group], key=lambda i: lengths[i], reverse=True)
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    partial_batches = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for b in shuffled + partial_batches for i in b]
+
+
+def batch_positions(batch: dict[str, Tensor]) -> tuple[int, int]:
+    """(token positions that hold data, positions computed) of a batch; the difference is padding."""
+    if "segments" in batch:
+        return int((batch["segments"] != PADDING).sum()), batch["segments"].numel()
+    return int(batch["lengths"].sum()), batch["input_ids"].numel()
+
+
 class PreferenceMetrics:
     """Accumulates per-pair DPO metrics over the micro-batches of a step (or an eval pass) and averages them.
 
     Names follow TRL and torchtune: loss, rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}.
     Accuracy counts a tie (margin exactly 0, e.g. before any training) as half right, not as wrong.
+    Given the batches, it also counts ``tokens`` (prompt + response of both sides, without padding: the same
+    count in the standard and the prefix-shared layout) and logs ``padding_fraction``, the share of computed
+    positions that were padding.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.pairs = 0
         self.tokens = 0
+        self.data_positions = self.computed_positions = 0
 
-    def update(self, out: PreferenceLossOutput, policy: SequenceLogProbs, tokens: int = 0) -> None:
+    def update(
+        self, out: PreferenceLossOutput, policy: SequenceLogProbs, batch: dict[str, Tensor] | None = None
+    ) -> None:
         margins = out.chosen_rewards - out.rejected_rewards
         accuracies = (margins > 0).float() + 0.5 * (margins == 0).float()
         values = {
@@ -60,10 +109,17 @@ class PreferenceMetrics:
         for name, total in zip(values, stacked):
             self.sums[name] = self.sums.get(name, 0.0) + total
         self.pairs += out.losses.shape[0]
-        self.tokens += tokens
+        if batch is not None:
+            self.tokens += int(batch["lengths"].sum())
+            data, computed = batch_positions(batch)
+            self.data_positions += data
+            self.computed_positions += computed
 
     def compute(self) -> dict[str, float]:
-        return {name: total / max(self.pairs, 1) for name, total in self.sums.items()}
+        results = {name: total / max(self.pairs, 1) for name, total in self.sums.items()}
+        if self.computed_positions:
+            results["padding_fraction"] = 1 - self.data_positions / self.computed_positions
+        return results
 
 
 def rng_state() -> dict[str, Any]:

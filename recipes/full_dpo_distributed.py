@@ -274,7 +274,7 @@ class FullDPORecipeDistributed:
                 out, policy = self._forward(batch, "train")
                 loss = out.losses.mean()
                 (loss / self._grad_accum).backward()
-                metrics.update(out, policy, tokens=int(batch["lengths"].sum()))
+                metrics.update(out, policy, batch)
                 self._batches_done_in_epoch += 1
                 if self._batches_done_in_epoch % self._grad_accum:
                     continue

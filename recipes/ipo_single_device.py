@@ -287,7 +287,7 @@ class IPORecipeSingleDevice:
                 if not torch.isfinite(loss):
                     self._stop_on_nonfinite("loss", loss.item())
                 (loss / self._grad_accum).backward()
-                metrics.update(out, policy, tokens=int(batch["lengths"].sum()))
+                metrics.update(out, policy, batch)
                 self._batches_done_in_epoch += 1
                 if self._batches_done_in_epoch % self._grad_accum:
                     continue

@@ -4,7 +4,9 @@
     python recipes/lora_dpo_single_device.py --config recipe_configs/tiny/lora_dpo_single_device.yaml key=value
 
 The policy is the base model plus LoRA adapters; the reference is the same base model with the adapters
-disabled (no second copy of the weights), and is skipped entirely for reference-free losses. Everything is
+disabled (no second copy of the weights), and is skipped entirely for reference-free losses. With
+``reference.mode: precomputed`` its log-probs are computed once before training and cached on disk (keyed by
+data, checkpoint, dtype and QLoRA), so the steps run no reference forward at all. Everything is
 built from the YAML config: model (``quantize_base: true`` for QLoRA, ``use_dora: true`` for DoRA), tokenizer,
 preference dataset, loss (any ``dpo_components.losses`` class), optimizer (any torch or torchao optimizer),
 LR schedule and metric logger.
@@ -16,6 +18,11 @@ held-out pairs every ``eval_every_n_steps`` and at the end; checkpoints every ``
 end in Hugging Face layout (PEFT adapter + merged model), written atomically; exact resume from the latest
 checkpoint (``resume_from_checkpoint: true``): data order and position, optimizer, LR schedule and RNG.
 A NaN/inf loss or gradient stops the run before the optimizer step, keeping the last good checkpoint.
+
+Speed switches (each leaves the numbers unchanged; ``benchmarks/README.md`` measures them):
+``reference.mode: precomputed``; ``group_by_length: true`` (batches of similar length, less padding; the
+``padding_fraction`` is logged); ``prefix_sharing: true`` (one [prompt | chosen | rejected] row per pair, the
+prompt encoded once); ``compile: true`` with ``pad_to_multiple_of`` (a few padded shapes, few recompiles).
 """
 
 from __future__ import annotations
@@ -54,12 +61,20 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.data import collate_preference_batch
+from dpo_components.prefix_sharing import check_fits
+from dpo_components.reference import (
+    compute_reference_logprobs,
+    load_or_compute,
+    reference_cache_key,
+    reference_for_batch,
+)
 from dpo_components.training import (
     PreferenceMetrics,
     concatenated_logprobs,
     epoch_order,
+    length_grouped_order,
     peak_memory_gib,
+    preference_collator,
 )
 
 log = utils.get_logger("INFO")
@@ -83,6 +98,12 @@ class LoRADPORecipeSingleDevice:
         self._eval_every = cfg.get("eval_every_n_steps")
         self._save_every = cfg.get("save_every_n_steps")
         self._shuffle = cfg.get("shuffle", True)
+        self._group_by_length = cfg.get("group_by_length", False)
+        self._prefix_sharing = cfg.get("prefix_sharing", False)
+        self._reference_cfg = cfg.get("reference") or {}
+        self._reference_mode = self._reference_cfg.get("mode", "model")
+        if self._reference_mode not in ("model", "precomputed"):
+            raise ConfigError(f"reference.mode must be 'model' or 'precomputed', not {self._reference_mode!r}")
         self._resume = cfg.get("resume_from_checkpoint", False)
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
         check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
@@ -119,8 +140,13 @@ class LoRADPORecipeSingleDevice:
                 f"the dataset has {len(self._train_data)} pairs, fewer than one step's "
                 f"batch_size x gradient_accumulation_steps = {self._batch_size * self._grad_accum}"
             )
-        self._collate = partial(collate_preference_batch, padding_idx=self._tokenizer.pad_id,
-                                pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1))  # fmt: skip
+        self._collate = preference_collator(self._tokenizer.pad_id, cfg.get("pad_to_multiple_of", 1),
+                                            self._prefix_sharing)  # fmt: skip
+        if self._prefix_sharing:
+            for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
+                if data is not None:
+                    check_fits(data, self._model.max_seq_len, name)
+        self._reference_cache = self._setup_reference(cfg) if self._reference_mode == "precomputed" else {}
 
         steps_per_epoch = len(self._train_data) // (self._batch_size * self._grad_accum)
         if self._max_steps_per_epoch is not None:
@@ -132,9 +158,12 @@ class LoRADPORecipeSingleDevice:
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
+        reference = "none"
+        if self._loss_fn.needs_reference:
+            reference = "precomputed (cached)" if self._reference_cache else "base model, adapters off"
         log.info(
             f"{len(self._train_data)} train pairs, {steps_per_epoch} steps/epoch x {self._total_epochs} epochs, "
-            f"loss {self._loss_fn}, reference {'base model, adapters off' if self._loss_fn.needs_reference else 'none'}"
+            f"loss {self._loss_fn}, reference {reference}"
         )
 
     def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any], resume_dir: Path | None) -> torch.nn.Module:
@@ -165,23 +194,57 @@ class LoRADPORecipeSingleDevice:
             training.compile_model(model)  # per layer; padded lengths vary, see pad_to_multiple_of
         return model
 
+    def _setup_reference(self, cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
+        """Reference log-probs of every train and eval pair: read from the cache, or one no-grad pass of the
+        base model (adapters off) written to it."""
+        if not self._loss_fn.needs_reference:
+            return {}
+        cache_dir = Path(self._reference_cfg.get("cache_dir") or self._output_dir / "reference_cache")
+        batch_size = self._reference_cfg.get("batch_size", self._batch_size)
+        ckpt = cfg.checkpointer
+        cache = {}
+        for split, data in (("train", self._train_data), ("eval", self._eval_data)):
+            if data is None:
+                continue
+            key = reference_cache_key(data, ckpt.checkpoint_dir, list(ckpt.checkpoint_files), self._dtype,
+                                      variant=f"quantize_base={cfg.model.get('quantize_base', False)}")  # fmt: skip
+            path = cache_dir / f"reference_logps_{key}.safetensors"
+            reused = path.is_file()
+            cache[split] = load_or_compute(path, partial(self._reference_pass, data, batch_size))
+            log.info(f"reference log-probs for {split}: {'reused' if reused else 'computed'} {path}")
+        return cache
+
+    @torch.no_grad()
+    def _reference_pass(self, data, batch_size: int) -> dict[str, torch.Tensor]:
+        with disable_adapter(self._model):
+            return compute_reference_logprobs(self._model, data, self._collate, batch_size, self._device,
+                                              self._chunk_size)  # fmt: skip
+
     # -------------------------------------------------------------------------------------------- the step
 
-    def _forward(self, batch: dict[str, torch.Tensor]):
-        """Policy (with grad) and reference (adapters off, no grad) log-probs, then the loss."""
+    def _forward(self, batch: dict[str, torch.Tensor], split: str = "train"):
+        """Policy (with grad) and reference (cached, or adapters off and no grad) log-probs, then the loss."""
         batch = {k: v.to(self._device) for k, v in batch.items()}
         policy = concatenated_logprobs(self._model, batch, self._chunk_size)
         reference = None
         if self._loss_fn.needs_reference:
-            with torch.no_grad(), disable_adapter(self._model):
-                reference = concatenated_logprobs(self._model, batch, self._chunk_size)
+            if self._reference_cache:
+                reference = reference_for_batch(self._reference_cache[split], batch["index"].cpu(), self._device)
+            else:
+                with torch.no_grad(), disable_adapter(self._model):
+                    reference = concatenated_logprobs(self._model, batch, self._chunk_size)
         return self._loss_fn(policy, reference), policy
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._group_by_length and self._shuffle:
+            return length_grouped_order(self._train_data.sample_lengths(), self._batch_size, self.seed, epoch)
+        return epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True)
         for epoch in range(self.epochs_run, self._total_epochs):
-            order = epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
+            order = self._epoch_order(epoch)
             loader = DataLoader(
                 self._train_data,
                 batch_size=self._batch_size,
@@ -199,7 +262,7 @@ class LoRADPORecipeSingleDevice:
                 if not torch.isfinite(loss):
                     self._stop_on_nonfinite("loss", loss.item())
                 (loss / self._grad_accum).backward()
-                metrics.update(out, policy, tokens=int(batch["lengths"].sum()))
+                metrics.update(out, policy, batch)
                 self._batches_done_in_epoch += 1
                 if self._batches_done_in_epoch % self._grad_accum:
                     continue
@@ -252,7 +315,7 @@ class LoRADPORecipeSingleDevice:
         loader = DataLoader(self._eval_data, batch_size=self._batch_size, collate_fn=self._collate,
                             generator=torch.Generator())  # fmt: skip
         for batch in loader:
-            out, policy = self._forward(batch)
+            out, policy = self._forward(batch, "eval")
             metrics.update(out, policy)
         results = {f"eval/{name}": value for name, value in metrics.compute().items()}
         self._metric_logger.log_dict(results, step=self.global_step)
@@ -282,7 +345,8 @@ class LoRADPORecipeSingleDevice:
     def _run_signature(self) -> dict[str, Any]:
         """What must not change between a run and its resume for the data order to be the same."""
         return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
-                "train_pairs": len(self._train_data), "shuffle": self._shuffle}  # fmt: skip
+                "train_pairs": len(self._train_data), "shuffle": self._shuffle,
+                "group_by_length": self._group_by_length}  # fmt: skip
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
         try:

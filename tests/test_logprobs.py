@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchtune.rlhf import get_batch_log_probs
 
-from dpo_components.logprobs import IGNORE_INDEX, full_logits_sequence_logprobs, sequence_logprobs
+from dpo_components.logprobs import IGNORE_INDEX, full_logits_sequence_logprobs, scored_logprobs, sequence_logprobs
 from dpo_components.tiny_model import lora_tiny_llama, tiny_llama
 
 
@@ -72,8 +72,10 @@ def test_no_grad_path_and_unembed_restored(model):
         sums, _ = sequence_logprobs(model, input_ids, labels, chunk_size=3)
     assert not sums.requires_grad
     assert "unembed" not in model.__dict__
-    with pytest.raises(IndexError):
-        sequence_logprobs(model, input_ids, labels[:, :5])  # mismatched shapes fail inside the forward
+    with pytest.raises(ValueError, match="differ in shape"):
+        sequence_logprobs(model, input_ids, labels[:, :5])
+    with pytest.raises(IndexError):  # a position past the end fails inside the forward
+        scored_logprobs(model, input_ids, torch.tensor([10_000]), torch.tensor([1]), torch.tensor([0]), 1)
     assert "unembed" not in model.__dict__
     assert model(input_ids).shape == (4, 24, 512)  # the model is its normal self again
 

@@ -1,0 +1,139 @@
+"""Prefix sharing: one row per pair, ``[prompt | chosen | rejected]``, so the prompt is encoded once.
+
+The standard layout runs 2B rows (prompt + chosen, prompt + rejected) and encodes every prompt twice. Here each
+pair is one row (Wang et al. 2024, arXiv 2410.20305):
+
+    tokens      p_0 .. p_P-1   c_0 .. c_C-1     r_0 .. r_R-1
+    positions   0   .. P-1     P   .. P+C-1     P   .. P+R-1      (the rejected response restarts at P)
+    segment     0              1                2                 (3 = padding)
+
+and the attention mask lets a token see the earlier tokens of its own segment and the prompt:
+
+    allowed(q, k) = k <= q  and  (segment[k] == 0  or  segment[k] == segment[q])
+
+so every response token sees exactly the tokens and RoPE positions it sees in the standard layout, and the
+log-probs and gradients equal the standard path's up to float rounding. The first token of each response is
+predicted by the last prompt token; for the rejected response that hidden state is not the previous position,
+so tokens are scored from explicit (position, target) lists instead of a shift by one.
+
+The saving is the prompt's share of the tokens: with prompts as long as each response a third of the
+computed tokens go. The mask is a dense [B, L, L] boolean for SDPA on CPU (torch 2.13's flex_attention has no
+CPU backward) and a FlexAttention ``BlockMask`` on CUDA, which skips the fully masked blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
+
+from dpo_components.data import PreferenceDataset
+from dpo_components.logprobs import IGNORE_INDEX, scored_logprobs
+from dpo_components.losses import SequenceLogProbs
+
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
+
+
+def packed_lengths(dataset: PreferenceDataset) -> list[int]:
+    """Length of each pair's shared row: prompt + chosen + rejected."""
+    return [len(s["prompt_ids"]) + len(s["chosen_response_ids"]) + len(s["rejected_response_ids"])
+            for s in (dataset[i] for i in range(len(dataset)))]  # fmt: skip
+
+
+def check_fits(dataset: PreferenceDataset, max_seq_len: int, where: str) -> None:
+    """Refuse a dataset whose shared rows would be longer than the model's ``max_seq_len``."""
+    lengths = packed_lengths(dataset)
+    longest = max(lengths, default=0)
+    if longest > max_seq_len:
+        row = lengths.index(longest)
+        raise ValueError(
+            f"prefix_sharing: pair {row} of {where} needs a row of {longest} tokens (prompt + chosen + rejected), "
+            f"more than the model's max_seq_len {max_seq_len}; raise model.max_seq_len or turn prefix_sharing off"
+        )
+
+
+def collate_prefix_shared(
+    batch: list[dict[str, Any]],
+    padding_idx: int = 0,
+    ignore_idx: int = IGNORE_INDEX,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, Tensor]:
+    """Pad B pairs into one [B, L] batch of shared rows.
+
+    Returns ``input_ids``, ``input_pos`` and ``segments`` [B, L]; the tokens to score as ``score_positions``
+    (flat index into [B, L] of the predicting position), ``score_targets`` and ``score_sequences`` (pair i's
+    chosen response is sequence i, its rejected one B + i); and, as the standard collator, ``lengths`` [2B]
+    (prompt + response, the tokens of the standard layout) and ``index`` [B].
+    """
+    longest = max(len(s["prompt_ids"]) + len(s["chosen_response_ids"]) + len(s["rejected_response_ids"])
+                  for s in batch)  # fmt: skip
+    length = longest + (-longest % pad_to_multiple_of)
+    n = len(batch)
+    input_ids = torch.full((n, length), padding_idx, dtype=torch.long)
+    input_pos = torch.zeros((n, length), dtype=torch.long)
+    segments = torch.full((n, length), PADDING, dtype=torch.long)
+    positions, targets, sequences, lengths = [], [], [], torch.zeros(2 * n, dtype=torch.long)
+    for row, sample in enumerate(batch):
+        prompt = len(sample["prompt_ids"])
+        if prompt == 0:
+            raise ValueError(f"prefix_sharing: pair {sample['index']} has an empty prompt")
+        input_ids[row, :prompt] = torch.tensor(sample["prompt_ids"])
+        input_pos[row, :prompt] = torch.arange(prompt)
+        segments[row, :prompt] = PROMPT
+        start = prompt
+        for side, segment in (("chosen", CHOSEN), ("rejected", REJECTED)):
+            ids, labels = sample[f"{side}_response_ids"], torch.tensor(sample[f"{side}_labels"])
+            end = start + len(ids)
+            input_ids[row, start:end] = torch.tensor(ids)
+            input_pos[row, start:end] = torch.arange(prompt, prompt + len(ids))
+            segments[row, start:end] = segment
+            # token k of the response is predicted at start + k - 1, except token 0: at the last prompt token
+            predictors = torch.arange(start - 1, end - 1)
+            predictors[0] = prompt - 1
+            scored = labels != ignore_idx
+            positions.append(row * length + predictors[scored])
+            targets.append(labels[scored])
+            sequence = row if segment == CHOSEN else n + row
+            sequences.append(torch.full((int(scored.sum()),), sequence, dtype=torch.long))
+            lengths[sequence] = prompt + len(ids)
+            start = end
+    return {
+        "input_ids": input_ids, "input_pos": input_pos, "segments": segments,
+        "score_positions": torch.cat(positions), "score_targets": torch.cat(targets),
+        "score_sequences": torch.cat(sequences), "lengths": lengths,
+        "index": torch.tensor([sample["index"] for sample in batch]),
+    }  # fmt: skip
+
+
+def _allowed(segments: Tensor, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    segment_q, segment_k = segments[b, q], segments[b, k]
+    return (k <= q) & ((segment_k == PROMPT) | (segment_k == segment_q))
+
+
+def attention_mask(segments: Tensor):
+    """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex), else a dense
+    [B, L, L] boolean for SDPA (True = may attend)."""
+    n, length = segments.shape
+    if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            return _allowed(segments, b, q, k)
+
+        return create_block_mask(mask_mod, n, None, length, length, device=segments.device)
+    idx = torch.arange(length, device=segments.device)
+    return _allowed(segments, torch.arange(n, device=segments.device)[:, None, None], idx[None, :, None],
+                    idx[None, None, :])  # fmt: skip
+
+
+def prefix_shared_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> SequenceLogProbs:
+    """Policy or reference log-probs of a :func:`collate_prefix_shared` batch: one forward over B shared rows."""
+    n = batch["input_ids"].shape[0]
+    logps, tokens = scored_logprobs(
+        model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
+        num_sequences=2 * n, chunk_size=chunk_size, mask=attention_mask(batch["segments"]),
+        input_pos=batch["input_pos"],
+    )  # fmt: skip
+    return SequenceLogProbs.from_concatenated(logps, tokens)
