@@ -1,9 +1,11 @@
 """Peak memory and time of the log-prob path: torchtune's full fp32 logits vs our chunked head.
 
     OMP_NUM_THREADS=1 python benchmarks/logprobs_memory.py [--vocab 128256 --dim 256 --seqs 8 --length 512]
+    python benchmarks/logprobs_memory.py --device cuda --dtype bfloat16 --dim 2048 --seqs 8 --length 2048
 
 Each method runs forward + backward of sum(sequence log-probs) from final hidden states [N, L, D] through an
-output projection D -> V, in a fresh subprocess, and reports the growth of peak RSS over the inputs' RSS (CPU).
+output projection D -> V, in a fresh subprocess, and reports the growth of peak memory over the inputs' (peak RSS
+on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
 Half of every sequence is prompt (label -100), as in a DPO batch with a prompt as long as the response.
 """
 
@@ -44,25 +46,34 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_one(method: str, vocab: int, dim: int, seqs: int, length: int, chunk_size: int) -> dict:
+def run_one(
+    method: str, vocab: int, dim: int, seqs: int, length: int, chunk_size: int, device: str, dtype: str
+) -> dict:
     from dpo_components.logprobs import full_logits_sequence_logprobs, sequence_logprobs
 
     torch.manual_seed(0)
-    head = OutputHead(dim, vocab)
-    hidden = torch.randn(seqs, length, dim, requires_grad=True)
-    labels = torch.randint(0, vocab, (seqs, length))
+    cuda = device == "cuda"
+    head = OutputHead(dim, vocab).to(device, getattr(torch, dtype))
+    hidden = torch.randn(seqs, length, dim, device=device, dtype=getattr(torch, dtype), requires_grad=True)
+    labels = torch.randint(0, vocab, (seqs, length), device=device)
     labels[:, : length // 2] = -100
-    before = _current_rss_mb()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
     start = time.perf_counter()
     if method == "full_logits":
         sums, _ = full_logits_sequence_logprobs(head(hidden), labels)
     else:
         sums, _ = sequence_logprobs(head, hidden, labels, chunk_size=chunk_size)
     sums.sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
     return {
         "method": method,
-        "peak_mb": _peak_rss_mb() - before,
+        "peak_mb": peak - before,
         "seconds": seconds,
         "checksum": float(sums.sum()),
         "grad_norm": float(hidden.grad.norm()),
@@ -76,9 +87,11 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=8, help="rows in the batch: 2 x pairs")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of head and hidden")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = (args.vocab, args.dim, args.seqs, args.length, args.chunk_size)
+    sizes = (args.vocab, args.dim, args.seqs, args.length, args.chunk_size, args.device, args.dtype)
     if args.child:
         print(json.dumps(run_one(args.child, *sizes)))
         return
@@ -87,12 +100,13 @@ def main() -> None:
     for method in ("full_logits", "chunked"):
         out = subprocess.run([sys.executable, __file__, "--child", method, "--vocab", str(args.vocab), "--dim",
                               str(args.dim), "--seqs", str(args.seqs), "--length", str(args.length), "--chunk-size",
-                              str(args.chunk_size)], capture_output=True, text=True, check=True)  # fmt: skip
+                              str(args.chunk_size), "--device", args.device, "--dtype", args.dtype],
+                             capture_output=True, text=True, check=True)  # fmt: skip
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     logits_mb = args.seqs * args.length * args.vocab * 4 / 2**20
     print(f"N={args.seqs} L={args.length} V={args.vocab} D={args.dim} chunk={args.chunk_size} "
-          f"(one fp32 [N, L, V] tensor = {logits_mb:.0f} MB), torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")  # fmt: skip
+          f"{args.dtype} on {args.device} (one fp32 [N, L, V] tensor = {logits_mb:.0f} MB), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
     print(f"| {'method':<12} | {'peak MB over inputs':>19} | {'ratio':>5} | {'fwd+bwd s':>9} | {'sum of logps':>14} |")
     print(f"|{'-' * 14}|{'-' * 21}|{'-' * 7}|{'-' * 11}|{'-' * 16}|")
     for row in rows:

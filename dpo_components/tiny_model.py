@@ -75,9 +75,12 @@ def _special_token_ids(tokenizer_dir: str | Path = TOKENIZER_DIR) -> dict[str, i
     return {token["content"]: token["id"] for token in added}
 
 
-def hf_config(dtype: torch.dtype = torch.float32, tokenizer_dir: str | Path = TOKENIZER_DIR) -> dict[str, Any]:
-    """``config.json`` for the tiny model in transformers' ``LlamaForCausalLM`` schema."""
-    args = TINY_LLAMA_ARGS
+def hf_config(
+    dtype: torch.dtype = torch.float32, tokenizer_dir: str | Path = TOKENIZER_DIR, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``config.json`` for a Llama-3.2 model built from ``args`` (default: the tiny model's ``TINY_LLAMA_ARGS``)
+    in transformers' ``LlamaForCausalLM`` schema, with tied embeddings."""
+    args = args or TINY_LLAMA_ARGS
     special = _special_token_ids(tokenizer_dir)
     stop_ids = [special["<|end_of_text|>"], special["<|eot_id|>"]]
     return {
@@ -110,8 +113,11 @@ def hf_config(dtype: torch.dtype = torch.float32, tokenizer_dir: str | Path = TO
     }
 
 
-def save_hf_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer_dir: str | Path = TOKENIZER_DIR) -> Path:
-    """Save a (non-LoRA) tiny model as ``config.json`` + ``model.safetensors`` + tokenizer files.
+def save_hf_checkpoint(
+    model: nn.Module, out_dir: str | Path, tokenizer_dir: str | Path = TOKENIZER_DIR, args: dict[str, Any] | None = None
+) -> Path:
+    """Save a (non-LoRA) tiny model as ``config.json`` + ``model.safetensors`` + tokenizer files; ``args``
+    (default ``TINY_LLAMA_ARGS``) are the ``llama3_2`` builder arguments of a model of another size.
 
     The directory is written under a temporary name and renamed into place, so an interrupted save never
     leaves a half-written checkpoint behind; an existing ``out_dir`` is replaced.
@@ -119,14 +125,14 @@ def save_hf_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer_dir: str
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    args = TINY_LLAMA_ARGS
+    args = args or TINY_LLAMA_ARGS
     state = tune_to_hf(
         model.state_dict(), num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], dim=args["embed_dim"]
     )
     dtype = next(iter(state.values())).dtype
     save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp_dir / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
-    config = hf_config(dtype, tokenizer_dir)
+    config = hf_config(dtype, tokenizer_dir, args)
     (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     (tmp_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -23,6 +23,8 @@ default loss is ``IPOLoss`` on per-token averaged log-probs; the recipe logs IPO
 - Eval every ``eval_every_n_steps`` and at the end; atomic HF-layout checkpoints every ``save_every_n_steps`` and
   at the end (full weights, or merged + PEFT adapter for LoRA); exact resume (``resume_from_checkpoint: true``);
   NaN/inf stop; gradient accumulation; clipping; activation checkpointing; ``compile``.
+- Speed switches, as in the LoRA DPO recipe: ``group_by_length`` (similar lengths per batch) and
+  ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.data import collate_preference_batch
+from dpo_components.prefix_sharing import check_fits, packed_lengths
 from dpo_components.quantization import plain_state_dict
 from dpo_components.reference import (
     compute_reference_logprobs,
@@ -70,7 +72,9 @@ from dpo_components.training import (
     PreferenceMetrics,
     concatenated_logprobs,
     epoch_order,
+    length_grouped_order,
     peak_memory_gib,
+    preference_collator,
 )
 
 log = utils.get_logger("INFO")
@@ -95,6 +99,8 @@ class IPORecipeSingleDevice:
         self._eval_every = cfg.get("eval_every_n_steps")
         self._save_every = cfg.get("save_every_n_steps")
         self._shuffle = cfg.get("shuffle", True)
+        self._group_by_length = cfg.get("group_by_length", False)
+        self._prefix_sharing = cfg.get("prefix_sharing", False)
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._reference_cfg = cfg.get("reference") or DictConfig({})
         self._reference_mode = self._reference_cfg.get("mode", "model")
@@ -136,8 +142,12 @@ class IPORecipeSingleDevice:
                 f"the dataset has {len(self._train_data)} pairs, fewer than one step's "
                 f"batch_size x gradient_accumulation_steps = {self._batch_size * self._grad_accum}"
             )
-        self._collate = partial(collate_preference_batch, padding_idx=self._tokenizer.pad_id,
-                                pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1))  # fmt: skip
+        self._collate = preference_collator(self._tokenizer.pad_id, cfg.get("pad_to_multiple_of", 1),
+                                            self._prefix_sharing)  # fmt: skip
+        if self._prefix_sharing:
+            for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
+                if data is not None:
+                    check_fits(data, self._model.max_seq_len, name)
 
         # The reference is built from the starting weights, before the policy loads a resumed state.
         self._setup_reference(cfg, base_state)
@@ -194,10 +204,11 @@ class IPORecipeSingleDevice:
         cache_files = {}
         if self._reference_mode == "precomputed":
             cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
+            variant = f"quantize_base={cfg.model.get('quantize_base', False)}"  # an NF4 reference differs
             for split, data in (("train", self._train_data), ("eval", self._eval_data)):
                 if data is not None:
                     key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
-                                              self._dtype)  # fmt: skip
+                                              self._dtype, variant)  # fmt: skip
                     cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
             if all(path.is_file() for path in cache_files.values()):  # nothing to compute: build no reference
                 for split, path in cache_files.items():
@@ -274,7 +285,7 @@ class IPORecipeSingleDevice:
         trainable = [p for p in self._model.parameters() if p.requires_grad]
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="IPO", dynamic_ncols=True)
         for epoch in range(self.epochs_run, self._total_epochs):
-            order = epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
+            order = self._epoch_order(epoch)
             loader = DataLoader(self._train_data, batch_size=self._batch_size, collate_fn=self._collate,
                                 sampler=order[self._batches_done_in_epoch * self._batch_size :], drop_last=True,
                                 generator=torch.Generator())  # fmt: skip
@@ -368,7 +379,15 @@ class IPORecipeSingleDevice:
 
     def _run_signature(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
-                "train_pairs": len(self._train_data), "shuffle": self._shuffle}  # fmt: skip
+                "train_pairs": len(self._train_data), "shuffle": self._shuffle,
+                "group_by_length": self._group_by_length}  # fmt: skip
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._group_by_length and self._shuffle:  # group by the length of the rows the collator will build
+            data = self._train_data
+            lengths = packed_lengths(data) if self._prefix_sharing else data.sample_lengths()
+            return length_grouped_order(lengths, self._batch_size, self.seed, epoch)
+        return epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
         try:

@@ -61,7 +61,7 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.prefix_sharing import check_fits
+from dpo_components.prefix_sharing import check_fits, packed_lengths
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
@@ -236,8 +236,10 @@ class LoRADPORecipeSingleDevice:
         return self._loss_fn(policy, reference), policy
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        if self._group_by_length and self._shuffle:
-            return length_grouped_order(self._train_data.sample_lengths(), self._batch_size, self.seed, epoch)
+        if self._group_by_length and self._shuffle:  # group by the length of the rows the collator will build
+            data = self._train_data
+            lengths = packed_lengths(data) if self._prefix_sharing else data.sample_lengths()
+            return length_grouped_order(lengths, self._batch_size, self.seed, epoch)
         return epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
 
     def train(self) -> None:

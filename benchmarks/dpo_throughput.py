@@ -1,0 +1,320 @@
+"""LoRA DPO throughput and memory: our recipe (one row per speed switch) vs torchtune's built-in recipe vs TRL.
+
+    python benchmarks/dpo_throughput.py                    # CPU preset: 42M-param Llama, vocab 32768, ~512 tokens
+    python benchmarks/dpo_throughput.py --preset gpu       # Llama-3.2-1B architecture, bf16, ~2048 tokens
+    python benchmarks/dpo_throughput.py --rows torchtune,ours,ours+cache
+
+Every row trains the same randomly initialised Llama-architecture checkpoint with the same LoRA (rank 16 on
+q/k/v/o and the MLP), optimizer, batch size and pairs, one after the other, each as its own ``tune run`` (or
+TRL) process with ``OMP_NUM_THREADS=1`` on CPU. A metric logger (``benchmarks/step_timer.py``) timestamps each
+optimizer step. Steps after the warm-up are timed; since the pairs of each step are known (file order, or our
+length-grouped order rebuilt from the seed), throughput is exact:
+
+    tokens/s = non-padding tokens of the timed steps' pairs (prompt + chosen + prompt + rejected) / their time
+
+the same count for every row, whatever layout the row computes. Peak memory is the process's peak RSS on CPU
+and ``torch.cuda.max_memory_allocated`` on GPU. The pairs are synthetic text of random length (prompt 128-384
+tokens, each response 64-320 on CPU; four times that on GPU); the model's vocabulary is 32768 (CPU) or 128256
+(GPU) while the text uses the tiny tokenizer's 512 ids, which changes nothing in the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from dpo_components.data import preference_dataset  # noqa: E402
+from dpo_components.prefix_sharing import packed_lengths  # noqa: E402
+from dpo_components.synthetic import corpus_lines  # noqa: E402
+from dpo_components.tiny_model import save_hf_checkpoint  # noqa: E402
+from dpo_components.tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from dpo_components.training import length_grouped_order  # noqa: E402
+
+PRESETS = {
+    "cpu": {
+        "model": dict(vocab_size=32768, num_layers=6, num_heads=6, num_kv_heads=2, embed_dim=384, max_seq_len=2048,
+                      intermediate_dim=1024, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
+        "prompt": (128, 384), "response": (64, 320), "batch_size": 4, "steps": 10, "warmup": 3,
+        "device": "cpu", "dtype": "fp32",
+        "rows": "torchtune,trl,ours,ours+cache,ours+cache+group,ours+cache+group+prefix",
+    },
+    "smoke": {  # a few seconds a row: for the test that keeps this script working, not for measuring
+        "model": dict(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128, max_seq_len=512,
+                      intermediate_dim=256, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
+        "prompt": (8, 40), "response": (4, 30), "batch_size": 2, "steps": 4, "warmup": 1,
+        "device": "cpu", "dtype": "fp32", "rows": "torchtune,ours,ours+cache+group+prefix",
+    },
+    "gpu": {  # Llama-3.2-1B's architecture, random weights
+        "model": dict(vocab_size=128256, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
+                      max_seq_len=8192, intermediate_dim=8192, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
+        "prompt": (512, 1536), "response": (256, 1280), "batch_size": 2, "steps": 12, "warmup": 4,
+        "device": "cuda", "dtype": "bf16",
+        "rows": "torchtune,ours,ours+cache,ours+cache+group,ours+cache+group+prefix,ours+cache+group+prefix+qlora,"
+        "ours+cache+group+prefix+compile,trl",
+    },
+}  # fmt: skip
+
+# Our recipe's switches per row name part; "ours" alone is the recipe as the tiny config ships it.
+SWITCHES = {
+    "cache": {"reference.mode": "precomputed"},
+    "group": {"group_by_length": True, "shuffle": True},
+    "prefix": {"prefix_sharing": True},
+    "compile": {"compile": True, "pad_to_multiple_of": 128},
+    "qlora": {"model.quantize_base": True},
+}
+LORA = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
+        "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def make_inputs(preset: dict, work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The random-weight checkpoint and the synthetic pairs (built once per preset, then reused)."""
+    from torchtune.models.llama3_2._component_builders import llama3_2
+
+    n_pairs = preset["batch_size"] * preset["steps"]
+    model_dir, data_file = work / "model", work / "data" / f"train_{n_pairs}.jsonl"
+    if not (model_dir / "model.safetensors").is_file():
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = llama3_2(**preset["model"])
+        torch.nn.init.normal_(model.tok_embeddings.weight, std=0.02)
+        if preset["dtype"] == "bf16":
+            model = model.to(torch.bfloat16)
+        save_hf_checkpoint(model, model_dir, args=preset["model"])
+    if not data_file.is_file():
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer, rng = tiny_tokenizer(), random.Random(seed)
+        lines = [(line, len(tokenizer.encode(line, add_bos=False, add_eos=False))) for line in corpus_lines(seed)]
+
+        def text(tokens: int) -> str:
+            words, total = [], 0
+            while total < tokens:
+                line, n = rng.choice(lines)
+                words.append(line)
+                total += n + 1
+            return " ".join(words)
+
+        with open(data_file, "w") as f:
+            for _ in range(n_pairs):
+                prompt = text(rng.randint(*preset["prompt"]))
+                chosen, rejected = (text(rng.randint(*preset["response"])) for _ in range(2))
+                row = {side: [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                       for side, answer in (("chosen", chosen), ("rejected", rejected))}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    return model_dir, data_file
+
+
+def pair_stats(data_file: Path, preset: dict) -> dict:
+    data = preference_dataset(tiny_tokenizer(), source="json", data_files=str(data_file), split="train",
+                              max_length=8192, max_prompt_length=4096)  # fmt: skip
+    samples = [data[i] for i in range(len(data))]
+    tokens = [2 * len(s["prompt_ids"]) + len(s["chosen_response_ids"]) + len(s["rejected_response_ids"])
+              for s in samples]  # fmt: skip
+    return {"tokens": tokens, "lengths": data.sample_lengths(), "packed": packed_lengths(data)}
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+def common_overrides(preset: dict, model_dir: Path, data_file: Path, out: Path) -> dict:
+    max_len = 2 * preset["model"]["max_seq_len"]
+    return {
+        "output_dir": str(out),
+        "model": {"_component_": "torchtune.models.llama3_2.lora_llama3_2", **preset["model"], **LORA,
+                  "apply_lora_to_output": False},  # fmt: skip
+        "tokenizer": {"_component_": "dpo_components.tiny_tokenizer.tiny_tokenizer", "max_seq_len": max_len},
+        "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                         "checkpoint_dir": str(model_dir), "checkpoint_files": ["model.safetensors"],
+                         "model_type": "LLAMA3_2", "output_dir": str(out)},  # fmt: skip
+        "batch_size": preset["batch_size"], "gradient_accumulation_steps": 1, "epochs": 1,
+        "max_steps_per_epoch": preset["steps"], "shuffle": False, "seed": 0,
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4, "weight_decay": 0.0},
+        "lr_scheduler": {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+                         "num_warmup_steps": 2},  # fmt: skip
+        "metric_logger": {"_component_": "benchmarks.step_timer.StepTimerLogger", "log_dir": str(out / "logs")},
+        "log_every_n_steps": 1, "device": preset["device"], "dtype": preset["dtype"], "compile": False,
+        "enable_activation_checkpointing": False,
+    }  # fmt: skip
+
+
+def torchtune_command(preset: dict, model_dir: Path, data_file: Path, out: Path) -> list[str]:
+    cfg = common_overrides(preset, model_dir, data_file, out)
+    cfg.update({
+        "dataset": {"_component_": "torchtune.datasets.preference_dataset", "source": "json",
+                    "data_files": str(data_file), "split": "train"},
+        "loss": {"_component_": "torchtune.rlhf.loss.DPOLoss", "beta": 0.1},
+        "resume_from_checkpoint": False, "save_adapter_weights_only": True, "log_peak_memory_stats": False,
+        "enable_activation_offloading": False,
+    })  # fmt: skip
+    path = out.parent / f"{out.name}.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return ["tune", "run", "lora_dpo_single_device", "--config", str(path)]
+
+
+def ours_command(preset: dict, model_dir: Path, data_file: Path, out: Path, switches: list[str]) -> list[str]:
+    cfg = OmegaConf.load(REPO_ROOT / "recipe_configs/tiny/lora_dpo_single_device.yaml")
+    max_len = preset["model"]["max_seq_len"]
+    cfg = OmegaConf.merge(cfg, common_overrides(preset, model_dir, data_file, out), {
+        "dataset": {"data_files": str(data_file), "max_length": max_len, "max_prompt_length": max_len // 2},
+        "eval_dataset": None, "eval_every_n_steps": None, "save_every_n_steps": None,
+        "reference": {"mode": "model", "cache_dir": str(out / "reference_cache")},
+    })  # fmt: skip
+    for switch in switches:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in SWITCHES[switch].items()]))
+    path = out.parent / f"{out.name}.yaml"
+    OmegaConf.save(cfg, path)
+    return ["tune", "run", "recipes/lora_dpo_single_device.py", "--config", str(path)]
+
+
+def trl_command(preset: dict, model_dir: Path, data_file: Path, out: Path) -> list[str] | None:
+    try:
+        import peft  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError:
+        return None
+    return [sys.executable, str(REPO_ROOT / "benchmarks/trl_dpo.py"), "--model-dir", str(model_dir),
+            "--data", str(data_file), "--out", str(out), "--batch-size", str(preset["batch_size"]),
+            "--steps", str(preset["steps"]), "--max-length", str(2 * preset["model"]["max_seq_len"]),
+            "--dtype", preset["dtype"]]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def step_orders(row: str, stats: dict, preset: dict) -> list[list[int]]:
+    """The pairs of each step, as the row's recipe draws them."""
+    b, n = preset["batch_size"], preset["steps"]
+    parts = row.split("+")
+    if "group" in parts:
+        order = length_grouped_order(stats["packed" if "prefix" in parts else "lengths"], b, seed=0, epoch=0)
+    else:
+        order = list(range(len(stats["tokens"])))  # shuffle off: file order (the file itself is random)
+    return [order[i * b : (i + 1) * b] for i in range(n)]
+
+
+def computed_positions(row: str, stats: dict, batch: list[int]) -> int:
+    if "prefix" in row.split("+"):
+        return len(batch) * max(stats["packed"][i] for i in batch)
+    return 2 * len(batch) * max(stats["lengths"][i] for i in batch)
+
+
+def measure(row: str, command: list[str], stats: dict, preset: dict, out: Path, timeout: float | None) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if preset["device"] == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    timing_file = out / "logs" / "timing.json"
+    if proc.returncode != 0 or not timing_file.is_file():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"row {row} failed (exit {proc.returncode}):\n{tail}")
+    timing = json.loads(timing_file.read_text())
+    times = dict((int(step), t) for step, t in timing["steps"])
+    warm = preset["warmup"]
+    steps = list(range(warm + 1, preset["steps"] + 1))
+    durations = [times[s] - times[s - 1] for s in steps]
+    batches = step_orders(row, stats, preset)
+    tokens = sum(stats["tokens"][i] for s in steps for i in batches[s - 1])
+    held = stats["packed"] if "prefix" in row.split("+") else stats["tokens"]  # shared rows hold a prompt once
+    data_positions = sum(held[i] for s in steps for i in batches[s - 1])
+    computed = sum(computed_positions(row, stats, batches[s - 1]) for s in steps)
+    memory = timing["cuda_max_allocated_gib"] if preset["device"] == "cuda" else timing["peak_rss_gib"]
+    return {
+        "row": row, "command": " ".join(command), "s_per_step": statistics.median(durations),
+        "tokens_per_s": tokens / sum(durations), "peak_memory_gib": memory,
+        "padding": 1 - data_positions / computed, "first_step_s": times[1], "wall_s": wall,
+        "final_loss": timing["last_metrics"].get("loss"),
+    }  # fmt: skip
+
+
+def table(results: list[dict], memory_kind: str) -> str:
+    base = next((r for r in results if r["row"] == "torchtune"), None)
+    lines = [
+        f"| row | s/step (median) | tokens/s | x torchtune | peak memory ({memory_kind}) | x torchtune "
+        "| padding | startup + 1st step (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        mem = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}" if base else "-"
+        lines.append(
+            f"| {r['row']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {speed} | "
+            f"{r['peak_memory_gib']:.2f} GiB | {mem} | {100 * r['padding']:.0f}% | {r['first_step_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--rows", help="comma-separated rows (default: the preset's)")
+    parser.add_argument("--work-dir", default=None, help="default outputs/bench_<preset>")
+    parser.add_argument("--steps", type=int, help="override the preset's step count")
+    parser.add_argument("--json", help="also write the results here (after every row)")
+    parser.add_argument("--row-timeout", type=float, help="seconds; a row that takes longer is reported as failed")
+    args = parser.parse_args()
+    preset = dict(PRESETS[args.preset])
+    if args.steps:
+        preset["steps"] = args.steps
+    work = Path(args.work_dir or REPO_ROOT / f"outputs/bench_{args.preset}").resolve()
+    model_dir, data_file = make_inputs(preset, work)
+    stats = pair_stats(data_file, preset)
+    runs = work / f"runs_{time.strftime('%Y%m%d_%H%M%S')}"
+    runs.mkdir(parents=True)
+    print(f"{len(stats['tokens'])} pairs, {sum(stats['tokens']) / len(stats['tokens']):.0f} tokens per pair "
+          f"(chosen + rejected, prompt in both); timing steps {preset['warmup'] + 1}-{preset['steps']}")  # fmt: skip
+
+    results = []
+    for row in (args.rows or preset["rows"]).split(","):
+        out = runs / row.replace("+", "_")
+        if row == "torchtune":
+            command = torchtune_command(preset, model_dir, data_file, out)
+        elif row == "trl":
+            command = trl_command(preset, model_dir, data_file, out)
+            if command is None:
+                print("trl: skipped (pip install 'trl==1.16.0' 'peft==0.21.2' to include it)")
+                continue
+        else:
+            command = ours_command(preset, model_dir, data_file, out, row.split("+")[1:])
+        print(f"{row}: {' '.join(command)}", flush=True)
+        try:
+            results.append(measure(row, command, stats, preset, out, args.row_timeout))
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            print(f"  FAILED: {error}", flush=True)
+            continue
+        if args.json:
+            Path(args.json).write_text(json.dumps({"preset": args.preset, "results": results}, indent=1))
+        r = results[-1]
+        print(
+            f"  {r['s_per_step']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s, "
+            f"{r['peak_memory_gib']:.2f} GiB, loss {r['final_loss']}",
+            flush=True,
+        )
+
+    memory_kind = "cuda max allocated" if preset["device"] == "cuda" else "RSS"
+    device = torch.cuda.get_device_name() if preset["device"] == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread"
+    print(f"\n{args.preset} preset on {device}, torch {torch.__version__}\n")
+    print(table(results, memory_kind))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "device": device, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
