@@ -49,7 +49,7 @@ PRESETS = {
                       intermediate_dim=1024, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
         "prompt": (128, 384), "response": (64, 320), "batch_size": 4, "steps": 10, "warmup": 3,
         "device": "cpu", "dtype": "fp32",
-        "rows": "torchtune,trl,ours,ours+cache,ours+cache+group,ours+cache+group+prefix",
+        "rows": "torchtune,trl,ours,ours+cache,ours+cache+group,ours+cache+group+prefix,ours+cache+group+compile",
     },
     "smoke": {  # a few seconds a row: for the test that keeps this script working, not for measuring
         "model": dict(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128, max_seq_len=512,
@@ -62,8 +62,8 @@ PRESETS = {
                       max_seq_len=8192, intermediate_dim=8192, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
         "prompt": (512, 1536), "response": (256, 1280), "batch_size": 2, "steps": 12, "warmup": 4,
         "device": "cuda", "dtype": "bf16",
-        "rows": "torchtune,ours,ours+cache,ours+cache+group,ours+cache+group+prefix,ours+cache+group+prefix+qlora,"
-        "ours+cache+group+prefix+compile,trl",
+        "rows": "torchtune,ours,ours+cache,ours+cache+group,ours+cache+group+prefix,ours+cache+group+prefix+sdpa,"
+        "ours+cache+group+prefix+qlora,trl",
     },
 }  # fmt: skip
 
@@ -74,6 +74,7 @@ SWITCHES = {
     "prefix": {"prefix_sharing": True},
     "compile": {"compile": True, "pad_to_multiple_of": 128},
     "qlora": {"model.quantize_base": True},
+    "sdpa": {"prefix_sharing_attention": "sdpa"},  # shared rows through SDPA + dense mask instead of flex (CUDA)
 }
 LORA = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
         "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # fmt: skip
@@ -214,7 +215,8 @@ def computed_positions(row: str, stats: dict, batch: list[int]) -> int:
 
 
 def measure(row: str, command: list[str], stats: dict, preset: dict, out: Path, timeout: float | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TORCH_LOGS": "recompiles"}  # fmt: skip
     if preset["device"] == "cpu":
         env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
@@ -241,6 +243,7 @@ def measure(row: str, command: list[str], stats: dict, preset: dict, out: Path, 
         "tokens_per_s": tokens / sum(durations), "peak_memory_gib": memory,
         "padding": 1 - data_positions / computed, "first_step_s": times[1], "wall_s": wall,
         "final_loss": timing["last_metrics"].get("loss"),
+        "recompiles": (proc.stdout + proc.stderr).count("Recompiling function"),
     }  # fmt: skip
 
 
@@ -248,15 +251,16 @@ def table(results: list[dict], memory_kind: str) -> str:
     base = next((r for r in results if r["row"] == "torchtune"), None)
     lines = [
         f"| row | s/step (median) | tokens/s | x torchtune | peak memory ({memory_kind}) | x torchtune "
-        "| padding | startup + 1st step (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| padding | startup + 1st step (s) | recompiles |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
         mem = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}" if base else "-"
         lines.append(
             f"| {r['row']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {speed} | "
-            f"{r['peak_memory_gib']:.2f} GiB | {mem} | {100 * r['padding']:.0f}% | {r['first_step_s']:.1f} |"
+            f"{r['peak_memory_gib']:.2f} GiB | {mem} | {100 * r['padding']:.0f}% | {r['first_step_s']:.1f} | "
+            f"{r.get('recompiles', '-')} |"
         )
     return "\n".join(lines)
 

@@ -52,7 +52,7 @@ def sequence_logprobs(
     it is scored by the logits at position t - 1. ``ignore_index`` marks prompt and padding positions. Both
     outputs have shape [N] (float32 sums, int64 counts).
     """
-    if labels.shape != input_ids.shape:
+    if labels.shape != input_ids.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
     n, length = labels.shape
     keep = labels[:, 1:] != ignore_index

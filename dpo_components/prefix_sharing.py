@@ -9,7 +9,9 @@ pair is one row (Wang et al. 2024, arXiv 2410.20305):
 
 and the attention mask lets a token see the earlier tokens of its own segment and the prompt:
 
-    allowed(q, k) = k <= q  and  (segment[k] == 0  or  segment[k] == segment[q])
+    allowed(q, k) = k <= q  and  (segment[k] == segment[q]  or  (segment[k] == 0 and segment[q] != 3))
+
+(padding sees only earlier padding: never an empty row, and FlexAttention skips the padding's blocks)
 
 so every response token sees exactly the tokens and RoPE positions it sees in the standard layout, and the
 log-probs and gradients equal the standard path's up to float rounding. The first token of each response is
@@ -18,7 +20,13 @@ so tokens are scored from explicit (position, target) lists instead of a shift b
 
 The saving is the prompt's share of the tokens: with prompts as long as each response a third of the
 computed tokens go. The mask is a dense [B, L, L] boolean for SDPA on CPU (torch 2.13's flex_attention has no
-CPU backward) and a FlexAttention ``BlockMask`` on CUDA, which skips the fully masked blocks.
+CPU backward) and a FlexAttention ``BlockMask`` on CUDA, which skips the fully masked blocks
+(``use_flex_attention(False)`` gives SDPA with the dense mask there too).
+
+torchtune compiles flex_attention with ``dynamic=False``, made for packed rows of one fixed length: every new
+row length recompiles it, and past dynamo's recompile limit it runs uncompiled, materialising the scores. Our
+rows vary in length, so :func:`attention_mask` swaps in a ``dynamic=True`` compile of flex_attention the first
+time it builds a ``BlockMask`` (one compile for all lengths).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchtune.utils import get_logger
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
 from dpo_components.data import PreferenceDataset
@@ -34,6 +43,7 @@ from dpo_components.logprobs import IGNORE_INDEX, scored_logprobs
 from dpo_components.losses import SequenceLogProbs
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
+log = get_logger("INFO")
 
 
 def packed_lengths(dataset: PreferenceDataset) -> list[int]:
@@ -109,15 +119,48 @@ def collate_prefix_shared(
 
 def _allowed(segments: Tensor, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
     segment_q, segment_k = segments[b, q], segments[b, k]
-    return (k <= q) & ((segment_k == PROMPT) | (segment_k == segment_q))
+    return (k <= q) & ((segment_k == segment_q) | ((segment_k == PROMPT) & (segment_q != PADDING)))
+
+
+_FLEX = {"enabled": True, "dynamic": False}
+
+
+def use_flex_attention(enabled: bool) -> None:
+    """Choose FlexAttention (default) or SDPA with a dense mask for shared rows on CUDA."""
+    _FLEX["enabled"] = enabled
+
+
+def _compile_flex_dynamic() -> None:
+    """Replace torchtune's static flex_attention compile by a dynamic one (its wrapper looks the global up at
+    every call); should the dynamic compile fail on some torch/GPU, fall back to torchtune's."""
+    import torchtune.modules.attention_utils as attention_utils
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _FLEX["dynamic"] is not False:  # already swapped in (True), or swapped and failed (None)
+        return
+    static, dynamic = attention_utils.flex_attention_compiled, torch.compile(flex_attention, dynamic=True)
+
+    def flex_attention_any_length(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+        if _FLEX["dynamic"]:
+            try:
+                return dynamic(q, k, v, block_mask=block_mask)
+            except Exception as error:  # a compiler failure: keep training, with torchtune's compile
+                log.warning(f"dynamic flex_attention compile failed ({type(error).__name__}); using torchtune's")
+                _FLEX["dynamic"] = None
+        return static(q, k, v, block_mask=block_mask)
+
+    attention_utils.flex_attention_compiled = flex_attention_any_length
+    _FLEX["dynamic"] = True
 
 
 def attention_mask(segments: Tensor):
     """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex), else a dense
     [B, L, L] boolean for SDPA (True = may attend)."""
     n, length = segments.shape
-    if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION:
+    if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION and _FLEX["enabled"]:
         from torch.nn.attention.flex_attention import create_block_mask
+
+        _compile_flex_dynamic()
 
         def mask_mod(b, h, q, k):
             return _allowed(segments, b, q, k)

@@ -61,7 +61,7 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.prefix_sharing import check_fits, packed_lengths
+from dpo_components.prefix_sharing import check_fits, packed_lengths, use_flex_attention
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
@@ -143,6 +143,7 @@ class LoRADPORecipeSingleDevice:
         self._collate = preference_collator(self._tokenizer.pad_id, cfg.get("pad_to_multiple_of", 1),
                                             self._prefix_sharing)  # fmt: skip
         if self._prefix_sharing:
+            use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
             for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
                 if data is not None:
                     check_fits(data, self._model.max_seq_len, name)

@@ -138,8 +138,13 @@ def test_checkpoint_layout_adapter_and_merged_model(recipe_cfg, tiny_setup):
     torch.testing.assert_close(trained.layers[0].attn.q_proj.weight, base_weights["layers.0.attn.q_proj.weight"])
 
 
-def test_resume_from_step_k_equals_uninterrupted_run(recipe_cfg):
+SPEEDUPS = {"group_by_length": True, "prefix_sharing": True, "reference.mode": "precomputed"}
+
+
+@pytest.mark.parametrize("speedups", [{}, SPEEDUPS], ids=["plain", "grouped-shared-cached"])
+def test_resume_from_step_k_equals_uninterrupted_run(recipe_cfg, speedups):
     settings = {
+        **speedups,
         "max_steps_per_epoch": 6,
         "save_every_n_steps": 3,
         "gradient_accumulation_steps": 2,

@@ -1,5 +1,7 @@
 """The speed switches leave the numbers unchanged: prefix sharing, length-grouped batches, cached reference."""
 
+from functools import partial
+
 import pytest
 import torch
 from test_lora_dpo_recipe import logged, run
@@ -54,7 +56,7 @@ def test_shared_row_layout_by_hand():
         [1, 1, 1, 0, 0, 0],
         [1, 1, 1, 1, 0, 0],
         [1, 1, 0, 0, 1, 0],  # the rejected token sees the prompt and itself, not the chosen response
-        [1, 1, 0, 0, 0, 1],  # padding sees the prompt and itself (never an empty row: no NaN)
+        [0, 0, 0, 0, 0, 1],  # padding sees only padding, itself at least (never an empty row: no NaN)
     ]
 
 
@@ -142,3 +144,14 @@ def test_recipe_group_by_length_cuts_padding(recipe_cfg, tmp_path):
     assert len(grouped_rows) == 6
     assert mean(grouped_rows) < 0.5 * mean(plain_rows)
     assert all(abs(r["loss"] - 0.6931) < 0.2 for r in grouped_rows.values())  # it trains on real pairs
+
+
+def test_reference_cache_key_changes_with_the_variant(tiny_setup):
+    from dpo_components.data import preference_dataset
+    from dpo_components.reference import reference_cache_key
+    from dpo_components.tiny_tokenizer import tiny_tokenizer
+
+    data = preference_dataset(tiny_tokenizer(), source="json", data_files=str(tiny_setup / "data/eval.jsonl"),
+                              split="train", max_length=96, max_prompt_length=32)  # fmt: skip
+    key = partial(reference_cache_key, data, tiny_setup / "sft_model", ["model.safetensors"], torch.float32)
+    assert key() == key(variant="") != key(variant="quantize_base=True")  # an NF4 reference gets its own cache
