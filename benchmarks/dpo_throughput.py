@@ -1,6 +1,6 @@
 """LoRA DPO throughput and memory: our recipe (one row per speed switch) vs torchtune's built-in recipe vs TRL.
 
-    python benchmarks/dpo_throughput.py                    # CPU preset: 42M-param Llama, vocab 32768, ~512 tokens
+    python benchmarks/dpo_throughput.py                    # CPU preset: 22M-param Llama, vocab 32768, ~450 tokens
     python benchmarks/dpo_throughput.py --preset gpu       # Llama-3.2-1B architecture, bf16, ~2048 tokens
     python benchmarks/dpo_throughput.py --rows torchtune,ours,ours+cache
 
@@ -209,9 +209,13 @@ def step_orders(row: str, stats: dict, preset: dict) -> list[list[int]]:
 
 
 def computed_positions(row: str, stats: dict, batch: list[int]) -> int:
-    if "prefix" in row.split("+"):
-        return len(batch) * max(stats["packed"][i] for i in batch)
-    return 2 * len(batch) * max(stats["lengths"][i] for i in batch)
+    parts = row.split("+")
+    multiple = SWITCHES["compile"]["pad_to_multiple_of"] if "compile" in parts else 1
+    if "prefix" in parts:
+        rows, longest = len(batch), max(stats["packed"][i] for i in batch)
+    else:
+        rows, longest = 2 * len(batch), max(stats["lengths"][i] for i in batch)
+    return rows * (longest + (-longest % multiple))
 
 
 def measure(row: str, command: list[str], stats: dict, preset: dict, out: Path, timeout: float | None) -> dict:
@@ -293,7 +297,7 @@ def main() -> None:
         elif row == "trl":
             command = trl_command(preset, model_dir, data_file, out)
             if command is None:
-                print("trl: skipped (pip install 'trl==1.16.0' 'peft==0.21.2' to include it)")
+                print("trl: skipped (pip install -e '.[bench]' to include it)")
                 continue
         else:
             command = ours_command(preset, model_dir, data_file, out, row.split("+")[1:])

@@ -46,26 +46,32 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def run_method(method: str, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+    from dpo_components.logprobs import full_logits_sequence_logprobs, sequence_logprobs
+
+    if method == "full_logits":
+        return full_logits_sequence_logprobs(head(hidden), labels)[0]
+    return sequence_logprobs(head, hidden, labels, chunk_size=chunk_size)[0]
+
+
 def run_one(
     method: str, vocab: int, dim: int, seqs: int, length: int, chunk_size: int, device: str, dtype: str
 ) -> dict:
-    from dpo_components.logprobs import full_logits_sequence_logprobs, sequence_logprobs
-
     torch.manual_seed(0)
     cuda = device == "cuda"
     head = OutputHead(dim, vocab).to(device, getattr(torch, dtype))
     hidden = torch.randn(seqs, length, dim, device=device, dtype=getattr(torch, dtype), requires_grad=True)
     labels = torch.randint(0, vocab, (seqs, length), device=device)
     labels[:, : length // 2] = -100
-    if cuda:
+    if cuda:  # one small call first, so that the timing below is not CUDA's lazy start-up
+        small = hidden[:1, -16:].detach().requires_grad_()
+        run_method(method, head, small, labels[:1, -16:], chunk_size).sum().backward()
+        head.zero_grad(set_to_none=True)  # its [V, D] gradient must not count as "before"
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() / 2**20 if cuda else _current_rss_mb()
     start = time.perf_counter()
-    if method == "full_logits":
-        sums, _ = full_logits_sequence_logprobs(head(hidden), labels)
-    else:
-        sums, _ = sequence_logprobs(head, hidden, labels, chunk_size=chunk_size)
+    sums = run_method(method, head, hidden, labels, chunk_size)
     sums.sum().backward()
     if cuda:
         torch.cuda.synchronize()

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.exc import TorchDynamoException
 from torchtune.utils import get_logger
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
@@ -52,15 +53,18 @@ def packed_lengths(dataset: PreferenceDataset) -> list[int]:
             for s in (dataset[i] for i in range(len(dataset)))]  # fmt: skip
 
 
-def check_fits(dataset: PreferenceDataset, max_seq_len: int, where: str) -> None:
-    """Refuse a dataset whose shared rows would be longer than the model's ``max_seq_len``."""
+def check_fits(dataset: PreferenceDataset, max_seq_len: int, where: str, pad_to_multiple_of: int = 1) -> None:
+    """Refuse a dataset whose shared rows (padded up to ``pad_to_multiple_of``) would be longer than the model's
+    ``max_seq_len``."""
     lengths = packed_lengths(dataset)
     longest = max(lengths, default=0)
-    if longest > max_seq_len:
+    padded = longest + (-longest % pad_to_multiple_of)
+    if padded > max_seq_len:
         row = lengths.index(longest)
         raise ValueError(
-            f"prefix_sharing: pair {row} of {where} needs a row of {longest} tokens (prompt + chosen + rejected), "
-            f"more than the model's max_seq_len {max_seq_len}; raise model.max_seq_len or turn prefix_sharing off"
+            f"prefix_sharing: pair {row} of {where} needs a row of {padded} tokens (prompt + chosen + rejected"
+            f"{', padded' if padded > longest else ''}), more than the model's max_seq_len {max_seq_len}; raise "
+            "model.max_seq_len or turn prefix_sharing off"
         )
 
 
@@ -144,8 +148,8 @@ def _compile_flex_dynamic() -> None:
         if _FLEX["dynamic"]:
             try:
                 return dynamic(q, k, v, block_mask=block_mask)
-            except Exception as error:  # a compiler failure: keep training, with torchtune's compile
-                log.warning(f"dynamic flex_attention compile failed ({type(error).__name__}); using torchtune's")
+            except TorchDynamoException as error:  # a compiler failure: keep training, with torchtune's compile
+                log.warning(f"dynamic flex_attention compile failed, using torchtune's static one: {error}")
                 _FLEX["dynamic"] = None
         return static(q, k, v, block_mask=block_mask)
 

@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -62,6 +63,14 @@ def reference_cache_key(
     if variant:
         digest.update(variant.encode())
     return digest.hexdigest()[:20]
+
+
+def reference_variant(cfg: Any) -> str:
+    """What else the cached values depend on, from a recipe config: an NF4 base (QLoRA) and the layout (shared
+    rows round differently in bf16)."""
+    prefix = cfg.get("prefix_sharing", False)
+    attention = cfg.get("prefix_sharing_attention", "flex") if prefix else "-"
+    return f"quantize_base={cfg.model.get('quantize_base', False)},prefix_sharing={prefix},attention={attention}"
 
 
 @torch.no_grad()

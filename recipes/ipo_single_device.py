@@ -67,6 +67,7 @@ from dpo_components.reference import (
     load_or_compute,
     reference_cache_key,
     reference_for_batch,
+    reference_variant,
 )
 from dpo_components.training import (
     PreferenceMetrics,
@@ -101,6 +102,8 @@ class IPORecipeSingleDevice:
         self._shuffle = cfg.get("shuffle", True)
         self._group_by_length = cfg.get("group_by_length", False)
         self._prefix_sharing = cfg.get("prefix_sharing", False)
+        if self._group_by_length and not self._shuffle:
+            raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._reference_cfg = cfg.get("reference") or DictConfig({})
         self._reference_mode = self._reference_cfg.get("mode", "model")
@@ -148,7 +151,7 @@ class IPORecipeSingleDevice:
             use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
             for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
                 if data is not None:
-                    check_fits(data, self._model.max_seq_len, name)
+                    check_fits(data, self._model.max_seq_len, name, cfg.get("pad_to_multiple_of", 1))
 
         # The reference is built from the starting weights, before the policy loads a resumed state.
         self._setup_reference(cfg, base_state)
@@ -205,7 +208,7 @@ class IPORecipeSingleDevice:
         cache_files = {}
         if self._reference_mode == "precomputed":
             cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
-            variant = f"quantize_base={cfg.model.get('quantize_base', False)}"  # an NF4 reference differs
+            variant = reference_variant(cfg)
             for split, data in (("train", self._train_data), ("eval", self._eval_data)):
                 if data is not None:
                     key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
@@ -381,10 +384,10 @@ class IPORecipeSingleDevice:
     def _run_signature(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
                 "train_pairs": len(self._train_data), "shuffle": self._shuffle,
-                "group_by_length": self._group_by_length}  # fmt: skip
+                "group_by_length": self._group_by_length, "prefix_sharing": self._prefix_sharing}  # fmt: skip
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        if self._group_by_length and self._shuffle:  # group by the length of the rows the collator will build
+        if self._group_by_length:  # group by the length of the rows the collator will build
             data = self._train_data
             lengths = packed_lengths(data) if self._prefix_sharing else data.sample_lengths()
             return length_grouped_order(lengths, self._batch_size, self.seed, epoch)

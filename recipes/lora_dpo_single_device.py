@@ -19,7 +19,8 @@ end in Hugging Face layout (PEFT adapter + merged model), written atomically; ex
 checkpoint (``resume_from_checkpoint: true``): data order and position, optimizer, LR schedule and RNG.
 A NaN/inf loss or gradient stops the run before the optimizer step, keeping the last good checkpoint.
 
-Speed switches (each leaves the numbers unchanged; ``benchmarks/README.md`` measures them):
+Speed switches (``benchmarks/README.md`` measures them; the first and third leave the numbers unchanged, the
+second changes only which pairs share a batch):
 ``reference.mode: precomputed``; ``group_by_length: true`` (batches of similar length, less padding; the
 ``padding_fraction`` is logged); ``prefix_sharing: true`` (one [prompt | chosen | rejected] row per pair, the
 prompt encoded once); ``compile: true`` with ``pad_to_multiple_of`` (a few padded shapes, few recompiles).
@@ -67,6 +68,7 @@ from dpo_components.reference import (
     load_or_compute,
     reference_cache_key,
     reference_for_batch,
+    reference_variant,
 )
 from dpo_components.training import (
     PreferenceMetrics,
@@ -100,6 +102,8 @@ class LoRADPORecipeSingleDevice:
         self._shuffle = cfg.get("shuffle", True)
         self._group_by_length = cfg.get("group_by_length", False)
         self._prefix_sharing = cfg.get("prefix_sharing", False)
+        if self._group_by_length and not self._shuffle:
+            raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
         self._reference_cfg = cfg.get("reference") or {}
         self._reference_mode = self._reference_cfg.get("mode", "model")
         if self._reference_mode not in ("model", "precomputed"):
@@ -146,7 +150,7 @@ class LoRADPORecipeSingleDevice:
             use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
             for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
                 if data is not None:
-                    check_fits(data, self._model.max_seq_len, name)
+                    check_fits(data, self._model.max_seq_len, name, cfg.get("pad_to_multiple_of", 1))
         self._reference_cache = self._setup_reference(cfg) if self._reference_mode == "precomputed" else {}
 
         steps_per_epoch = len(self._train_data) // (self._batch_size * self._grad_accum)
@@ -208,7 +212,7 @@ class LoRADPORecipeSingleDevice:
             if data is None:
                 continue
             key = reference_cache_key(data, ckpt.checkpoint_dir, list(ckpt.checkpoint_files), self._dtype,
-                                      variant=f"quantize_base={cfg.model.get('quantize_base', False)}")  # fmt: skip
+                                      reference_variant(cfg))  # fmt: skip
             path = cache_dir / f"reference_logps_{key}.safetensors"
             reused = path.is_file()
             cache[split] = load_or_compute(path, partial(self._reference_pass, data, batch_size))
@@ -237,7 +241,7 @@ class LoRADPORecipeSingleDevice:
         return self._loss_fn(policy, reference), policy
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        if self._group_by_length and self._shuffle:  # group by the length of the rows the collator will build
+        if self._group_by_length:  # group by the length of the rows the collator will build
             data = self._train_data
             lengths = packed_lengths(data) if self._prefix_sharing else data.sample_lengths()
             return length_grouped_order(lengths, self._batch_size, self.seed, epoch)
@@ -349,7 +353,7 @@ class LoRADPORecipeSingleDevice:
         """What must not change between a run and its resume for the data order to be the same."""
         return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
                 "train_pairs": len(self._train_data), "shuffle": self._shuffle,
-                "group_by_length": self._group_by_length}  # fmt: skip
+                "group_by_length": self._group_by_length, "prefix_sharing": self._prefix_sharing}  # fmt: skip
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
         try:

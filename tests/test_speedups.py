@@ -5,6 +5,8 @@ from functools import partial
 import pytest
 import torch
 from test_lora_dpo_recipe import logged, run
+from torchtune import training
+from torchtune.modules import TransformerSelfAttentionLayer
 
 from dpo_components.data import collate_preference_batch
 from dpo_components.prefix_sharing import (
@@ -60,9 +62,12 @@ def test_shared_row_layout_by_hand():
     ]
 
 
-def test_prefix_sharing_equals_standard_layout_values_and_gradients():
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_prefix_sharing_equals_standard_layout_values_and_gradients(activation_checkpointing):
     torch.manual_seed(0)
     model = tiny_llama()
+    if activation_checkpointing:  # mask and positions must pass through torchtune's checkpoint wrappers
+        training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     pairs = random_pairs()
 
     def logps_and_grads(batch):
@@ -155,3 +160,43 @@ def test_reference_cache_key_changes_with_the_variant(tiny_setup):
                               split="train", max_length=96, max_prompt_length=32)  # fmt: skip
     key = partial(reference_cache_key, data, tiny_setup / "sft_model", ["model.safetensors"], torch.float32)
     assert key() == key(variant="") != key(variant="quantize_base=True")  # an NF4 reference gets its own cache
+
+
+def test_ipo_recipe_prefix_sharing_leaves_losses_unchanged(recipe_cfg, tmp_path):
+    from test_ipo_recipe import CONFIG
+    from test_ipo_recipe import run as run_ipo
+
+    common = {"max_steps_per_epoch": 3, "batch_size": 8, "eval_dataset": None}
+    base = recipe_cfg(CONFIG, **common, output_dir=str(tmp_path / "base"))
+    shared = recipe_cfg(CONFIG, **common, output_dir=str(tmp_path / "shared"), prefix_sharing=True)
+    run_ipo(base)
+    run_ipo(shared)
+    base_rows, shared_rows = logged(base), logged(shared)
+    assert sorted(base_rows) == sorted(shared_rows) == [1, 2, 3]
+    for step in base_rows:
+        for name in ("loss", "ipo/margin", "logps/chosen"):
+            assert shared_rows[step][name] == pytest.approx(base_rows[step][name], rel=1e-4, abs=1e-5), (step, name)
+
+
+def test_group_by_length_needs_shuffle(recipe_cfg):
+    from recipes.lora_dpo_single_device import ConfigError, LoRADPORecipeSingleDevice
+
+    with pytest.raises(ConfigError, match="group_by_length: true needs shuffle: true"):
+        LoRADPORecipeSingleDevice(recipe_cfg(group_by_length=True, shuffle=False))
+
+
+def test_compile_with_padding_buckets_leaves_losses_unchanged(recipe_cfg, tmp_path):
+    """compile + pad_to_multiple_of (fewer shapes, fewer recompiles) against the eager, unpadded run."""
+    from torch._dynamo.utils import counters
+
+    common = {"max_steps_per_epoch": 3, "batch_size": 8, "eval_dataset": None}
+    eager = recipe_cfg(**common, output_dir=str(tmp_path / "eager"))
+    compiled = recipe_cfg(**common, output_dir=str(tmp_path / "compiled"), compile=True, pad_to_multiple_of=16)
+    run(eager)
+    graphs_before = counters["stats"]["unique_graphs"]
+    run(compiled)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # it really compiled
+    eager_rows, compiled_rows = logged(eager), logged(compiled)
+    for step in (1, 2, 3):
+        for name in ("loss", "rewards/margins"):
+            assert compiled_rows[step][name] == pytest.approx(eager_rows[step][name], rel=1e-4, abs=1e-5), (step, name)
