@@ -53,19 +53,19 @@ def packed_lengths(dataset: PreferenceDataset) -> list[int]:
             for s in (dataset[i] for i in range(len(dataset)))]  # fmt: skip
 
 
-def check_fits(dataset: PreferenceDataset, max_seq_len: int, where: str, pad_to_multiple_of: int = 1) -> None:
-    """Refuse a dataset whose shared rows (padded up to ``pad_to_multiple_of``) would be longer than the model's
-    ``max_seq_len``."""
-    lengths = packed_lengths(dataset)
-    longest = max(lengths, default=0)
-    padded = longest + (-longest % pad_to_multiple_of)
-    if padded > max_seq_len:
-        row = lengths.index(longest)
-        raise ValueError(
-            f"prefix_sharing: pair {row} of {where} needs a row of {padded} tokens (prompt + chosen + rejected"
-            f"{', padded' if padded > longest else ''}), more than the model's max_seq_len {max_seq_len}; raise "
-            "model.max_seq_len or turn prefix_sharing off"
-        )
+def check_fits(max_seq_len: int, pad_to_multiple_of: int = 1, **datasets: PreferenceDataset | None) -> None:
+    """Refuse a dataset (passed by name; None is skipped) whose shared rows, padded up to ``pad_to_multiple_of``,
+    would be longer than the model's ``max_seq_len``."""
+    for where, dataset in datasets.items():
+        lengths = packed_lengths(dataset) if dataset is not None else []
+        longest = max(lengths, default=0)
+        padded = longest + (-longest % pad_to_multiple_of)
+        if padded > max_seq_len:
+            raise ValueError(
+                f"prefix_sharing: pair {lengths.index(longest)} of {where} needs a row of {padded} tokens (prompt + "
+                f"chosen + rejected{', padded' if padded > longest else ''}), more than the model's max_seq_len "
+                f"{max_seq_len}; raise model.max_seq_len or turn prefix_sharing off"
+            )
 
 
 def collate_prefix_shared(

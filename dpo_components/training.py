@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpo_components.data import collate_preference_batch
+from dpo_components.data import PreferenceDataset, collate_preference_batch
 from dpo_components.logprobs import sequence_logprobs
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
-from dpo_components.prefix_sharing import PADDING, collate_prefix_shared, prefix_shared_logprobs
+from dpo_components.prefix_sharing import PADDING, collate_prefix_shared, packed_lengths, prefix_shared_logprobs
 
 
 def concatenated_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> SequenceLogProbs:
@@ -65,6 +65,23 @@ def length_grouped_order(
     partial_batches = [b for b in batches if len(b) < batch_size]
     shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
     return [i for b in shuffled + partial_batches for i in b]
+
+
+def batch_order(
+    dataset: PreferenceDataset,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    shuffle: bool = True,
+    group_by_length: bool = False,
+    prefix_sharing: bool = False,
+) -> list[int]:
+    """The sample order of one epoch as the recipes draw it: :func:`epoch_order`, or with ``group_by_length``
+    :func:`length_grouped_order` by the length of the rows the collator builds (shared rows with prefix sharing)."""
+    if not group_by_length:
+        return epoch_order(len(dataset), seed, epoch, shuffle)
+    lengths = packed_lengths(dataset) if prefix_sharing else dataset.sample_lengths()
+    return length_grouped_order(lengths, batch_size, seed, epoch)
 
 
 def batch_positions(batch: dict[str, Tensor]) -> tuple[int, int]:

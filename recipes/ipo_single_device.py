@@ -60,7 +60,7 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.prefix_sharing import check_fits, packed_lengths, use_flex_attention
+from dpo_components.prefix_sharing import check_fits, use_flex_attention
 from dpo_components.quantization import plain_state_dict
 from dpo_components.reference import (
     compute_reference_logprobs,
@@ -71,9 +71,8 @@ from dpo_components.reference import (
 )
 from dpo_components.training import (
     PreferenceMetrics,
+    batch_order,
     concatenated_logprobs,
-    epoch_order,
-    length_grouped_order,
     peak_memory_gib,
     preference_collator,
 )
@@ -149,9 +148,8 @@ class IPORecipeSingleDevice:
                                             self._prefix_sharing)  # fmt: skip
         if self._prefix_sharing:
             use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
-            for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
-                if data is not None:
-                    check_fits(data, self._model.max_seq_len, name, cfg.get("pad_to_multiple_of", 1))
+            check_fits(self._model.max_seq_len, cfg.get("pad_to_multiple_of", 1), dataset=self._train_data,
+                       eval_dataset=self._eval_data)  # fmt: skip
 
         # The reference is built from the starting weights, before the policy loads a resumed state.
         self._setup_reference(cfg, base_state)
@@ -289,7 +287,8 @@ class IPORecipeSingleDevice:
         trainable = [p for p in self._model.parameters() if p.requires_grad]
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="IPO", dynamic_ncols=True)
         for epoch in range(self.epochs_run, self._total_epochs):
-            order = self._epoch_order(epoch)
+            order = batch_order(self._train_data, self.seed, epoch, self._batch_size, self._shuffle,
+                                self._group_by_length, self._prefix_sharing)  # fmt: skip
             loader = DataLoader(self._train_data, batch_size=self._batch_size, collate_fn=self._collate,
                                 sampler=order[self._batches_done_in_epoch * self._batch_size :], drop_last=True,
                                 generator=torch.Generator())  # fmt: skip
@@ -385,13 +384,6 @@ class IPORecipeSingleDevice:
         return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
                 "train_pairs": len(self._train_data), "shuffle": self._shuffle,
                 "group_by_length": self._group_by_length, "prefix_sharing": self._prefix_sharing}  # fmt: skip
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._group_by_length:  # group by the length of the rows the collator will build
-            data = self._train_data
-            lengths = packed_lengths(data) if self._prefix_sharing else data.sample_lengths()
-            return length_grouped_order(lengths, self._batch_size, self.seed, epoch)
-        return epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
         try:

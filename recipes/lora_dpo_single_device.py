@@ -62,7 +62,7 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.prefix_sharing import check_fits, packed_lengths, use_flex_attention
+from dpo_components.prefix_sharing import check_fits, use_flex_attention
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
@@ -72,9 +72,8 @@ from dpo_components.reference import (
 )
 from dpo_components.training import (
     PreferenceMetrics,
+    batch_order,
     concatenated_logprobs,
-    epoch_order,
-    length_grouped_order,
     peak_memory_gib,
     preference_collator,
 )
@@ -148,9 +147,8 @@ class LoRADPORecipeSingleDevice:
                                             self._prefix_sharing)  # fmt: skip
         if self._prefix_sharing:
             use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
-            for name, data in (("dataset", self._train_data), ("eval_dataset", self._eval_data)):
-                if data is not None:
-                    check_fits(data, self._model.max_seq_len, name, cfg.get("pad_to_multiple_of", 1))
+            check_fits(self._model.max_seq_len, cfg.get("pad_to_multiple_of", 1), dataset=self._train_data,
+                       eval_dataset=self._eval_data)  # fmt: skip
         self._reference_cache = self._setup_reference(cfg) if self._reference_mode == "precomputed" else {}
 
         steps_per_epoch = len(self._train_data) // (self._batch_size * self._grad_accum)
@@ -240,18 +238,12 @@ class LoRADPORecipeSingleDevice:
                     reference = concatenated_logprobs(self._model, batch, self._chunk_size)
         return self._loss_fn(policy, reference), policy
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._group_by_length:  # group by the length of the rows the collator will build
-            data = self._train_data
-            lengths = packed_lengths(data) if self._prefix_sharing else data.sample_lengths()
-            return length_grouped_order(lengths, self._batch_size, self.seed, epoch)
-        return epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)
-
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True)
         for epoch in range(self.epochs_run, self._total_epochs):
-            order = self._epoch_order(epoch)
+            order = batch_order(self._train_data, self.seed, epoch, self._batch_size, self._shuffle,
+                                self._group_by_length, self._prefix_sharing)  # fmt: skip
             loader = DataLoader(
                 self._train_data,
                 batch_size=self._batch_size,

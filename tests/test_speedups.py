@@ -100,9 +100,11 @@ def test_check_fits_names_the_pair():
 
     longest = max(len(p["prompt_ids"]) + len(p["chosen_response_ids"]) + len(p["rejected_response_ids"])
                   for p in pairs)  # fmt: skip
-    check_fits(Data(pairs), longest, "dataset")
-    with pytest.raises(ValueError, match=rf"pair \d+ of dataset needs a row of {longest} tokens"):
-        check_fits(Data(pairs), longest - 1, "dataset")
+    check_fits(longest, dataset=Data(pairs), eval_dataset=None)
+    with pytest.raises(ValueError, match=rf"pair \d+ of eval_dataset needs a row of {longest} tokens"):
+        check_fits(longest - 1, dataset=Data(pairs[:1]), eval_dataset=Data(pairs))
+    with pytest.raises(ValueError, match=r"needs a row of 64 tokens \(prompt \+ chosen \+ rejected, padded\)"):
+        check_fits(longest, 64, dataset=Data(pairs))
 
 
 def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
