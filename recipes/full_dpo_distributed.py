@@ -14,6 +14,8 @@ PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, t
   (default: the policy's starting checkpoint), in eval mode with no grads; or ``precomputed``, one no-grad pass
   over the train and eval pairs before training (the ranks split the batches), cached on disk keyed by (tokenized
   data, reference checkpoint, dtype) and reused by later runs; no reference model is kept then.
+- Speed switches, as in the single-device recipes: ``group_by_length`` (each global batch holds pairs of similar
+  length) and ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once).
 - Metrics are all-reduced and averaged over ranks and micro-batches; only rank 0 logs and shows progress.
 - Checkpoints: ``step_<N>/`` with distributed checkpointing (DCP: sharded model and optimizer, each rank writes its
   shard) plus the LR schedule, data position and every rank's RNG, for an exact resume on the same world size;
@@ -50,18 +52,20 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.data import collate_preference_batch
+from dpo_components.prefix_sharing import check_fits, use_flex_attention
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
     reference_cache_key,
     reference_for_batch,
+    reference_variant,
 )
 from dpo_components.training import (
     PreferenceMetrics,
+    batch_order,
     concatenated_logprobs,
-    epoch_order,
     peak_memory_gib,
+    preference_collator,
     rng_state,
     set_rng_state,
 )
@@ -95,6 +99,10 @@ class FullDPORecipeDistributed:
         self._save_every = cfg.get("save_every_n_steps")
         self._consolidate_every_save = cfg.get("consolidate_every_save", False)
         self._shuffle = cfg.get("shuffle", True)
+        self._group_by_length = cfg.get("group_by_length", False)
+        self._prefix_sharing = cfg.get("prefix_sharing", False)
+        if self._group_by_length and not self._shuffle:
+            raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._reference_cfg = cfg.get("reference") or DictConfig({})
         self._reference_mode = self._reference_cfg.get("mode", "model")
@@ -136,8 +144,12 @@ class FullDPORecipeDistributed:
                 f"the dataset has {len(self._train_data)} pairs, fewer than one step's batch_size x world size x "
                 f"gradient_accumulation_steps = {self._global_batch * self._grad_accum}"
             )
-        self._collate = partial(collate_preference_batch, padding_idx=self._tokenizer.pad_id,
-                                pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1))  # fmt: skip
+        self._collate = preference_collator(self._tokenizer.pad_id, cfg.get("pad_to_multiple_of", 1),
+                                            self._prefix_sharing)  # fmt: skip
+        if self._prefix_sharing:
+            use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
+            check_fits(self._model.max_seq_len, cfg.get("pad_to_multiple_of", 1), dataset=self._train_data,
+                       eval_dataset=self._eval_data)  # fmt: skip
         self._setup_reference(cfg, base_state)
         del base_state
 
@@ -195,7 +207,7 @@ class FullDPORecipeDistributed:
             for split, data in splits.items():
                 if data is not None:
                     key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
-                                              self._dtype)  # fmt: skip
+                                              self._dtype, reference_variant(cfg))  # fmt: skip
                     cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
             if self._all_ranks_have(cache_files.values()):  # nothing to compute: build no reference model
                 for split, path in cache_files.items():
@@ -253,7 +265,9 @@ class FullDPORecipeDistributed:
 
     def _rank_order(self, epoch: int) -> list[int]:
         """This rank's sample order: its ``batch_size`` slice of every global batch of the epoch's order."""
-        order = epoch_order(len(self._train_data), self.seed, epoch, self._shuffle)  # same on every rank
+        # the same on every rank; with group_by_length, each global batch holds pairs of similar length
+        order = batch_order(self._train_data, self.seed, epoch, self._global_batch, self._shuffle,
+                            self._group_by_length, self._prefix_sharing)  # fmt: skip
         start = self._rank * self._batch_size
         usable = len(order) // self._global_batch * self._global_batch
         return [order[g + start + i] for g in range(0, usable, self._global_batch) for i in range(self._batch_size)]
@@ -313,14 +327,17 @@ class FullDPORecipeDistributed:
         self.save_checkpoint(consolidate=True)
 
     def _all_reduce(self, metrics: PreferenceMetrics) -> dict[str, float]:
-        """Sums over ranks of every metric sum, pair count and token count -> averages over all pairs."""
+        """Sums over ranks of every metric sum and of the pair, token and position counts -> averages over all
+        pairs, the token count, and the padding fraction of all ranks' batches."""
         names = sorted(metrics.sums)
-        totals = torch.tensor([metrics.sums[n] for n in names] + [metrics.pairs, metrics.tokens],
-                              dtype=torch.float64, device=self._device)  # fmt: skip
+        counts = [metrics.pairs, metrics.tokens, metrics.data_positions, metrics.computed_positions]
+        totals = torch.tensor([metrics.sums[n] for n in names] + counts, dtype=torch.float64, device=self._device)
         dist.all_reduce(totals)
-        pairs = totals[-2].item()
+        pairs, tokens, data_positions, computed_positions = totals[-4:].tolist()
         averaged = {name: totals[i].item() / pairs for i, name in enumerate(names)}
-        averaged["tokens"] = totals[-1].item()
+        averaged["tokens"] = tokens
+        if computed_positions:
+            averaged["padding_fraction"] = 1 - data_positions / computed_positions
         return averaged
 
     def _stop_on_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -393,7 +410,8 @@ class FullDPORecipeDistributed:
     def _run_signature(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_size": self._batch_size, "world_size": self._world_size,
                 "gradient_accumulation_steps": self._grad_accum, "train_pairs": len(self._train_data),
-                "shuffle": self._shuffle}  # fmt: skip
+                "shuffle": self._shuffle, "group_by_length": self._group_by_length,
+                "prefix_sharing": self._prefix_sharing}  # fmt: skip
 
     def _load_checkpoint(self, checkpoint_dir: Path) -> None:
         state = load_recipe_state(checkpoint_dir)

@@ -165,3 +165,17 @@ def test_reference_free_loss_needs_no_reference_model(tiny_setup, tmp_path):
                                    "reference.mode": "precomputed"}))  # fmt: skip
     assert "reference log-probs" not in output and not (out / "reference_cache").exists()
     assert logged(Cfg(out))[2]["loss"] > 0
+
+
+def test_prefix_sharing_and_length_grouping_under_fsdp(tiny_setup, tmp_path):
+    base, shared, grouped = tmp_path / "base", tmp_path / "shared", tmp_path / "grouped"
+    common = {"batch_size": 4, "max_steps_per_epoch": 2, "eval_dataset": "null"}
+    torchrun(overrides(tiny_setup, base, **common))
+    torchrun(overrides(tiny_setup, shared, prefix_sharing="true", **common))
+    torchrun(overrides(tiny_setup, grouped, prefix_sharing="true", group_by_length="true", **common))
+    base_rows, shared_rows, grouped_rows = logged(Cfg(base)), logged(Cfg(shared)), logged(Cfg(grouped))
+    for step in (1, 2):  # the same pairs in shared rows: the same losses
+        for name in ("loss", "rewards/margins"):
+            assert shared_rows[step][name] == pytest.approx(base_rows[step][name], rel=1e-4, abs=1e-5), (step, name)
+    padding = lambda rows: sum(r["padding_fraction"] for r in rows.values())
+    assert padding(grouped_rows) < padding(shared_rows)  # similar lengths in each global batch
