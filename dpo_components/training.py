@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from dpo_components.data import PreferenceDataset, collate_preference_batch
 from dpo_components.logprobs import sequence_logprobs
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
-from dpo_components.prefix_sharing import PADDING, collate_prefix_shared, packed_lengths, prefix_shared_logprobs
+from dpo_components.prefix_sharing import (
+    PADDING,
+    check_fits,
+    collate_prefix_shared,
+    packed_lengths,
+    prefix_shared_logprobs,
+    use_flex_attention,
+)
 
 
 def concatenated_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> SequenceLogProbs:
@@ -42,6 +49,18 @@ def preference_collator(padding_idx: int, pad_to_multiple_of: int = 1, prefix_sh
     """The batch collator a recipe uses: standard [2B, L] rows, or shared [prompt | chosen | rejected] rows."""
     collate = collate_prefix_shared if prefix_sharing else collate_preference_batch
     return partial(collate, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def collator_from_config(cfg: Any, padding_idx: int, max_seq_len: int, **datasets: Any) -> Callable:
+    """A recipe's collator from its config keys ``pad_to_multiple_of``, ``prefix_sharing`` and
+    ``prefix_sharing_attention`` (``flex``, the default, or ``sdpa``: the kernel for shared rows on CUDA). With
+    prefix sharing it checks that the shared rows of ``datasets`` (by name, None skipped) fit ``max_seq_len``."""
+    pad_to_multiple_of = cfg.get("pad_to_multiple_of", 1)
+    prefix_sharing = cfg.get("prefix_sharing", False)
+    if prefix_sharing:
+        use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")
+        check_fits(max_seq_len, pad_to_multiple_of, **datasets)
+    return preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing)
 
 
 def length_grouped_order(

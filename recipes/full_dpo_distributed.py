@@ -52,7 +52,6 @@ from dpo_components.config_checks import (
     instantiate_loss,
     optional_component,
 )
-from dpo_components.prefix_sharing import check_fits, use_flex_attention
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
@@ -63,9 +62,9 @@ from dpo_components.reference import (
 from dpo_components.training import (
     PreferenceMetrics,
     batch_order,
+    collator_from_config,
     concatenated_logprobs,
     peak_memory_gib,
-    preference_collator,
     rng_state,
     set_rng_state,
 )
@@ -144,12 +143,8 @@ class FullDPORecipeDistributed:
                 f"the dataset has {len(self._train_data)} pairs, fewer than one step's batch_size x world size x "
                 f"gradient_accumulation_steps = {self._global_batch * self._grad_accum}"
             )
-        self._collate = preference_collator(self._tokenizer.pad_id, cfg.get("pad_to_multiple_of", 1),
-                                            self._prefix_sharing)  # fmt: skip
-        if self._prefix_sharing:
-            use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")  # on CUDA; else SDPA
-            check_fits(self._model.max_seq_len, cfg.get("pad_to_multiple_of", 1), dataset=self._train_data,
-                       eval_dataset=self._eval_data)  # fmt: skip
+        self._collate = collator_from_config(cfg, self._tokenizer.pad_id, self._model.max_seq_len,
+                                             dataset=self._train_data, eval_dataset=self._eval_data)  # fmt: skip
         self._setup_reference(cfg, base_state)
         del base_state
 
