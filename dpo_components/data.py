@@ -1,42 +1,55 @@
 """Preference data: one builder over ``datasets.load_dataset`` for the formats people have, and the collator.
 
-Row formats (``format=``, or ``"auto"`` to detect from the first row; ``column_map`` renames columns first,
-e.g. ``{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}``):
+Row formats (``format=``, or ``"auto"`` to detect per row; ``column_map`` maps our column names to the data's,
+e.g. ``{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}``; a mapped column wins over a
+column that already has our name):
 
-- ``explicit``: ``prompt``, ``chosen``, ``rejected`` are strings (stack-exchange-paired, the synthetic task);
-- ``conversational``: all three are lists of ``{"role", "content"}`` messages (TRL's conversational format);
-  ``chosen`` / ``rejected`` hold the assistant turn(s) only;
+- ``explicit``: ``prompt``, ``chosen``, ``rejected`` are strings (stack-exchange-paired, orca_dpo_pairs, the
+  synthetic task). A prompt already in HH-RLHF form (``"\\n\\nHuman: ...\\n\\nAssistant:"``, Dahoas/full-hh-rlhf)
+  is split into its turns;
+- ``conversational``: all three are lists of messages (TRL's conversational format); ``chosen`` / ``rejected``
+  hold the assistant turn(s) only, or one message (LLaMA-Factory's ShareGPT preference format);
 - ``implicit``: ``chosen`` and ``rejected`` are whole conversations that share their first turns, which are
   the prompt (UltraFeedback-binarized, torchtune's ``preference_dataset``); a ``prompt`` column is ignored;
 - ``hh``: Anthropic HH-RLHF raw strings, ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, split into turns and then
   treated as ``implicit``.
 
+A message is ``{"role", "content"}`` or ShareGPT's ``{"from", "value"}`` (roles human/gpt/system); its content a
+string or an OpenAI-style list of text parts ``[{"type": "text", "text": ...}]`` (joined). A ``system`` column
+(or ``column_map["system"]``) becomes a system message at the start of the prompt.
+
 Each row is tokenized with the model tokenizer's chat format (``tokenize_messages``); the prompt (with the
 assistant header that opens the response, i.e. the generation prompt) is masked out of the labels (-100).
 Truncation, when prompt + longer response exceeds ``max_length``:
 
-1. the prompt is cut to ``max_prompt_length`` tokens (keeping its end, i.e. the latest turn, and its first
-   token, BOS), as in the original DPO code's ``keep_end`` mode;
+1. a prompt longer than ``max_prompt_length`` tokens loses whole turns first, oldest exchange first (never the
+   system turn), then the start of its oldest remaining turn's text at a word boundary, so the chat format
+   (BOS, system turn, headers) stays intact and the latest text is kept, as in the original DPO code's
+   ``keep_end`` mode;
 2. both responses are cut to the tokens left, ``max_length - len(prompt)`` (keeping their start).
 
 ``max_prompt_length < max_length`` is enforced, so every sample keeps at least one response token: there is
 no silent constant ln 2 loss from an empty response (torchtune 0.6.1 trains such rows). Bad rows (missing
 column, wrong type, empty response, chosen identical to rejected, a prompt that cannot fit) raise
-:class:`PreferenceDataError` naming the file and row, or with ``on_bad_row="skip"`` are skipped and counted
-in a summary line. ``holdout_fraction`` with ``part="heldout"`` gives a seeded held-out split of the same rows.
+:class:`PreferenceDataError` naming the file and row (the row's 0-based index in the split, and the 1-based line
+for a JSON-lines or CSV file), or with ``on_bad_row="skip"`` are skipped and counted in a summary line.
+``holdout_fraction`` with ``part="heldout"`` gives a seeded held-out split of the same rows.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from datasets import load_dataset
+from datasets import Dataset as HFDataset
+from datasets import ReadInstruction, concatenate_datasets, load_dataset
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from torchtune.data import Message
@@ -47,54 +60,88 @@ from dpo_components.logprobs import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 FORMATS = ("explicit", "conversational", "implicit", "hh")
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython"}
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+COLUMNS = ("prompt", "chosen", "rejected", "system")  # the names column_map maps from
+_ROLES = {
+    "system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython",
+    "human": "user", "gpt": "assistant", "model": "assistant",  # ShareGPT, Gemma
+}  # fmt: skip
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
 class PreferenceDataError(ValueError):
-    """A malformed preference row; the message names the source and the row."""
+    """A malformed preference row or source; the message names the source and the row."""
 
 
 class _BadRow(Exception):
-    """Internal: why one row is unusable (turned into PreferenceDataError or a skip count)."""
+    """Internal: why one row is unusable (turned into PreferenceDataError or a skip count).
+
+    ``summary`` is the reason without row-specific details, the bucket rows are counted in when skipped.
+    """
+
+    def __init__(self, why: str, summary: str | None = None) -> None:
+        super().__init__(why)
+        self.summary = summary or why
 
 
 # ----------------------------------------------------------------------------------------------- row parsing
 
 
-def detect_format(row: dict[str, Any]) -> str:
-    """Guess the row format from one (already column-mapped) row."""
-    chosen = row.get("chosen")
-    if isinstance(chosen, list):
+def detect_format(row: dict[str, Any]) -> str | None:
+    """Guess the format of one (already column-mapped) row from its chosen (or, if null, rejected) value."""
+    response = row.get("chosen") if row.get("chosen") is not None else row.get("rejected")
+    if isinstance(response, (list, dict)):
         return "conversational" if isinstance(row.get("prompt"), list) else "implicit"
-    if isinstance(chosen, str):
+    if isinstance(response, str):
         if "prompt" in row:
             return "explicit"
-        if chosen.lstrip("\n").startswith("Human:"):
+        if response.lstrip("\n").startswith("Human:"):
             return "hh"
-    raise PreferenceDataError(
-        f"cannot detect the preference format from columns {sorted(row)}; set format to one of {FORMATS} "
-        "and column_map if the columns are named differently"
-    )
+    return None
 
 
-def _field(row: dict[str, Any], key: str, kind: type) -> Any:
+def _field(row: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if row.get(key) is None:  # datasets fills a key missing from some rows with None
         raise _BadRow(f"missing '{key}' (no such column, or a null value)")
     value = row[key]
     if not isinstance(value, kind):
-        raise _BadRow(f"'{key}' must be a {kind.__name__}, got {type(value).__name__}")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise _BadRow(f"'{key}' must be a {expected}, got {type(value).__name__}")
     return value
 
 
-def _messages(value: list[Any], key: str) -> list[Message]:
+def _content(value: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI-style text parts joined (as chat templates render them)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _BadRow(f"{where} has a content part of type '{kind}'; only text parts are supported",
+                              "a message has a non-text content part")  # fmt: skip
+        return "".join(texts)
+    raise _BadRow(f"{where} content must be a string or a list of text parts, got {type(value).__name__}",
+                  "a message has malformed content")  # fmt: skip
+
+
+def _messages(value: list[Any] | dict[str, Any], key: str) -> list[Message]:
+    """Messages in {"role", "content"} or ShareGPT {"from", "value"} form; one message alone is a list of one."""
     messages = []
-    for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise _BadRow(f"'{key}'[{i}] must be a {{'role': str, 'content': str}} message, got {m!r:.80}")
-        if m["role"] not in _ROLES:
-            raise _BadRow(f"'{key}'[{i}] has unknown role '{m['role']}' (expected one of {sorted(_ROLES)})")
-        messages.append(Message(role=_ROLES[m["role"]], content=m["content"]))
+    for i, m in enumerate([value] if isinstance(value, dict) else value):
+        where = f"'{key}'[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role", m.get("from")), str):
+            raise _BadRow(f"{where} must be a {{'role', 'content'}} (or {{'from', 'value'}}) message, got {m!r:.80}",
+                          f"'{key}' holds a malformed message")  # fmt: skip
+        role = m.get("role", m.get("from"))
+        if role not in _ROLES:
+            raise _BadRow(f"{where} has unknown role '{role}' (expected one of {sorted(_ROLES)})")
+        messages.append(Message(role=_ROLES[role], content=_content(m.get("content", m.get("value")), where)))
     return messages
 
 
@@ -104,6 +151,16 @@ def _split_hh(text: str, key: str) -> list[Message]:
         raise _BadRow(f"'{key}' is not in HH-RLHF form ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
     roles = {"Human": "user", "Assistant": "assistant"}
     return [Message(role=roles[who], content=said) for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_prompt(text: str) -> list[Message] | None:
+    """The turns of an explicit prompt written in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), else None."""
+    if not (text.lstrip("\n").startswith("Human:") and text.rstrip().endswith("\n\nAssistant:")):
+        return None
+    turns = _split_hh(text.rstrip(), "prompt")
+    if turns[-1].role != "assistant" or turns[-1].text_content.strip():
+        return None
+    return turns[:-1]  # the empty last Assistant turn is the generation prompt
 
 
 def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list, list, list]:
@@ -117,16 +174,39 @@ def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tupl
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def _explicit(row: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+    prompt_text = _field(row, "prompt", str)
+    chosen, rejected = _field(row, "chosen", str), _field(row, "rejected", str)
+    prompt = _hh_prompt(prompt_text)
+    if prompt is None:
+        prompt = [Message(role="user", content=prompt_text)]
+    else:  # the responses continue "Assistant:" and so start with the space _split_hh drops
+        chosen, rejected = chosen.removeprefix(" "), rejected.removeprefix(" ")
+    return prompt, [Message(role="assistant", content=chosen)], [Message(role="assistant", content=rejected)]
+
+
+def _with_system(prompt: list[Message], row: dict[str, Any]) -> list[Message]:
+    """Put the row's ``system`` column (if any, non-empty) in front of the prompt as a system message."""
+    system = row.get("system")
+    if system is None:
+        return prompt
+    if not isinstance(system, str):
+        raise _BadRow(f"'system' must be a str, got {type(system).__name__}")
+    if not system.strip():
+        return prompt
+    if prompt and prompt[0].role == "system":
+        raise _BadRow("the row has both a 'system' column and a system turn in its prompt")
+    return [Message(role="system", content=system), *prompt]
+
+
 def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Message], list[Message]]:
     """(prompt messages, chosen response messages, rejected response messages) of one row; raises _BadRow."""
     if fmt == "explicit":
-        prompt = [Message(role="user", content=_field(row, "prompt", str))]
-        chosen = [Message(role="assistant", content=_field(row, "chosen", str))]
-        rejected = [Message(role="assistant", content=_field(row, "rejected", str))]
+        prompt, chosen, rejected = _explicit(row)
     elif fmt == "conversational":
         prompt = _messages(_field(row, "prompt", list), "prompt")
-        chosen = _messages(_field(row, "chosen", list), "chosen")
-        rejected = _messages(_field(row, "rejected", list), "rejected")
+        chosen = _messages(_field(row, "chosen", (list, dict)), "chosen")
+        rejected = _messages(_field(row, "rejected", (list, dict)), "rejected")
     elif fmt in ("implicit", "hh"):
         if fmt == "implicit":
             full_chosen = _messages(_field(row, "chosen", list), "chosen")
@@ -138,7 +218,8 @@ def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Messag
         if not prompt:
             raise _BadRow("chosen and rejected share no prompt turn")
     else:
-        raise PreferenceDataError(f"unknown format '{fmt}'; expected one of {FORMATS} or 'auto'")
+        raise ValueError(f"unknown format '{fmt}'; expected one of {FORMATS} or 'auto'")
+    prompt = _with_system(prompt, row)
 
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if not response:
@@ -150,6 +231,16 @@ def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Messag
     if [m.text_content for m in chosen] == [m.text_content for m in rejected]:
         raise _BadRow("chosen and rejected are identical")
     return prompt, chosen, rejected
+
+
+def _map_columns(raw: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
+    """The row under our column names: a mapped column replaces a column that already has our name."""
+    row = {k: v for k, v in raw.items() if k not in column_map and k not in column_map.values()}
+    for ours, theirs in column_map.items():
+        if theirs not in raw:
+            raise _BadRow(f"column_map['{ours}'] names column '{theirs}', which this row does not have")
+        row[ours] = raw[theirs]
+    return row
 
 
 # ------------------------------------------------------------------------------------- tokenize and truncate
@@ -179,20 +270,50 @@ def _tokenize(
     return tokens[:start], tokens[start:], mask[start:]
 
 
-def _truncate(
-    prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int | None
-) -> tuple[list[int], list[int], list[int]]:
-    if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
-        return prompt, chosen, rejected
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1 :]  # keep BOS and the latest turn
-    budget = max_length - len(prompt)
-    if budget < 1:
+def _word_starts(text: str) -> list[int]:
+    """Offsets where a word starts (after whitespace); every character offset for text without spaces."""
+    starts = [i for i in range(1, len(text)) if text[i - 1].isspace() and not text[i].isspace()]
+    return starts or list(range(1, len(text)))
+
+
+def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt_length: int) -> list[Message]:
+    """The prompt cut to at most ``max_prompt_length`` tokens (generation prompt included), keeping its end.
+
+    Whole turns go first, the oldest exchange first (so the prompt still starts with a user turn, as strict
+    templates require); the system turn is kept. If the latest turn alone is too long, the start of its text is
+    cut at a word boundary, so no chat header and no character is ever cut in half.
+    """
+    system = [m for m in prompt[:1] if m.role == "system"]
+    body = prompt[len(system) :]
+    length = lambda turns: len(_generation_prompt(tokenizer, system + turns))
+    while len(body) > 1 and length(body) > max_prompt_length:
+        body = body[1:]
+        while len(body) > 1 and body[0].role != "user":
+            body = body[1:]
+    if length(body) <= max_prompt_length:
+        return system + body
+
+    turn, rest = body[0], body[1:]
+    text = turn.text_content
+    cut = lambda offset: [Message(turn.role, text[offset:])] + rest
+    if length(cut(len(text))) > max_prompt_length:
+        what = "chat format and system turn" if system else "chat format"
         raise _BadRow(
-            f"prompt of {len(prompt)} tokens leaves no room for a response within max_length={max_length}; "
-            "set max_prompt_length to truncate long prompts"
+            f"the prompt needs {length(cut(len(text)))} tokens for its {what} alone, more than "
+            f"max_prompt_length={max_prompt_length}; raise max_prompt_length",
+            f"the prompt's {what} alone exceed max_prompt_length={max_prompt_length}",
         )
-    return prompt, chosen[:budget], rejected[:budget]
+    starts = _word_starts(text)
+    if length(cut(starts[-1])) > max_prompt_length:  # even the last word is too long: cut inside it
+        starts = list(range(starts[-1] + 1, len(text) + 1))
+    lo, hi = 0, len(starts) - 1  # binary search for the earliest start that fits (the longest kept text)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(cut(starts[mid])) <= max_prompt_length:
+            hi = mid
+        else:
+            lo = mid + 1
+    return cut(starts[lo])
 
 
 class PreferenceDataset(Dataset):
@@ -223,12 +344,60 @@ class PreferenceDataset(Dataset):
         ]
 
 
+def _tokenize_pair(
+    tokenizer: ModelTokenizer,
+    row: dict[str, Any],
+    fmt: str,
+    max_length: int,
+    max_prompt_length: int | None,
+) -> dict[str, list[int]]:
+    """One parsed, tokenized and truncated pair (the sample dict of :class:`PreferenceDataset`)."""
+    prompt, chosen, rejected = parse_row(row, fmt)
+
+    def tokenize(prompt: list[Message]) -> tuple:
+        generation_prompt = _generation_prompt(tokenizer, prompt)
+        prompt_ids, chosen_ids, chosen_masked = _tokenize(tokenizer, prompt, chosen, generation_prompt)
+        prompt_ids_r, rejected_ids, rejected_masked = _tokenize(tokenizer, prompt, rejected, generation_prompt)
+        if prompt_ids != prompt_ids_r:
+            raise _BadRow("chosen and rejected tokenize to different prompts")
+        return prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked
+
+    prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked = tokenize(prompt)
+    truncated = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length
+    if truncated:
+        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+            prompt = _shorten_prompt(tokenizer, prompt, max_prompt_length)
+            prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked = tokenize(prompt)
+        budget = max_length - len(prompt_ids)
+        if budget < 1:
+            raise _BadRow(
+                f"prompt of {len(prompt_ids)} tokens leaves no room for a response within max_length={max_length}; "
+                "set max_prompt_length to truncate long prompts",
+                f"prompt leaves no room for a response within max_length={max_length}",
+            )
+        chosen_ids, chosen_masked = chosen_ids[:budget], chosen_masked[:budget]
+        rejected_ids, rejected_masked = rejected_ids[:budget], rejected_masked[:budget]
+    if chosen_ids == rejected_ids:
+        if truncated:
+            raise _BadRow(f"chosen and rejected are identical after truncation to {max_length} tokens")
+        raise _BadRow("chosen and rejected tokenize identically (their texts differ only in what the chat format "
+                      "drops, e.g. surrounding whitespace)")  # fmt: skip
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_response_ids": chosen_ids,
+        "chosen_labels": _labels(chosen_ids, chosen_masked),
+        "rejected_response_ids": rejected_ids,
+        "rejected_labels": _labels(rejected_ids, rejected_masked),
+    }
+
+
 def tokenize_rows(
     rows: Sequence[dict[str, Any]],
     tokenizer: ModelTokenizer,
     *,
     source: str,
     row_numbers: Sequence[int] | None = None,
+    describe_row: Callable[[int], str] | None = None,
     format: str = "auto",
     column_map: dict[str, str] | None = None,
     max_length: int | None = None,
@@ -237,11 +406,18 @@ def tokenize_rows(
 ) -> PreferenceDataset:
     """Parse, tokenize and truncate ``rows`` (dicts) into a :class:`PreferenceDataset`.
 
-    ``row_numbers`` are the rows' positions in ``source`` for error messages (default 0..n-1). ``column_map``
-    maps our names (prompt / chosen / rejected) to the rows' column names.
+    ``row_numbers`` are the rows' positions in ``source`` for error messages (default 0..n-1), and
+    ``describe_row(number)`` says where that is (default ``"row N"``). ``column_map`` maps our names (prompt /
+    chosen / rejected / system) to the rows' column names.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got '{on_bad_row}'")
+    if format not in (*FORMATS, "auto"):
+        raise ValueError(f"unknown format '{format}'; expected one of {FORMATS} or 'auto'")
+    column_map = dict(column_map or {})
+    unknown = sorted(set(column_map) - set(COLUMNS))
+    if unknown:
+        raise ValueError(f"column_map keys must be among {COLUMNS} (ours -> the data's column), got {unknown}")
     max_length = max_length or getattr(tokenizer, "max_seq_len", None)
     if not max_length:
         raise ValueError("set max_length (or the tokenizer's max_seq_len): the longest prompt + response in tokens")
@@ -250,8 +426,8 @@ def tokenize_rows(
             f"max_prompt_length={max_prompt_length} must be in [1, max_length={max_length}) so that every "
             "sample keeps at least one response token"
         )
-    rename = {v: k for k, v in (column_map or {}).items()}
     row_numbers = list(row_numbers) if row_numbers is not None else list(range(len(rows)))
+    describe_row = describe_row or (lambda number: f"row {number}")
 
     samples, skipped = [], Counter()
     # The tokenizer's own max_seq_len would cut chosen and rejected independently (and could cut a whole
@@ -260,40 +436,29 @@ def tokenize_rows(
     tokenizer.max_seq_len = None
     try:
         for number, raw in zip(row_numbers, rows):
-            row = {rename.get(k, k): v for k, v in raw.items()}
             try:
-                if format == "auto":
-                    format = detect_format(row)
-                prompt, chosen, rejected = parse_row(row, format)
-                generation_prompt = _generation_prompt(tokenizer, prompt)
-                prompt_ids, chosen_ids, chosen_masked = _tokenize(tokenizer, prompt, chosen, generation_prompt)
-                prompt_ids_r, rejected_ids, rejected_masked = _tokenize(tokenizer, prompt, rejected, generation_prompt)
-                if prompt_ids != prompt_ids_r:
-                    raise _BadRow("chosen and rejected tokenize to different prompts")
-                prompt_ids, chosen_ids, rejected_ids = _truncate(
-                    prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
-                )
-                if chosen_ids == rejected_ids:
-                    raise _BadRow(f"chosen and rejected are identical after truncation to {max_length} tokens")
-                samples.append(
-                    {
-                        "prompt_ids": prompt_ids,
-                        "chosen_response_ids": chosen_ids,
-                        "chosen_labels": _labels(chosen_ids, chosen_masked),
-                        "rejected_response_ids": rejected_ids,
-                        "rejected_labels": _labels(rejected_ids, rejected_masked),
-                    }
-                )
+                row = _map_columns(raw, column_map)
+                fmt = detect_format(row) if format == "auto" else format
+                if fmt is None:
+                    raise _BadRow(
+                        f"cannot detect the preference format from columns {sorted(row)} (chosen: "
+                        f"{type(row.get('chosen')).__name__}); set format to one of {FORMATS}, and column_map "
+                        "if the columns are named differently",
+                        "the preference format cannot be detected",
+                    )
+                samples.append(_tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length))
             except _BadRow as bad:
                 if on_bad_row == "error":
                     raise PreferenceDataError(
-                        f"{source} row {number}: {bad} (set on_bad_row: skip to skip such rows)"
+                        f"{source} {describe_row(number)}: {bad} (set on_bad_row: skip to skip such rows)"
                     ) from None
-                skipped[str(bad)] += 1
+                skipped[bad.summary] += 1
     finally:
         tokenizer.max_seq_len = tokenizer_max_seq_len
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+        if not samples:
+            raise PreferenceDataError(f"{source}: all {len(rows)} rows were skipped as bad: {reasons}")
         log.warning("%s: skipped %d of %d rows: %s", source, sum(skipped.values()), len(rows), reasons)
     return PreferenceDataset(samples, source, skipped)
 
@@ -304,6 +469,94 @@ def _labels(ids: list[int], masked: list[bool]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ builder
+
+
+def _files(data_files: str | Sequence[str] | dict[str, Any] | None) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for files in data_files.values() for f in _files(files)]
+    return [str(f) for f in data_files]
+
+
+def _is_empty(path: str) -> bool:
+    """True for a local file that holds no rows: nothing but whitespace, a CSV header, ``[]``, or 0 parquet rows."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(file).num_rows == 0
+    lines = []
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line.strip())
+                if len(lines) == 2:
+                    break
+    header_only = file.suffix in (".csv", ".tsv") and len(lines) == 1
+    return not lines or header_only or lines == ["[]"]
+
+
+def _load_split(source: str, data_files: Any, split: str, **kwargs: Any) -> tuple[HFDataset | None, list[int]]:
+    """The rows of ``split`` (None if it selects none) and each row's index in its unsliced split
+    (``"train[4:6]"`` gives rows 4 and 5)."""
+    try:
+        instructions = ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError):  # a split name the spec grammar does not take: load it as it is
+        rows = load_dataset(source, data_files=data_files, split=split, **kwargs)
+        return rows, list(range(len(rows)))
+    full: dict[str, HFDataset] = {}
+    parts, numbers = [], []
+    for name in dict.fromkeys(i.splitname for i in instructions._relative_instructions):
+        full[name] = load_dataset(source, data_files=data_files, split=name, **kwargs)
+    for part in instructions.to_absolute({name: len(rows) for name, rows in full.items()}):
+        if part.to > part.from_:
+            parts.append(full[part.splitname].select(range(part.from_, part.to)))
+            numbers += range(part.from_, part.to)
+    return (concatenate_datasets(parts) if parts else None), numbers
+
+
+def _line_describer(data_files: Any) -> Callable[[int], str]:
+    """``describe_row`` for error messages: "row N" (0-based in the split), plus the 1-based line of that row
+    in a single JSON-lines or CSV file (computed only when an error is reported)."""
+    files = _files(data_files)
+    path = Path(files[0]) if len(files) == 1 else None
+    if path is None or not path.is_file() or path.suffix not in (".jsonl", ".json", ".csv"):
+        return lambda number: f"row {number}"
+
+    def describe(number: int) -> str:
+        line = _line_of_row(path, number)
+        return f"row {number}" if line is None else f"row {number} (line {line})"
+
+    return describe
+
+
+def _line_of_row(path: Path, index: int) -> int | None:
+    """The 1-based line where row ``index`` starts; blank lines are skipped, as ``datasets`` skips them."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        if path.suffix == ".csv":
+            reader, row, end = csv.reader(f), -1, 0  # row -1: the header
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                if not record:
+                    continue
+                if row == index:
+                    return start
+                row += 1
+            return None
+        row = -1
+        for number, line in enumerate(f, 1):
+            if row == -1 and line.lstrip().startswith("["):
+                return None  # a JSON array, not JSON lines
+            if line.strip():
+                row += 1
+                if row == index:
+                    return number
+    return None
 
 
 def preference_dataset(
@@ -328,12 +581,14 @@ def preference_dataset(
         tokenizer: a torchtune ``ModelTokenizer`` (``tokenize_messages`` in the model's chat format).
         source: ``"json"``, ``"parquet"``, ``"csv"`` (with ``data_files``) or a Hugging Face hub dataset name.
         data_files: local file(s) for the file sources.
-        split: the named split to read, e.g. ``"train"`` or ``"test_prefs"``; slicing (``"train[:90%]"``) works.
-        format: one of ``explicit``, ``conversational``, ``implicit``, ``hh`` or ``auto`` (detect).
-        column_map: our column name -> the data's, e.g. ``{"chosen": "response_j"}``.
+        split: the named split to read, e.g. ``"train"`` or ``"test_prefs"``; slicing (``"train[:90%]"``) works,
+            and errors name rows by their index in the whole split.
+        format: one of ``explicit``, ``conversational``, ``implicit``, ``hh`` or ``auto`` (detect per row).
+        column_map: our column name (prompt, chosen, rejected, system) -> the data's, e.g.
+            ``{"chosen": "response_j"}``. The mapped column wins over a column already named ``chosen``.
         max_length: longest prompt + response in tokens (default: the tokenizer's ``max_seq_len``).
-        max_prompt_length: prompts longer than this are cut (keeping the end) when a sample is too long.
-            ``None`` never cuts prompts: a prompt that leaves no room for a response is then a bad row.
+        max_prompt_length: prompts longer than this are cut (oldest turns first, keeping the end) when a sample
+            is too long. ``None`` never cuts prompts: a prompt that leaves no room for a response is a bad row.
         on_bad_row: ``"error"`` (default) raises naming the row; ``"skip"`` skips and logs a summary.
         holdout_fraction: hold out this fraction of the split's rows (seeded by ``holdout_seed``) as an eval set.
         part: ``"train"`` for the remaining rows, ``"heldout"`` for the held-out ones.
@@ -345,21 +600,37 @@ def preference_dataset(
         raise ValueError(f"part must be 'train' or 'heldout', got '{part}'")
     if part == "heldout" and holdout_fraction == 0.0:
         raise ValueError("part='heldout' needs holdout_fraction > 0 (or point an eval dataset at its own split)")
-    rows = load_dataset(source, data_files=data_files, split=split, **load_dataset_kwargs)
     where = f"{data_files if data_files is not None else source} (split '{split}')"
+    try:
+        rows, numbers = _load_split(source, data_files, split, **load_dataset_kwargs)
+    except Exception as error:  # datasets fails on empty files with StopIteration, ValueError or its own errors
+        empty = [f for f in _files(data_files) if _is_empty(f)]
+        if empty:
+            raise PreferenceDataError(f"{', '.join(empty)}: the file holds no rows") from error
+        raise
+    if not numbers:
+        raise PreferenceDataError(f"{where}: no rows")
+    for ours, theirs in (column_map or {}).items():
+        if theirs not in rows.column_names:
+            raise PreferenceDataError(
+                f"{where}: column_map['{ours}'] names column '{theirs}', which is not among its columns "
+                f"{rows.column_names}"
+            )
+        if ours in rows.column_names and ours not in (column_map or {}).values():
+            log.info("%s: column '%s' is not used: column_map takes '%s' from '%s'", where, ours, ours, theirs)
 
-    numbers = np.arange(len(rows))
     if holdout_fraction:
         permuted = np.random.default_rng(holdout_seed).permutation(len(rows))
         n_heldout = max(1, round(holdout_fraction * len(rows)))
-        numbers = np.sort(permuted[:n_heldout] if part == "heldout" else permuted[n_heldout:])
+        positions = np.sort(permuted[:n_heldout] if part == "heldout" else permuted[n_heldout:]).tolist()
+        rows, numbers = rows.select(positions), [numbers[i] for i in positions]
         where += f" {part} part"
-    selected = rows.select(numbers.tolist()) if holdout_fraction else rows
     return tokenize_rows(
-        selected,
+        rows,
         tokenizer,
         source=where,
-        row_numbers=numbers.tolist(),
+        row_numbers=numbers,
+        describe_row=_line_describer(data_files),
         format=format,
         column_map=column_map,
         max_length=max_length,

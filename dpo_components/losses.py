@@ -8,7 +8,8 @@ takes the mean) and the detached implicit rewards used for metrics.
 Two decisions belong to the loss, not to the recipe:
 
 - ``average_logprobs``: whether the loss works on summed log-probs (DPO as published) or on per-token averages
-  (IPO as its authors confirmed, SimPO). The loss divides by the token counts itself.
+  (IPO as its authors confirmed, SimPO). The loss divides by the token counts itself, after taking the
+  policy-reference difference: ``(pi - ref) / |y|``, not ``pi / |y| - ref / |y|``, which loses precision.
 - ``needs_reference``: reference-free losses (SimPO) set it to ``False``; the recipe then skips the reference
   forward and passes ``reference=None``.
 
@@ -72,45 +73,55 @@ class PreferenceLossOutput:
 
 
 class PreferenceLoss(nn.Module):
-    """Base class: validates inputs, applies the sum/average choice, adds the optional NLL term.
+    """Base class: validates inputs, adds the optional NLL term, and gives subclasses the log-probs they use.
 
-    Subclasses implement :meth:`pair_losses` on already-averaged (or summed) log-probs and set
-    ``needs_reference`` as a class attribute.
+    Subclasses implement :meth:`pair_losses` on the summed log-probs, taking :meth:`log_ratios` (per token when
+    ``average_logprobs``) and :meth:`policy_logps`, and set ``needs_reference`` as a class attribute.
     """
 
     needs_reference: bool = True
 
     def __init__(self, beta: float, *, average_logprobs: bool = False, nll_weight: float = 0.0) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"{type(self).__name__}: beta must be > 0, got {beta}")
-        if nll_weight < 0:
-            raise ValueError(f"{type(self).__name__}: nll_weight must be >= 0, got {nll_weight}")
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"{type(self).__name__}: beta must be finite and > 0, got {beta}")
+        if not (math.isfinite(nll_weight) and nll_weight >= 0):
+            raise ValueError(f"{type(self).__name__}: nll_weight must be finite and >= 0, got {nll_weight}")
         self.beta = beta
         self.average_logprobs = average_logprobs
         self.nll_weight = nll_weight
 
     def forward(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> PreferenceLossOutput:
-        _check_token_counts(policy, "policy")
+        batch_size = _check_logps(policy, "policy")
         if self.needs_reference:
             if reference is None:
                 raise ValueError(f"{type(self).__name__} needs reference log-probs, got reference=None")
-            _check_token_counts(reference, "reference")
-        if self.average_logprobs:
-            policy_in = policy.averaged()
-            reference_in = reference.averaged() if reference is not None else None
-        else:
-            policy_in, reference_in = policy, reference
-        losses, chosen_rewards, rejected_rewards = self.pair_losses(policy_in, reference_in)
+            if _check_logps(reference, "reference") != batch_size:
+                raise ValueError(f"policy log-probs are for {batch_size} pairs, reference log-probs for "
+                                 f"{reference.chosen_logps.shape[0]}")  # fmt: skip
+        losses, chosen_rewards, rejected_rewards = self.pair_losses(policy, reference)
         if self.nll_weight:
             losses = losses + self.nll_weight * chosen_nll(policy)
-        metrics = {name: value.detach() for name, value in self.pair_metrics(policy_in, reference_in).items()}
+        metrics = {name: value.detach() for name, value in self.pair_metrics(policy, reference).items()}
         return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), metrics)
+
+    def log_ratios(self, policy: SequenceLogProbs, reference: SequenceLogProbs) -> tuple[Tensor, Tensor]:
+        """(pi_w - ref_w, pi_l - ref_l), divided by the token counts when ``average_logprobs``."""
+        chosen = policy.chosen_logps - reference.chosen_logps
+        rejected = policy.rejected_logps - reference.rejected_logps
+        if self.average_logprobs:
+            return chosen / policy.chosen_tokens, rejected / policy.rejected_tokens
+        return chosen, rejected
+
+    def policy_logps(self, policy: SequenceLogProbs) -> tuple[Tensor, Tensor]:
+        """(pi_w, pi_l), per token when ``average_logprobs``: what reference-free losses work on."""
+        logps = policy.averaged() if self.average_logprobs else policy
+        return logps.chosen_logps, logps.rejected_logps
 
     def pair_losses(
         self, policy: SequenceLogProbs, reference: SequenceLogProbs | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (per-pair losses, chosen rewards, rejected rewards), each of shape [B]."""
+        """Return (per-pair losses, chosen rewards, rejected rewards), each of shape [B], from summed log-probs."""
         raise NotImplementedError
 
     def pair_metrics(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None) -> dict[str, Tensor]:
@@ -121,19 +132,23 @@ class PreferenceLoss(nn.Module):
         return f"beta={self.beta}, average_logprobs={self.average_logprobs}, nll_weight={self.nll_weight}"
 
 
-def _check_token_counts(logps: SequenceLogProbs, who: str) -> None:
+def _check_logps(logps: SequenceLogProbs, who: str) -> int:
+    """Check that all four tensors have one shape [B] with B >= 1 (no silent broadcasting), and that every
+    response has at least one token; return B."""
+    shapes = {name: tuple(getattr(logps, name).shape) for name in logps.__dataclass_fields__}
+    if len(set(shapes.values())) != 1 or len(shapes["chosen_logps"]) != 1:
+        raise ValueError(f"{who} log-probs and token counts must all have one shape [B]; got {shapes}")
+    if shapes["chosen_logps"][0] == 0:
+        raise ValueError(f"{who} log-probs hold no pairs (B = 0): a loss over an empty batch is undefined")
     for name, tokens in (("chosen", logps.chosen_tokens), ("rejected", logps.rejected_tokens)):
-        empty = (tokens <= 0).nonzero().flatten()
-        if empty.numel():
+        bad = (tokens <= 0).nonzero().flatten()
+        if bad.numel():
             raise ValueError(
-                f"{who} {name} responses of pair(s) {empty.tolist()} in this batch have zero response tokens; "
-                "a pair without response tokens has no preference to learn (check truncation in the dataset)"
+                f"{who} {name} responses of pair(s) {bad.tolist()} in this batch have non-positive token counts "
+                f"{tokens[bad].tolist()}; a pair without response tokens has no preference to learn (check "
+                "truncation in the dataset)"
             )
-
-
-def _log_ratios(policy: SequenceLogProbs, reference: SequenceLogProbs) -> tuple[Tensor, Tensor]:
-    """(pi_w - ref_w, pi_l - ref_l)."""
-    return policy.chosen_logps - reference.chosen_logps, policy.rejected_logps - reference.rejected_logps
+    return shapes["chosen_logps"][0]
 
 
 def chosen_nll(policy: SequenceLogProbs) -> Tensor:
@@ -142,8 +157,12 @@ def chosen_nll(policy: SequenceLogProbs) -> Tensor:
 
 
 def _smoothed_sigmoid_loss(logits: Tensor, eps: float) -> Tensor:
-    """(1 - eps) * L(z) + eps * L(-z): the logistic loss with conservative label smoothing eps."""
-    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    """(1 - eps) * L(z) + eps * L(-z): the logistic loss with conservative label smoothing eps.
+
+    Without smoothing the second term is left out, not multiplied by 0, so z = +inf (a rejected log-prob of
+    -inf) gives 0 as in TRL, not 0 * inf = NaN."""
+    loss = -(1 - eps) * F.logsigmoid(logits)
+    return loss - eps * F.logsigmoid(-logits) if eps else loss
 
 
 def _check_smoothing(owner: str, eps: float, low: float = 0.0) -> float:
@@ -170,7 +189,7 @@ class DPOLoss(PreferenceLoss):
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         losses = _smoothed_sigmoid_loss(self.beta * (chosen - rejected), self.label_smoothing)
         return losses, self.beta * chosen, self.beta * rejected
 
@@ -188,10 +207,13 @@ class RobustDPOLoss(PreferenceLoss):
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         logits = self.beta * (chosen - rejected)
         eps = self.label_smoothing
-        losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+        losses = -(1 - eps) * F.logsigmoid(logits)
+        if eps:  # left out at eps = 0 (not 0 * inf): see _smoothed_sigmoid_loss
+            losses = losses + eps * F.logsigmoid(-logits)
+        losses = losses / (1 - 2 * eps)
         return losses, self.beta * chosen, self.beta * rejected
 
 
@@ -209,7 +231,7 @@ class IPOLoss(PreferenceLoss):
         super().__init__(beta, average_logprobs=average_logprobs, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         losses = (chosen - rejected - self.target) ** 2
         return losses, self.beta * chosen, self.beta * rejected
 
@@ -219,7 +241,7 @@ class IPOLoss(PreferenceLoss):
         return 1 / (2 * self.beta)
 
     def pair_metrics(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         margin = chosen - rejected
         return {"ipo/margin": margin, "ipo/target": torch.full_like(margin, self.target),
                 "ipo/abs_gap": (margin - self.target).abs()}  # fmt: skip
@@ -237,7 +259,7 @@ class HingeLoss(PreferenceLoss):
         super().__init__(beta, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         losses = torch.relu(1 - self.beta * (chosen - rejected))
         return losses, self.beta * chosen, self.beta * rejected
 
@@ -262,7 +284,7 @@ class SimPOLoss(PreferenceLoss):
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = self.beta * policy.chosen_logps, self.beta * policy.rejected_logps
+        chosen, rejected = (self.beta * x for x in self.policy_logps(policy))
         losses = _smoothed_sigmoid_loss(chosen - rejected - self.gamma, self.label_smoothing)
         return losses, chosen, rejected
 
@@ -292,7 +314,7 @@ class EXOPairLoss(PreferenceLoss):
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing, low=1e-12)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         z, eps = self.beta * (chosen - rejected), self.label_smoothing
         losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (
             F.logsigmoid(-z) - math.log(eps)
@@ -312,7 +334,7 @@ class NCAPairLoss(PreferenceLoss):
         super().__init__(beta, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        chosen, rejected = (self.beta * x for x in self.log_ratios(policy, reference))
         losses = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
         return losses, chosen, rejected
 
@@ -330,7 +352,7 @@ class BCOPairLoss(PreferenceLoss):
         super().__init__(beta, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        chosen, rejected = (self.beta * x for x in self.log_ratios(policy, reference))
         return -F.logsigmoid(chosen) - F.logsigmoid(-rejected), chosen, rejected
 
 
@@ -346,7 +368,7 @@ class SPPOHardLoss(PreferenceLoss):
         super().__init__(beta, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         half = 1 / (2 * self.beta)
         return (chosen - half) ** 2 + (rejected + half) ** 2, self.beta * chosen, self.beta * rejected
 
@@ -371,7 +393,7 @@ class AOTLoss(PreferenceLoss):
         self.unpaired = unpaired
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         if self.unpaired:
             d = chosen.sort().values - rejected.sort().values
         else:
@@ -393,7 +415,7 @@ class APOZeroLoss(PreferenceLoss):
         super().__init__(beta, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        chosen, rejected = (self.beta * x for x in self.log_ratios(policy, reference))
         return (1 - torch.sigmoid(chosen)) + torch.sigmoid(rejected), chosen, rejected
 
 
@@ -409,7 +431,7 @@ class APODownLoss(PreferenceLoss):
         super().__init__(beta, nll_weight=nll_weight)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = (self.beta * x for x in _log_ratios(policy, reference))
+        chosen, rejected = (self.beta * x for x in self.log_ratios(policy, reference))
         return torch.sigmoid(chosen) + (1 - torch.sigmoid(chosen - rejected)), chosen, rejected
 
 
@@ -428,7 +450,7 @@ class DiscoPOPLoss(PreferenceLoss):
         self.tau = tau
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         z = self.beta * (chosen - rejected)
         m = torch.sigmoid(z / self.tau)
         return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z), self.beta * chosen, self.beta * rejected
@@ -450,7 +472,7 @@ class DPOPLoss(PreferenceLoss):
         self.dpop_lambda = dpop_lambda
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         penalty = torch.relu(reference.chosen_logps - policy.chosen_logps)
         losses = -F.logsigmoid(self.beta * (chosen - rejected - self.dpop_lambda * penalty))
         return losses, self.beta * chosen, self.beta * rejected
@@ -470,7 +492,7 @@ class RDPOLoss(PreferenceLoss):
         self.alpha = alpha
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = _log_ratios(policy, reference)
+        chosen, rejected = self.log_ratios(policy, reference)
         length_gap = (policy.chosen_tokens - policy.rejected_tokens).to(chosen.dtype)
         losses = -F.logsigmoid(self.beta * (chosen - rejected) + self.alpha * length_gap)
         return losses, self.beta * chosen, self.beta * rejected
@@ -493,7 +515,7 @@ class CPOLoss(PreferenceLoss):
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, policy, reference):
-        chosen, rejected = self.beta * policy.chosen_logps, self.beta * policy.rejected_logps
+        chosen, rejected = (self.beta * x for x in self.policy_logps(policy))
         losses = _smoothed_sigmoid_loss(chosen - rejected, self.label_smoothing) + self.alpha * chosen_nll(policy)
         return losses, chosen, rejected
 
@@ -514,13 +536,13 @@ class ORPOLoss(PreferenceLoss):
         super().__init__(beta, average_logprobs=True)
 
     def pair_losses(self, policy, reference):
-        w, l = policy.chosen_logps, policy.rejected_logps  # noqa: E741 (per-token averages)
+        w, l = self.policy_logps(policy)  # noqa: E741 (per-token averages)
         log_odds = (w - l) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l)))
         losses = -w - self.beta * F.logsigmoid(log_odds)
         return losses, self.beta * w, self.beta * l
 
     def pair_metrics(self, policy, reference):
-        w, l = policy.chosen_logps, policy.rejected_logps  # noqa: E741
+        w, l = self.policy_logps(policy)  # noqa: E741
         return {"orpo/log_odds": (w - l) - (torch.log(-torch.expm1(w)) - torch.log(-torch.expm1(l)))}
 
 

@@ -127,7 +127,7 @@ def test_hh_rlhf_format(tokenizer, tmp_path):
 def test_explicit_format_can_be_forced(tokenizer, tmp_path):
     ds = build(tokenizer, write(tmp_path, EXPLICIT), format="explicit")
     assert len(ds) == 2
-    with pytest.raises(PreferenceDataError, match="row 0: 'chosen' must be a list"):
+    with pytest.raises(PreferenceDataError, match=r"row 0 \(line 1\): 'chosen' must be a list"):
         build(tokenizer, write(tmp_path, EXPLICIT), format="implicit")
 
 
@@ -144,7 +144,7 @@ def test_bad_row_error_names_file_and_row(tokenizer, tmp_path, bad, reason):
     path = write(tmp_path, [EXPLICIT[0], EXPLICIT[1], bad])
     with pytest.raises(PreferenceDataError) as error:
         build(tokenizer, path, format="explicit")
-    assert f"{path} (split 'train') row 2: {reason}" in str(error.value)
+    assert f"{path} (split 'train') row 2 (line 3): {reason}" in str(error.value)
 
 
 def test_bad_rows_skipped_and_counted(tokenizer, tmp_path, caplog):
@@ -161,18 +161,22 @@ def test_bad_rows_skipped_and_counted(tokenizer, tmp_path, caplog):
     assert "skipped 3 of 5 rows: 2 chosen and rejected are identical, 1 chosen response is empty" in caplog.text
 
 
-def test_truncation_cuts_prompt_end_first_and_keeps_response_tokens(tokenizer, tmp_path):
-    long_prompt = " ".join(["the film was dull"] * 40)
+def test_truncation_cuts_prompt_start_at_a_word_and_keeps_response_tokens(tokenizer, tmp_path):
+    long_prompt = " ".join(f"the film {i} was dull" for i in range(40))
     row = {"prompt": long_prompt, "chosen": "great and the cast was superb . " * 10, "rejected": "dull ."}
     full = build(tokenizer, write(tmp_path, [row]), max_length=1000)[0]
-    ds = build(tokenizer, write(tmp_path, [row]), max_length=64, max_prompt_length=40)
-    sample = ds[0]
-    assert len(sample["prompt_ids"]) == 40
-    assert sample["prompt_ids"][0] == tokenizer.bos_id  # BOS kept ...
-    assert sample["prompt_ids"][1:] == full["prompt_ids"][-39:]  # ... and the end of the prompt (the latest turn)
-    assert sample["chosen_response_ids"] == full["chosen_response_ids"][:24]  # the rest of max_length
+    sample = build(tokenizer, write(tmp_path, [row]), max_length=64, max_prompt_length=40)[0]
+    # The longest word-aligned end of the prompt whose chat-format prompt fits 40 tokens, found by a linear scan.
+    gen = lambda text: tokenizer.tokenize_messages([Message("user", text), Message("assistant", "")],
+                                                   add_end_tokens=False)[0]  # fmt: skip
+    words = long_prompt.split(" ")
+    kept = next(" ".join(words[i:]) for i in range(len(words)) if len(gen(" ".join(words[i:]))) <= 40)
+    assert sample["prompt_ids"] == gen(kept)  # BOS, header and the end of the prompt (the latest text), intact
+    assert kept.endswith("the film 39 was dull") and len(kept) < len(long_prompt)
+    budget = 64 - len(sample["prompt_ids"])
+    assert sample["chosen_response_ids"] == full["chosen_response_ids"][:budget]  # the rest of max_length
     assert sample["rejected_response_ids"] == full["rejected_response_ids"]  # short enough already
-    assert max(ds.sample_lengths()) == 64
+    assert max(build(tokenizer, write(tmp_path, [row]), max_length=64, max_prompt_length=40).sample_lengths()) <= 64
 
 
 def test_every_sample_keeps_a_response_token(tokenizer, tmp_path):
@@ -189,14 +193,16 @@ def test_every_sample_keeps_a_response_token(tokenizer, tmp_path):
 
 def test_prompt_that_cannot_fit_is_a_bad_row(tokenizer, tmp_path):
     rows = [EXPLICIT[0], {"prompt": " ".join(["the plot was"] * 30), "chosen": "great .", "rejected": "dull ."}]
-    with pytest.raises(PreferenceDataError, match="row 1: prompt of .* tokens leaves no room for a response"):
+    with pytest.raises(
+        PreferenceDataError, match=r"row 1 \(line 2\): prompt of .* tokens leaves no room for a response"
+    ):
         build(tokenizer, write(tmp_path, rows), max_length=32)
 
 
 def test_identical_after_truncation_is_a_bad_row(tokenizer, tmp_path):
     row = {"prompt": "the plot was", "chosen": "dull . " * 20 + "great .", "rejected": "dull . " * 20 + "awful ."}
     with pytest.raises(PreferenceDataError, match="identical after truncation to 24 tokens"):
-        build(tokenizer, write(tmp_path, [row]), max_length=24, max_prompt_length=12)
+        build(tokenizer, write(tmp_path, [row]), max_length=24, max_prompt_length=18)
 
 
 def test_max_prompt_length_must_leave_room(tokenizer, tmp_path):
@@ -234,7 +240,7 @@ def test_holdout_errors_name_the_original_row(tokenizer, tmp_path):
     rows = [{"prompt": f"p {i}", "chosen": "a .", "rejected": "b ."} for i in range(10)]
     rows[7]["rejected"] = "a ."
     path = write(tmp_path, rows)
-    with pytest.raises(PreferenceDataError, match="row 7: chosen and rejected are identical"):
+    with pytest.raises(PreferenceDataError, match=r"row 7 \(line 8\): chosen and rejected are identical"):
         for part in ("train", "heldout"):
             build(tokenizer, path, holdout_fraction=0.3, part=part)
 
@@ -256,3 +262,198 @@ def test_collator_concatenates_chosen_then_rejected(tokenizer, tmp_path):
         assert (labels[row, : len(sample["prompt_ids"])] == IGNORE_INDEX).all()
         assert labels[row, len(sample["prompt_ids"]) : n].tolist() == sample[f"{side}_labels"]
     assert torch.is_tensor(labels) and labels.dtype == torch.long
+
+
+# ------------------------------------------------------------------- odd formats and bad inputs (issue 12)
+
+
+def test_mapped_columns_win_over_columns_with_our_names(tokenizer, tmp_path):
+    # The original chosen/rejected columns come after the mapped ones in each row: the mapping must still win.
+    rows = [{"prompt": "the plot was", "chosen_response": "great .", "rejected_response": "dull .",
+             "chosen": "WRONG chosen .", "rejected": "WRONG rejected ."}]  # fmt: skip
+    ds = build(
+        tokenizer, write(tmp_path, rows), column_map={"chosen": "chosen_response", "rejected": "rejected_response"}
+    )
+    check_sample(tokenizer, ds[0], [{"role": "user", "content": "the plot was"}], "great .", "dull .")
+    swapped = build(tokenizer, write(tmp_path, rows), column_map={"chosen": "rejected", "rejected": "chosen"})
+    check_sample(
+        tokenizer, swapped[0], [{"role": "user", "content": "the plot was"}], "WRONG rejected .", "WRONG chosen ."
+    )
+
+
+def test_column_map_naming_a_missing_column_is_an_error(tokenizer, tmp_path):
+    path = write(tmp_path, EXPLICIT)
+    with pytest.raises(PreferenceDataError, match=r"column_map\['chosen'\] names column 'response_j', which is not"):
+        build(tokenizer, path, column_map={"chosen": "response_j"})
+    with pytest.raises(ValueError, match=r"column_map keys must be among .* got \['answer'\]"):
+        build(tokenizer, path, column_map={"answer": "chosen"})
+
+
+def test_format_is_detected_per_row_inside_bad_row_handling(tokenizer, tmp_path):
+    rows = [{"prompt": "p", "chosen": None, "rejected": "b ."}, *EXPLICIT]
+    path = write(tmp_path, rows)
+    ds = build(tokenizer, path, on_bad_row="skip")
+    assert len(ds) == 2 and ds.skipped == {"missing 'chosen' (no such column, or a null value)": 1}
+    with pytest.raises(PreferenceDataError, match=r"row 0 \(line 1\): missing 'chosen'"):
+        build(tokenizer, path)
+    undetectable = write(tmp_path, [{"prompt": "p", "chosen": 3, "rejected": 4}, *EXPLICIT], "u.jsonl")
+    with pytest.raises(PreferenceDataError, match=r"u.jsonl \(split 'train'\) row 0 \(line 1\): cannot detect"):
+        build(tokenizer, undetectable)
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.json", "e.parquet", "e.csv"])
+def test_empty_file_is_named(tokenizer, tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pd.DataFrame({"prompt": [], "chosen": [], "rejected": []}).to_parquet(path)
+    else:
+        path.write_text({"e.jsonl": "\n", "e.json": "[]\n", "e.csv": "prompt,chosen,rejected\n"}[name])
+    source = {"e.jsonl": "json", "e.json": "json", "e.parquet": "parquet", "e.csv": "csv"}[name]
+    with pytest.raises(PreferenceDataError, match=f"{path}: the file holds no rows"):
+        build(tokenizer, str(path), source=source)
+
+
+def test_empty_slice_and_all_rows_skipped_are_errors(tokenizer, tmp_path):
+    path = write(tmp_path, EXPLICIT)
+    with pytest.raises(PreferenceDataError, match=r"\(split 'train\[2:\]'\): no rows"):
+        build(tokenizer, path, split="train[2:]")
+    bad = write(tmp_path, [{"prompt": "p", "chosen": "a .", "rejected": "a ."}] * 2, "bad.jsonl")
+    with pytest.raises(
+        PreferenceDataError, match="all 2 rows were skipped as bad: 2 chosen and rejected are identical"
+    ):
+        build(tokenizer, bad, on_bad_row="skip")
+
+
+def test_system_column_becomes_the_system_turn(tokenizer, tmp_path):
+    # Intel/orca_dpo_pairs: system, question, chosen, rejected.
+    rows = [{"system": "be kind", "question": "the plot was", "chosen": "great .", "rejected": "dull ."},
+            {"system": "", "question": "the music felt", "chosen": "moving .", "rejected": "weak ."}]  # fmt: skip
+    ds = build(tokenizer, write(tmp_path, rows), column_map={"prompt": "question"})
+    system_turn = {"role": "system", "content": "be kind"}
+    check_sample(tokenizer, ds[0], [system_turn, {"role": "user", "content": "the plot was"}], "great .", "dull .")
+    check_sample(tokenizer, ds[1], [{"role": "user", "content": "the music felt"}], "moving .", "weak .")
+    renamed = [
+        {"sys": r["system"], "prompt": r["question"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows
+    ]
+    assert build(tokenizer, write(tmp_path, renamed), column_map={"system": "sys"})[0] == ds[0]
+    twice = {
+        "system": "be kind",
+        "prompt": [system_turn, {"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "a ."}],
+        "rejected": [{"role": "assistant", "content": "b ."}],
+    }
+    with pytest.raises(PreferenceDataError, match="both a 'system' column and a system turn"):
+        build(tokenizer, write(tmp_path, [twice], "twice.jsonl"))
+
+
+def test_sharegpt_turns_and_content_lists_are_normalized(tokenizer, tmp_path):
+    prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "the plot was"}]
+    sharegpt = {
+        "prompt": [{"from": "system", "value": "be kind"}, {"from": "human", "value": "the plot was"}],
+        "chosen": [{"from": "gpt", "value": "great ."}],
+        "rejected": [{"from": "gpt", "value": "dull ."}],
+    }
+    parts = lambda text: [{"type": "text", "text": text}]
+    content_lists = {
+        "prompt": [{"role": "system", "content": parts("be kind")}, {"role": "user", "content": parts("the plot was")}],
+        "chosen": [
+            {"role": "assistant", "content": [{"type": "text", "text": "great"}, {"type": "text", "text": " ."}]}
+        ],
+        "rejected": [{"role": "assistant", "content": parts("dull .")}],
+    }
+    # LLaMA-Factory's ShareGPT preference rows: the prompt turns, and one message per response.
+    llama_factory = {
+        "conversations": sharegpt["prompt"],
+        "chosen": sharegpt["chosen"][0],
+        "rejected": sharegpt["rejected"][0],
+    }
+    for i, row in enumerate([sharegpt, content_lists]):
+        check_sample(tokenizer, build(tokenizer, write(tmp_path, [row], f"{i}.jsonl"))[0], prompt, "great .", "dull .")
+    ds = build(tokenizer, write(tmp_path, [llama_factory], "lf.jsonl"), column_map={"prompt": "conversations"})
+    check_sample(tokenizer, ds[0], prompt, "great .", "dull .")
+    image = {**content_lists, "prompt": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]}
+    with pytest.raises(PreferenceDataError, match=r"'prompt'\[0\] has a content part of type 'image'"):
+        build(tokenizer, write(tmp_path, [image], "img.jsonl"))
+
+
+def test_explicit_prompt_in_hh_form_is_split_into_turns(tokenizer, tmp_path):
+    # Dahoas/full-hh-rlhf: the prompt holds the turns and ends with "Assistant:"; responses start with a space.
+    row = {"prompt": "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: the plot was\n\nAssistant:",
+           "chosen": " great .", "rejected": " dull ."}  # fmt: skip
+    turns = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "the plot was"}]  # fmt: skip
+    check_sample(tokenizer, build(tokenizer, write(tmp_path, [row]))[0], turns, "great .", "dull .")
+    plain = {"prompt": "Human: not a transcript", "chosen": "a .", "rejected": "b ."}  # no closing "Assistant:"
+    check_sample(tokenizer, build(tokenizer, write(tmp_path, [plain], "p.jsonl"))[0],
+                 [{"role": "user", "content": plain["prompt"]}], "a .", "b .")  # fmt: skip
+
+
+def test_rows_are_numbered_in_the_whole_file(tokenizer, tmp_path):
+    rows = [{"prompt": f"p {i}", "chosen": "a .", "rejected": "b ."} for i in range(8)]
+    rows[5]["rejected"] = "a ."
+    jsonl = tmp_path / "gaps.jsonl"  # blank lines, which datasets skips, shift the line numbers
+    jsonl.write_text("\n".join(json.dumps(r) + ("\n" if i == 2 else "") for i, r in enumerate(rows)) + "\n")
+    with pytest.raises(PreferenceDataError, match=r"\(split 'train\[4:7\]'\) row 5 \(line 7\): chosen and rejected"):
+        build(tokenizer, str(jsonl), split="train[4:7]")
+    rows[1]["prompt"] = "a prompt\nover two lines"  # a quoted CSV field spanning lines
+    with pytest.raises(PreferenceDataError, match=r"row 5 \(line 8\): chosen and rejected"):
+        build(tokenizer, write(tmp_path, rows, "r.csv"), source="csv")
+    with pytest.raises(PreferenceDataError, match=r"\(split 'train'\) row 5: chosen and rejected"):
+        build(tokenizer, write(tmp_path, rows, "r.parquet"), source="parquet")
+
+
+def test_whitespace_only_difference_is_not_called_truncation(tokenizer, tmp_path):
+    row = {"prompt": "the plot was", "chosen": "great .", "rejected": " great .  "}
+    with pytest.raises(PreferenceDataError, match="tokenize identically .* differ only in .* whitespace") as error:
+        build(tokenizer, write(tmp_path, [row]))
+    assert "truncation" not in str(error.value)
+
+
+def test_skip_summary_buckets_by_reason_not_by_length(tokenizer, tmp_path, caplog):
+    rows = [EXPLICIT[0]] + [
+        {"prompt": " ".join(["the plot was"] * n), "chosen": "great .", "rejected": "dull ."} for n in (20, 25, 30)
+    ]
+    ds = build(tokenizer, write(tmp_path, rows), max_length=32, on_bad_row="skip")
+    assert len(ds) == 1 and ds.skipped == {"prompt leaves no room for a response within max_length=32": 3}
+    assert "skipped 3 of 4 rows: 3 prompt leaves no room for a response within max_length=32" in caplog.text
+
+
+def test_hh_row_ending_in_assistant_without_space(tokenizer, tmp_path):
+    row = {
+        "chosen": "\n\nHuman: the plot was\n\nAssistant:",
+        "rejected": "\n\nHuman: the plot was\n\nAssistant: dull .",
+    }
+    with pytest.raises(PreferenceDataError, match="row 0 .*: chosen response is empty"):
+        build(tokenizer, write(tmp_path, [row]))
+    row["chosen"] += "great ."  # "Assistant:great ." is an assistant turn too
+    check_sample(tokenizer, build(tokenizer, write(tmp_path, [row], "ok.jsonl"))[0],
+                 [{"role": "user", "content": "the plot was"}], "great .", "dull .")  # fmt: skip
+
+
+def test_truncation_drops_whole_oldest_turns_and_keeps_the_system_turn(tokenizer, tmp_path):
+    system = {"role": "system", "content": "be kind"}
+    exchanges = []
+    for i in range(6):
+        exchanges += [{"role": "user", "content": f"tell me about film {i} and its plot"},
+                      {"role": "assistant", "content": f"film {i} was fine and the cast was good ."}]  # fmt: skip
+    last = {"role": "user", "content": "the plot was"}
+    row = {"prompt": [system, *exchanges, last], "chosen": [{"role": "assistant", "content": "great ."}],
+           "rejected": [{"role": "assistant", "content": "dull ."}]}  # fmt: skip
+    gen_len = lambda msgs: generation_prompt_length(tokenizer, msgs)
+    limit = gen_len([system, *exchanges[-4:], last])  # room for exactly the two latest exchanges
+    sample = build(tokenizer, write(tmp_path, [row]), max_length=limit + 8, max_prompt_length=limit)[0]
+    check_sample(tokenizer, sample, [system, *exchanges[-4:], last], "great .", "dull .")
+    # A limit one token short drops one more whole exchange (never half of one).
+    sample = build(tokenizer, write(tmp_path, [row]), max_length=limit + 8, max_prompt_length=limit - 1)[0]
+    check_sample(tokenizer, sample, [system, *exchanges[-2:], last], "great .", "dull .")
+
+
+def test_truncation_never_cuts_a_character_in_half(tokenizer, tmp_path):
+    text = " ".join(["héllo wörld ünïcode ☃"] * 30)
+    row = {"prompt": text, "chosen": "great .", "rejected": "dull ."}
+    for limit in range(24, 40, 3):
+        sample = build(tokenizer, write(tmp_path, [row]), max_length=limit + 8, max_prompt_length=limit)[0]
+        decoded = tokenizer.decode(sample["prompt_ids"], skip_special_tokens=False)
+        assert "\ufffd" not in decoded and len(sample["prompt_ids"]) <= limit
+        kept = decoded.split("<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+        assert text.endswith(kept) and (" " + kept) in text  # a whole-word end of the prompt

@@ -66,7 +66,7 @@ def test_reference_cache_is_reused_and_keyed(recipe_cfg, tmp_path, caplog, monke
         recipe_cfg(
             CONFIG,
             **settings,
-            **{"dataset.max_length": 24, "dataset.max_prompt_length": 12},
+            **{"dataset.max_length": 24, "dataset.max_prompt_length": 18},
             output_dir=str(tmp_path / "b"),
         ),
         train=False,

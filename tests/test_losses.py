@@ -123,7 +123,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(loss):
 def test_zero_length_response_raises_not_nan(loss):
     policy = logps(PI_W, PI_L, nw=[5, 0])
     reference = logps(REF_W, REF_L, nw=[5, 0]) if loss.needs_reference else None
-    with pytest.raises(ValueError, match=r"chosen responses of pair\(s\) \[1\].*zero response tokens"):
+    with pytest.raises(ValueError, match=r"chosen responses of pair\(s\) \[1\].*non-positive token counts \[0\]"):
         loss(policy, reference)
 
 
@@ -140,6 +140,10 @@ def test_reference_loss_without_reference_raises():
         lambda: RobustDPOLoss(label_smoothing=-1),
         lambda: SimPOLoss(label_smoothing=0.6),
         lambda: IPOLoss(nll_weight=-1),
+        lambda: DPOLoss(beta=float("nan")),
+        lambda: IPOLoss(beta=float("inf")),
+        lambda: SimPOLoss(beta=-2.0),
+        lambda: DPOLoss(nll_weight=float("nan")),
     ],
 )
 def test_bad_hyperparameters_raise(make):
@@ -171,3 +175,50 @@ def test_dpo_equals_torchtune_dpo_loss():
     torch.testing.assert_close(ours.losses, losses)
     torch.testing.assert_close(ours.chosen_rewards, chosen_rewards)
     torch.testing.assert_close(ours.rejected_rewards, rejected_rewards)
+
+
+# ------------------------------------------------------------------------------- bad tensors (issue 12)
+
+
+@pytest.mark.parametrize(
+    "policy,reference,message",
+    [
+        # [B, 1] against [B] used to broadcast into a [B, B] loss
+        (SequenceLogProbs(torch.tensor([[-1.0], [-2.0]]), torch.tensor([-3.0, -4.0]), torch.tensor([1, 1]),
+                          torch.tensor([1, 1])), None, r"policy log-probs and token counts must all have one shape"),
+        (logps(PI_W, PI_L), logps(REF_W[:1], REF_L[:1], N_W[:1], N_L[:1]), "policy log-probs are for 2 pairs, "
+         "reference log-probs for 1"),
+        (logps([], [], [], []), None, r"policy log-probs hold no pairs \(B = 0\)"),
+        (logps(PI_W, PI_L, nl=[3, -2]), None, r"rejected responses of pair\(s\) \[1\] .* non-positive token "
+         r"counts \[-2\]"),
+    ],
+)  # fmt: skip
+def test_bad_shapes_and_counts_raise(policy, reference, message):
+    with pytest.raises(ValueError, match=message):
+        DPOLoss()(policy, reference or logps(REF_W, REF_L))
+
+
+def test_minus_inf_rejected_logprob_gives_trl_value_not_nan():
+    policy = logps([-1.0], [float("-inf")], [2], [2])
+    reference = logps([-1.5], [-2.0], [2], [2])
+    assert DPOLoss(beta=0.1)(policy, reference).losses.tolist() == [0.0]  # TRL: -logsigmoid(+inf) = 0
+    assert RobustDPOLoss(beta=0.1, label_smoothing=0.0)(policy, reference).losses.tolist() == [0.0]
+    assert DPOLoss(beta=0.1, label_smoothing=0.1)(policy, reference).losses.tolist() == [math.inf]  # cDPO: 0.1 L(-inf)
+
+
+def test_length_normalised_log_ratios_divide_the_difference():
+    """(pi - ref) / |y| is exact where pi and ref are close; pi/|y| - ref/|y| loses ~12 digits (old behaviour)."""
+    from fractions import Fraction
+
+    from dpo_components.losses import SigmoidNormLoss
+
+    pw, rw, pl, rl, nw, nl = -1000.123456789, -1000.123456788, -2000.5, -2000.5000001, 3, 7
+    policy, reference = logps([pw], [pl], [nw], [nl]), logps([rw], [rl], [nw], [nl])
+    exact_w, exact_l = (Fraction(pw) - Fraction(rw)) / nw, (Fraction(pl) - Fraction(rl)) / nl
+    beta = 0.5
+    ipo = IPOLoss(beta=beta)(policy, reference)
+    norm = SigmoidNormLoss(beta=beta)(policy, reference)
+    assert abs(Fraction(ipo.metrics["ipo/margin"].item()) - (exact_w - exact_l)) < 1e-24
+    for out in (ipo, norm):
+        assert abs(Fraction(out.chosen_rewards.item()) - beta * exact_w) < 1e-24
+        assert abs(Fraction(out.rejected_rewards.item()) - beta * exact_l) < 1e-24
