@@ -10,12 +10,19 @@ site-packages next to the package. It adds a meta-path finder that answers only 
 ``recipes``, and only when ``./recipes/__init__.py`` in the working directory carries the marker
 ``dpo-recipes``; everything else (torchtune's built-in recipes run by name, other projects) is untouched.
 It imports nothing heavy: it runs in every Python process of the environment.
+
+It also drops one log line of torchao 0.15, "Skipping import of cpp extensions due to incompatible torch
+version", printed by every process that imports torchtune: torchao's prebuilt C++/CUDA kernels (FP6-LLM,
+tensor-core int4 packing, Marlin sparse GEMMs, CUTLASS rowwise-scaled and MX kernels) are built for torch 2.9
+and are skipped with torch 2.13; nothing these recipes use needs them (NF4/QLoRA, the low-bit AdamW optimizers,
+float8 and int8 training are PyTorch code or torch's own kernels). Only that message is dropped.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import logging
 import os
 import sys
 
@@ -38,9 +45,16 @@ class LocalRecipesFinder(importlib.abc.MetaPathFinder):
         )
 
 
+def _not_torchao_cpp_skip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Skipping import of cpp extensions due to incompatible torch version")
+
+
 def install() -> None:
     if not any(isinstance(finder, LocalRecipesFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, LocalRecipesFinder())
+    torchao_log = logging.getLogger("torchao")
+    if _not_torchao_cpp_skip not in torchao_log.filters:
+        torchao_log.addFilter(_not_torchao_cpp_skip)
 
 
 install()

@@ -28,6 +28,23 @@ def check_checkpoint_paths(cfg_checkpointer: DictConfig, output_dir: str | Path,
         raise ConfigError(f"output_dir {output_dir} must not be inside {key}.checkpoint_dir {ckpt_dir}")
 
 
+def prepare_missing_inputs(cfg: DictConfig) -> None:
+    """Run the config's ``prepare`` step when the checkpoint directory or a data file it names is missing.
+
+    The tiny configs name ``dpo_components.prepare_tiny.prepare_tiny`` there, so they run on a fresh clone: the
+    first run builds the SFT'd tiny model and the synthetic data (about a minute), later runs reuse them.
+    """
+    node = optional_component(cfg, "prepare")
+    if node is None:
+        return
+    paths = [cfg.checkpointer.checkpoint_dir]
+    for key in ("dataset", "eval_dataset"):
+        files = (optional_component(cfg, key) or {}).get("data_files")
+        paths += [files] if isinstance(files, str) else list(files or [])
+    if not all(Path(p).exists() for p in paths):
+        config.instantiate(node)
+
+
 def instantiate_loss(cfg_loss: DictConfig) -> PreferenceLoss:
     """Build the loss from YAML; anything but a ``PreferenceLoss`` is refused with the config that was given."""
     try:

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dpo_components import plot
 from dpo_components.quantization import requirement_met
 
 METRICS = ("peak_memory_gib", "tokens_per_second", "train_loss", "eval_accuracy", "eval_margin")
@@ -38,11 +39,9 @@ def _slug(name: str) -> str:
 def read_metric_log(log_dir: Path) -> dict[int, dict[str, float]]:
     """torchtune DiskLogger lines ``Step N | name:value ...`` -> {step: {name: value}}."""
     rows: dict[int, dict[str, float]] = {}
-    for path in sorted(log_dir.glob("*.txt")):
-        for line in path.read_text().splitlines():
-            step, _, rest = line.partition(" | ")
-            values = dict(item.split(":", 1) for item in rest.split() if ":" in item)
-            rows.setdefault(int(step.split()[-1]), {}).update({k: float(v) for k, v in values.items()})
+    for name, values in plot.read_run(log_dir).items():
+        for step, value in values.items():
+            rows.setdefault(step, {})[name] = value
     return rows
 
 

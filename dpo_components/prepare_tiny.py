@@ -15,6 +15,7 @@ it writes well-formed reviews with mean sentiment reward near 0; DPO then has so
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import random
@@ -25,12 +26,12 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import Message
-from torchtune.generation import generate
-from torchtune.modules import TransformerDecoder, local_kv_cache
+from torchtune.modules import TransformerDecoder
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from dpo_components import synthetic
 from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
+from dpo_components.samples import generate_padded
 from dpo_components.tiny_model import save_hf_checkpoint, tiny_llama
 from dpo_components.tiny_tokenizer import tiny_tokenizer
 
@@ -97,30 +98,13 @@ def sample_responses(
         encoded.append(tokens)
         by_length.setdefault(len(tokens), []).append(i)
     responses = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    for length, indices in by_length.items():
-        prompt_ids = torch.tensor([encoded[i] for i in indices])
-        with local_kv_cache(
-            model,
-            batch_size=len(indices),
-            device=prompt_ids.device,
-            dtype=next(model.parameters()).dtype,
-            decoder_max_seq_len=length + max_new_tokens,
-        ):
-            output, _ = generate(
-                model,
-                prompt_ids,
-                max_generated_tokens=max_new_tokens,
-                pad_id=tokenizer.pad_id,
-                temperature=temperature,
-                stop_tokens=tokenizer.stop_tokens,
-                rng=generator,
-            )
-        for i, row in zip(indices, output[:, length:].tolist()):
-            cut = next((k for k, t in enumerate(row) if t in tokenizer.stop_tokens or t == tokenizer.pad_id), len(row))
-            responses[i] = tokenizer.decode(row[:cut]).strip()
-    model.train(was_training)
+    stops = set(tokenizer.stop_tokens)
+    for indices in by_length.values():
+        sampled = generate_padded(model, [encoded[i] for i in indices], pad_id=tokenizer.pad_id,
+                                  stop_tokens=tokenizer.stop_tokens, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, rng=generator)  # fmt: skip
+        for i, ids in zip(indices, sampled):
+            responses[i] = tokenizer.decode([t for t in ids if t not in stops]).strip()
     return responses
 
 
@@ -133,14 +117,26 @@ def mean_sampled_reward(model: TransformerDecoder, tokenizer: ModelTokenizer, n:
 
 
 def prepare_tiny(out_dir: str | Path, force: bool = False, **overrides: Any) -> Path:
-    """Create (or reuse) the SFT'd tiny model and the preference data under ``out_dir``; returns ``out_dir``."""
+    """Create (or reuse) the SFT'd tiny model and the preference data under ``out_dir``; returns ``out_dir``.
+
+    Safe to call from several processes at once (the ranks of a distributed run): a file lock beside ``out_dir``
+    lets one build while the others wait and then reuse it. The manifest is written last, so a killed build is
+    redone on the next call.
+    """
     out_dir = Path(out_dir).expanduser()
-    settings = {**DEFAULTS, **overrides}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(out_dir, force, {**DEFAULTS, **overrides})
+
+
+def _prepare_locked(out_dir: Path, force: bool, settings: dict[str, Any]) -> Path:
     manifest_path = out_dir / "manifest.json"
-    if not force and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("settings") == settings and (out_dir / "sft_model" / "model.safetensors").exists():
+    files = [out_dir / "sft_model/model.safetensors", out_dir / "data/train.jsonl", out_dir / "data/eval.jsonl"]
+    if not force and manifest_path.exists() and all(f.exists() for f in files):
+        if json.loads(manifest_path.read_text()).get("settings") == settings:
             return out_dir
+    manifest_path.unlink(missing_ok=True)
 
     seed = settings["seed"]
     synthetic.write_jsonl(synthetic.preference_pairs(settings["train_pairs"], seed + 1), out_dir / "data/train.jsonl")

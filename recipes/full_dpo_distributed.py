@@ -51,6 +51,7 @@ from dpo_components.config_checks import (
     check_positive,
     instantiate_loss,
     optional_component,
+    prepare_missing_inputs,
 )
 from dpo_components.reference import (
     compute_reference_logprobs,
@@ -59,6 +60,7 @@ from dpo_components.reference import (
     reference_for_batch,
     reference_variant,
 )
+from dpo_components.samples import eval_sampling, log_samples, same_model, sample_and_score
 from dpo_components.training import (
     PreferenceMetrics,
     batch_order,
@@ -108,6 +110,7 @@ class FullDPORecipeDistributed:
         if self._reference_mode not in REFERENCE_MODES:
             raise ConfigError(f"reference.mode must be one of {REFERENCE_MODES}, got '{self._reference_mode}'")
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        prepare_missing_inputs(cfg)  # the tiny configs build their model and data on first use (file-locked)
         check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
         if self._reference_cfg.get("checkpointer"):
             check_checkpoint_paths(self._reference_cfg.checkpointer, cfg.output_dir, key="reference.checkpointer")
@@ -137,6 +140,8 @@ class FullDPORecipeDistributed:
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
             raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
+        # eval_samples: responses of policy and reference to held-out prompts, sampled at every eval
+        self._samples, self._sample_prompts = eval_sampling(cfg, self._eval_data)
         self._global_batch = self._batch_size * self._world_size
         if len(self._train_data) < self._global_batch * self._grad_accum:
             raise ConfigError(
@@ -358,7 +363,14 @@ class FullDPORecipeDistributed:
             if i < len(mine):
                 metrics.update(out, policy)
         results = {f"eval/{k}": v for k, v in self._all_reduce(metrics).items() if k != "tokens"}
+        rows = []
+        if self._samples:  # each rank samples a share with the sharded models (see dpo_components.samples)
+            reference = partial(same_model, self._reference_model) if self._reference_model is not None else None
+            sampled, rows = sample_and_score(self._model, reference, self._sample_prompts, self._tokenizer,
+                                             self._samples, self.seed)  # fmt: skip
+            results.update(sampled)
         if self._metric_logger is not None:
+            log_samples(self._metric_logger, rows, self.global_step)
             self._metric_logger.log_dict(results, step=self.global_step)
             summary = ", ".join(f"{k.removeprefix('eval/')} {results[k]:.4f}" for k in
                                 ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"))  # fmt: skip
@@ -430,6 +442,7 @@ class FullDPORecipeDistributed:
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
+            log.info(f"plot this run: python -m dpo_components.plot {self._output_dir}")
 
 
 @config.parse

@@ -59,6 +59,7 @@ from dpo_components.config_checks import (
     check_positive,
     instantiate_loss,
     optional_component,
+    prepare_missing_inputs,
 )
 from dpo_components.quantization import plain_state_dict
 from dpo_components.reference import (
@@ -68,6 +69,7 @@ from dpo_components.reference import (
     reference_for_batch,
     reference_variant,
 )
+from dpo_components.samples import adapters_off, eval_sampling, log_samples, same_model, sample_and_score
 from dpo_components.training import (
     PreferenceMetrics,
     batch_order,
@@ -108,6 +110,7 @@ class IPORecipeSingleDevice:
         if self._reference_mode not in REFERENCE_MODES:
             raise ConfigError(f"reference.mode must be one of {REFERENCE_MODES}, got '{self._reference_mode}'")
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        prepare_missing_inputs(cfg)  # the tiny configs build their model and data on first use
         check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
         if self._reference_cfg.get("checkpointer"):
             check_checkpoint_paths(self._reference_cfg.checkpointer, cfg.output_dir, key="reference.checkpointer")
@@ -138,6 +141,8 @@ class IPORecipeSingleDevice:
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
             raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
+        # eval_samples: responses of policy and reference to held-out prompts, sampled at every eval
+        self._samples, self._sample_prompts = eval_sampling(cfg, self._eval_data)
         if len(self._train_data) < self._batch_size * self._grad_accum:
             raise ConfigError(
                 f"the dataset has {len(self._train_data)} pairs, fewer than one step's "
@@ -347,6 +352,11 @@ class IPORecipeSingleDevice:
         for batch in loader:
             metrics.update(*self._forward(batch, "eval"))
         results = {f"eval/{name}": value for name, value in metrics.compute().items()}
+        if self._samples:
+            sampled, rows = sample_and_score(self._model, self._sample_reference(), self._sample_prompts,
+                                             self._tokenizer, self._samples, self.seed)  # fmt: skip
+            results.update(sampled)
+            log_samples(self._metric_logger, rows, self.global_step)
         self._metric_logger.log_dict(results, step=self.global_step)
         self._last_eval_step = self.global_step
         summary = ", ".join(f"{k.removeprefix('eval/')} {results[k]:.4f}" for k in
@@ -355,6 +365,13 @@ class IPORecipeSingleDevice:
         log.info(f"step {self.global_step} eval: {summary}")
         self._model.train(was_training)
         return results
+
+    def _sample_reference(self):
+        """The reference to sample from at eval: adapters off (LoRA), the frozen copy, or none (a precomputed
+        reference of a full fine-tune keeps no model: then policy samples only, and no KL)."""
+        if self._is_lora:
+            return partial(adapters_off, self._model)
+        return partial(same_model, self._reference_model) if self._reference_model is not None else None
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -394,6 +411,7 @@ class IPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+        log.info(f"plot this run: python -m dpo_components.plot {self._output_dir}")
 
 
 @config.parse

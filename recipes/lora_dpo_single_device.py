@@ -61,6 +61,7 @@ from dpo_components.config_checks import (
     check_positive,
     instantiate_loss,
     optional_component,
+    prepare_missing_inputs,
 )
 from dpo_components.reference import (
     compute_reference_logprobs,
@@ -69,6 +70,7 @@ from dpo_components.reference import (
     reference_for_batch,
     reference_variant,
 )
+from dpo_components.samples import adapters_off, eval_sampling, log_samples, sample_and_score
 from dpo_components.training import (
     PreferenceMetrics,
     batch_order,
@@ -108,6 +110,7 @@ class LoRADPORecipeSingleDevice:
             raise ConfigError(f"reference.mode must be 'model' or 'precomputed', not {self._reference_mode!r}")
         self._resume = cfg.get("resume_from_checkpoint", False)
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        prepare_missing_inputs(cfg)  # the tiny configs build their model and data on first use
         check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
 
         self.global_step = 0  # optimizer steps taken
@@ -137,6 +140,8 @@ class LoRADPORecipeSingleDevice:
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
             raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
+        # eval_samples: responses of policy and reference to held-out prompts, sampled at every eval
+        self._samples, self._sample_prompts = eval_sampling(cfg, self._eval_data)
         if len(self._train_data) < self._batch_size * self._grad_accum:
             raise ConfigError(
                 f"the dataset has {len(self._train_data)} pairs, fewer than one step's "
@@ -312,6 +317,11 @@ class LoRADPORecipeSingleDevice:
             out, policy = self._forward(batch, "eval")
             metrics.update(out, policy)
         results = {f"eval/{name}": value for name, value in metrics.compute().items()}
+        if self._samples:  # the reference is the base model: adapters off
+            sampled, rows = sample_and_score(self._model, partial(adapters_off, self._model), self._sample_prompts,
+                                             self._tokenizer, self._samples, self.seed)  # fmt: skip
+            results.update(sampled)
+            log_samples(self._metric_logger, rows, self.global_step)
         self._metric_logger.log_dict(results, step=self.global_step)
         self._last_eval_step = self.global_step
         log.info(
@@ -356,6 +366,7 @@ class LoRADPORecipeSingleDevice:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+        log.info(f"plot this run: python -m dpo_components.plot {self._output_dir}")
 
 
 @config.parse

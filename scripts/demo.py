@@ -6,7 +6,8 @@
 2. runs ``tune run recipes/lora_dpo_single_device.py --config recipe_configs/tiny/lora_dpo_single_device.yaml``;
 3. loads the final merged checkpoint back from disk and prints a before/after table: held-out preference
    accuracy and mean reward margin (implicit DPO reward against the SFT reference), and the task's true
-   sentiment reward of responses sampled from the SFT policy and from the DPO policy.
+   sentiment reward of responses sampled from the SFT policy and from the DPO policy;
+4. plots the run's metrics to outputs/tiny_lora_dpo/metrics.png (``python -m dpo_components.plot``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components import synthetic
+from dpo_components import plot, synthetic
 from dpo_components.checkpointing import latest_checkpoint
 from dpo_components.data import collate_preference_batch, preference_dataset
 from dpo_components.losses import DPOLoss
@@ -107,6 +108,8 @@ def main() -> None:
     ]
     for name, a, b in rows:
         print(f"| {name:48} | {a:>12.3f} | {b:>11.3f} |")
+    figure = plot.plot_runs({"tiny LoRA DPO": plot.read_run(output_dir)}, output_dir / "metrics.png")
+    print(f"\nMetrics plotted to {figure}")
     print("\nSamples (prompt | SFT | DPO):")
     for prompt, a, b in list(zip(prompts, responses_sft, responses_dpo))[:4]:
         print(f"  {prompt} | {a} | {b}")

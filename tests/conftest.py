@@ -45,6 +45,7 @@ def recipe_cfg(tiny_setup, tmp_path):
             "log_every_n_steps": 1,
             "eval_every_n_steps": None,
             "save_every_n_steps": None,
+            "eval_samples": 0,  # tests that check samples turn them on
         }
         cfg = OmegaConf.merge(
             cfg, base, OmegaConf.from_dotlist([f"{k}={'null' if v is None else v}" for k, v in overrides.items()])

@@ -1,6 +1,7 @@
 """The FSDP2 recipe on CPU with gloo and 2 processes: same step as 1 process, precomputed == live reference,
 exact resume from a DCP checkpoint, a consolidated HF checkpoint, and the multi-node launch path."""
 
+import json
 import os
 import shutil
 import socket
@@ -26,7 +27,7 @@ def overrides(tiny_setup, out, **extra):
         "dataset.data_files": tiny_setup / "data/train.jsonl",
         "eval_dataset.data_files": tiny_setup / "data/eval.jsonl",
         "output_dir": out, "eval_every_n_steps": "null", "save_every_n_steps": "null", "log_every_n_steps": 1,
-        "lr_scheduler.num_warmup_steps": 0, "optimizer.lr": 1e-3,
+        "lr_scheduler.num_warmup_steps": 0, "optimizer.lr": 1e-3, "eval_samples": 0,
         **extra,
     }  # fmt: skip
     return [f"{k}={v}" for k, v in settings.items()]
@@ -179,3 +180,25 @@ def test_prefix_sharing_and_length_grouping_under_fsdp(tiny_setup, tmp_path):
             assert shared_rows[step][name] == pytest.approx(base_rows[step][name], rel=1e-4, abs=1e-5), (step, name)
     padding = lambda rows: sum(r["padding_fraction"] for r in rows.values())
     assert padding(grouped_rows) < padding(shared_rows)  # similar lengths in each global batch
+
+
+def test_eval_samples_with_sharded_models(tiny_setup, tmp_path):
+    """Each rank samples its share (3 prompts on 2 ranks: uneven) with the FSDP models; rank 0 logs them in order.
+    With lr = 0 the policy stays the reference, so the KL estimate must be exactly 0."""
+    out = tmp_path / "samples"
+    torchrun(overrides(tiny_setup, out, max_steps_per_epoch=1, eval_samples=3, max_new_tokens=12, **{
+        "optimizer.lr": 0.0, "eval_reward_fn": "dpo_components.synthetic.sentiment_reward"}))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "logs/samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 1, 1] and all(row["reference"] for row in rows)
+    from dpo_components.data import preference_dataset
+    from dpo_components.samples import eval_prompts
+    from dpo_components.tiny_tokenizer import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    eval_data = preference_dataset(tokenizer, source="json", data_files=str(tiny_setup / "data/eval.jsonl"),
+                                   max_length=96, max_prompt_length=32)  # fmt: skip
+    prompts = [tokenizer.decode(p).strip() for p in eval_prompts(eval_data, 3)]
+    assert [row["prompt"] for row in rows] == prompts
+    final = logged(Cfg(out))[1]
+    assert final["eval/samples/kl"] == 0.0
+    assert {"eval/samples/reward", "eval/samples/reference_reward"} <= set(final)

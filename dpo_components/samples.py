@@ -1,0 +1,248 @@
+"""Samples at eval time: responses of the policy and the reference to held-out prompts, their true reward when
+the task has one, and a sequence-level KL estimate of the policy from the reference.
+
+As the original DPO code does at every eval, the recipes sample from both models and log the text, so a run is
+judged by reading it, not only by its numbers. Config keys (all recipes):
+
+    eval_samples: 8             # prompts, the first N distinct ones of the eval dataset (0 or absent: off)
+    max_new_tokens: 40
+    temperature: 1.0            # the KL estimate assumes 1.0 (samples from the policy itself)
+    eval_reward_fn: dpo_components.synthetic.sentiment_reward   # optional: text -> float, the task's true reward
+
+Logged as ``eval/samples/reward`` (policy), ``eval/samples/reference_reward`` and ``eval/samples/kl``; the text
+goes to ``samples.jsonl`` beside a DiskLogger's log, a TensorBoard text summary, or a W&B table.
+
+Under FSDP every rank generates a share of the prompts with its sharded model (a forward needs all ranks), all
+for the same number of steps (no early stop: a rank that stopped would leave the others in a collective), and
+rank 0 gathers the text; a gathered full copy of a large model would not fit where the sharded one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torchtune.config._utils import _get_component_from_path
+from torchtune.generation import generate
+from torchtune.modules import local_kv_cache
+from torchtune.modules.peft import disable_adapter
+from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, WandBLogger
+
+from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
+
+log = logging.getLogger(__name__)
+
+ReferenceContext = Callable[[], contextlib.AbstractContextManager[nn.Module]]
+
+
+@dataclass
+class SampleSettings:
+    """What ``eval_samples`` and its sibling keys ask for."""
+
+    prompts: int
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    reward_fn: Callable[[str], float] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SampleSettings | None:
+        n = cfg.get("eval_samples") or 0
+        if n < 0:
+            raise ValueError(f"eval_samples must be >= 0, got {n}")
+        if n == 0:
+            return None
+        reward_path = cfg.get("eval_reward_fn")
+        reward_fn = _get_component_from_path(reward_path) if reward_path else None
+        temperature = float(cfg.get("temperature", 1.0))
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return cls(n, int(cfg.get("max_new_tokens", 40)), temperature, reward_fn)
+
+
+def eval_sampling(cfg: Any, eval_data: Any) -> tuple[SampleSettings | None, list[list[int]]]:
+    """A recipe's sample settings and the prompts to sample for; off (with a warning) without an eval dataset."""
+    settings = SampleSettings.from_config(cfg)
+    if settings is None:
+        return None, []
+    if eval_data is None:
+        log.warning("eval_samples is set but there is no eval_dataset: no samples are drawn")
+        return None, []
+    return settings, eval_prompts(eval_data, settings.prompts)
+
+
+def eval_prompts(dataset: Any, n: int) -> list[list[int]]:
+    """The first ``n`` distinct prompts (token ids, chat format with the generation prompt) of a dataset."""
+    prompts: dict[tuple[int, ...], None] = {}
+    for i in range(len(dataset)):
+        prompts.setdefault(tuple(dataset[i]["prompt_ids"]), None)
+        if len(prompts) == n:
+            break
+    return [list(p) for p in prompts]
+
+
+@torch.no_grad()
+def generate_padded(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    stop_tokens: list[int] | None,
+    max_new_tokens: int,
+    temperature: float,
+    rng: torch.Generator,
+    stop_early: bool = True,
+) -> list[list[int]]:
+    """Sample a response to each prompt in one left-padded batch with torchtune's ``generate`` (KV-cached).
+
+    Each response keeps its first stop token (its probability is part of the sequence) and nothing after it, nor
+    anything from a pad token on (``generate`` pads rows that stopped).
+    ``stop_early=False`` runs all ``max_new_tokens`` steps even when every row has stopped (needed under FSDP).
+    """
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    batch = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    was_training = model.training
+    model.eval()
+    with local_kv_cache(model, batch_size=len(prompts), device=device, dtype=next(model.parameters()).dtype,
+                        decoder_max_seq_len=width + max_new_tokens):  # fmt: skip
+        output, _ = generate(model, batch, max_generated_tokens=max_new_tokens, pad_id=pad_id,
+                             temperature=temperature, stop_tokens=stop_tokens if stop_early else None,
+                             rng=rng)  # fmt: skip
+    model.train(was_training)
+    stops = set(stop_tokens or [])
+    responses = []
+    for row in output[:, width:].tolist():  # a row ends at its first stop token (kept) or pad (generate's filler)
+        end = next((k + (t in stops) for k, t in enumerate(row) if t in stops or t == pad_id), len(row))
+        responses.append(row[:end])
+    return responses
+
+
+@torch.no_grad()
+def response_logprobs(model: nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    """log p(response | prompt) summed over the response tokens, per row (0 for an empty response)."""
+    device = next(model.parameters()).device
+    inputs = [torch.tensor(p + r) for p, r in zip(prompts, responses)]
+    labels = [torch.tensor([IGNORE_INDEX] * len(p) + r) for p, r in zip(prompts, responses)]
+    input_ids = pad_sequence(inputs, batch_first=True, padding_value=0).to(device)
+    label_ids = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX).to(device)
+    logps, _ = sequence_logprobs(model, input_ids, label_ids)
+    return logps.float().cpu()
+
+
+def sample_and_score(
+    policy: nn.Module,
+    reference: ReferenceContext | None,
+    prompts: list[list[int]],
+    tokenizer: Any,
+    settings: SampleSettings,
+    seed: int,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Sample from the policy (and the reference), score, and return (metrics, rows of text) on rank 0.
+
+    The KL estimate is the Monte-Carlo estimate of the sequence-level KL divergence over the sampled prompts,
+
+        KL(pi || ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log ref(y|x)]  ~  mean_i [log pi(y_i|x_i) - log ref(y_i|x_i)]
+
+    with y_i sampled from the policy: unbiased at temperature 1 (responses cut at ``max_new_tokens`` are scored
+    as the prefixes they are). ``reference`` opens a context that yields the reference model (e.g. the policy
+    with its adapters off); None (a precomputed reference without a model) skips the reference and the KL.
+    Under torch.distributed each rank takes every world-th prompt; sums are all-reduced and text gathered.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = prompts[rank::world]
+    share = -(-len(prompts) // world)
+    padded = mine + [prompts[0]] * (share - len(mine))  # same batch on every rank: the forwards stay in step
+    rng = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed * 1_000_003 + rank)
+    generate_kwargs = dict(pad_id=tokenizer.pad_id, stop_tokens=tokenizer.stop_tokens, rng=rng,
+                           max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                           stop_early=world == 1)  # fmt: skip
+    policy_ids = generate_padded(policy, padded, **generate_kwargs)
+    totals = {"reward": 0.0, "reference_reward": 0.0, "kl": 0.0}
+    reference_ids = [[] for _ in padded]
+    if reference is not None:
+        policy_logps = response_logprobs(policy, padded, policy_ids)
+        with reference() as reference_model:
+            reference_ids = generate_padded(reference_model, padded, **generate_kwargs)
+            reference_logps = response_logprobs(reference_model, padded, policy_ids)
+        totals["kl"] = float((policy_logps - reference_logps)[: len(mine)].sum())
+    rows = []
+    for prompt, ours, theirs in list(zip(padded, policy_ids, reference_ids))[: len(mine)]:
+        row = {"prompt": _decode(tokenizer, prompt), "policy": _decode(tokenizer, ours)}
+        if reference is not None:
+            row["reference"] = _decode(tokenizer, theirs)
+        if settings.reward_fn is not None:
+            totals["reward"] += settings.reward_fn(row["policy"])
+            if reference is not None:
+                totals["reference_reward"] += settings.reward_fn(row["reference"])
+        rows.append(row)
+    if world > 1:
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(summed)
+        totals = dict(zip(totals, summed.tolist()))
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [gathered[i % world][i // world] for i in range(len(prompts))]  # back to the prompts' order
+    metrics = {}
+    if settings.reward_fn is not None:
+        metrics["eval/samples/reward"] = totals["reward"] / len(prompts)
+    if reference is not None:
+        metrics["eval/samples/kl"] = totals["kl"] / len(prompts)
+        if settings.reward_fn is not None:
+            metrics["eval/samples/reference_reward"] = totals["reference_reward"] / len(prompts)
+    return metrics, rows
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    stops = set(getattr(tokenizer, "stop_tokens", None) or [])
+    return tokenizer.decode([t for t in ids if t not in stops]).strip()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def same_model(model: nn.Module) -> Iterator[nn.Module]:
+    """A ``ReferenceContext`` for a separate reference model: ``partial(same_model, reference_model)``."""
+    yield model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """A ``ReferenceContext`` for LoRA, whose reference is the policy with its adapters disabled."""
+    with disable_adapter(model):
+        yield model
+
+
+def log_samples(metric_logger: Any, rows: list[dict[str, str]], step: int) -> None:
+    """Write the sampled text where the metric logger writes: ``samples.jsonl`` beside a DiskLogger's log file (one
+    JSON line per sample, with the step), a TensorBoard text summary, a W&B table; else print it."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    if isinstance(metric_logger, DiskLogger):
+        with open(metric_logger.log_dir / "samples.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+    elif isinstance(metric_logger, TensorBoardLogger):
+        if metric_logger._writer is not None:
+            escape = lambda text: text.replace("|", "\\|").replace("\n", " ")
+            table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            table += ["| " + " | ".join(escape(row[c]) for c in columns) + " |" for row in rows]
+            metric_logger._writer.add_text("eval/samples", "\n".join(table), global_step=step)
+    elif isinstance(metric_logger, WandBLogger):
+        if metric_logger._wandb.run is not None:
+            table = metric_logger._wandb.Table(columns=["step", *columns],
+                                               data=[[step, *(row[c] for c in columns)] for row in rows])  # fmt: skip
+            metric_logger._wandb.log({"eval/samples": table, "global_step": step})
+    else:
+        for row in rows:
+            print(f"step {step} sample: " + " | ".join(f"{c}: {row[c]}" for c in columns))
