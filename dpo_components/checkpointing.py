@@ -57,6 +57,35 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in get_adapter_state_dict(model.state_dict()).items()}
 
 
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Remove the ``.step_<N>.tmp*`` directories that a killed or failed save left in ``output_dir``; returns them.
+
+    They are never checkpoints (a save is renamed into place only when whole) and hold a full copy of the weights
+    each. One whose name carries the pid of a live process on this machine (a save in progress) is kept.
+    """
+    removed = []
+    for path in sorted(Path(output_dir).glob(".step_*.tmp*")):
+        pid = path.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logging.getLogger(__name__).warning("removed %d unfinished checkpoint(s): %s", len(removed),
+                                            ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_checkpoint_dir(
     checkpointer: Any,
     out_dir: str | Path,

@@ -62,6 +62,23 @@ def check_positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
 
 
+# Step counts a recipe reads, and what null means for each (absent from the dict: null is not allowed).
+_STEP_KEYS = {"log_every_n_steps": None, "eval_every_n_steps": "no eval during training",
+              "save_every_n_steps": "save only at the end", "max_steps_per_epoch": "whole epochs"}  # fmt: skip
+
+
+def check_step_counts(cfg: DictConfig) -> None:
+    """Logging, eval and save intervals and ``max_steps_per_epoch`` are whole numbers >= 1 (or null where null
+    has a meaning), so none of 0 (a division by zero, an untrained step_0) or -1 (every step) gets through."""
+    for key, null_means in _STEP_KEYS.items():
+        value = cfg.get(key, 1 if null_means is None else None)
+        if value is None and null_means is not None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            allowed = f" or null ({null_means})" if null_means else ""
+            raise ConfigError(f"{key} must be a whole number >= 1{allowed}, got {value!r}")
+
+
 def optional_component(cfg: DictConfig, key: str) -> DictConfig | None:
     """``cfg[key]`` if it names a component, else None. On torchtune's command line ``key=null`` on a component
     node sets its ``_component_`` to null (and ``~key`` is refused), so both spellings mean "none"."""

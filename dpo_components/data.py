@@ -322,13 +322,21 @@ class PreferenceDataset(Dataset):
     ``prompt_ids``, ``chosen_labels``, ``rejected_labels`` (response token ids, -100 where the tokenizer masks a
     token, e.g. a trailing end-of-text), and ``index`` (i). ``input_ids`` of a side are ``prompt_ids`` followed
     by that side's response ids; :func:`collate_preference_batch` assembles them.
-    ``skipped`` counts skipped rows by reason; ``source`` names where the rows came from.
+    ``skipped`` counts skipped rows by reason; ``source`` names where the rows came from, and ``row_numbers[i]``
+    is sample i's row there (for messages).
     """
 
-    def __init__(self, samples: list[dict[str, Any]], source: str, skipped: Counter | None = None) -> None:
+    def __init__(
+        self,
+        samples: list[dict[str, Any]],
+        source: str,
+        skipped: Counter | None = None,
+        row_numbers: list[int] | None = None,
+    ) -> None:
         self._samples = samples
         self.source = source
         self.skipped = skipped or Counter()
+        self.row_numbers = row_numbers if row_numbers is not None else list(range(len(samples)))
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -429,7 +437,7 @@ def tokenize_rows(
     row_numbers = list(row_numbers) if row_numbers is not None else list(range(len(rows)))
     describe_row = describe_row or (lambda number: f"row {number}")
 
-    samples, skipped = [], Counter()
+    samples, kept_rows, skipped = [], [], Counter()
     # The tokenizer's own max_seq_len would cut chosen and rejected independently (and could cut a whole
     # response away); truncation is ours, so switch it off while tokenizing.
     tokenizer_max_seq_len = getattr(tokenizer, "max_seq_len", None)
@@ -447,6 +455,7 @@ def tokenize_rows(
                         "the preference format cannot be detected",
                     )
                 samples.append(_tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length))
+                kept_rows.append(number)
             except _BadRow as bad:
                 if on_bad_row == "error":
                     raise PreferenceDataError(
@@ -460,7 +469,7 @@ def tokenize_rows(
         if not samples:
             raise PreferenceDataError(f"{source}: all {len(rows)} rows were skipped as bad: {reasons}")
         log.warning("%s: skipped %d of %d rows: %s", source, sum(skipped.values()), len(rows), reasons)
-    return PreferenceDataset(samples, source, skipped)
+    return PreferenceDataset(samples, source, skipped, kept_rows)
 
 
 def _labels(ids: list[int], masked: list[bool]) -> list[int]:

@@ -165,6 +165,14 @@ def _smoothed_sigmoid_loss(logits: Tensor, eps: float) -> Tensor:
     return loss - eps * F.logsigmoid(-logits) if eps else loss
 
 
+def _half_inverse(beta: float, owner: str) -> float:
+    """1 / (2 beta), the regression target of IPO and SPPO; refused where float32 would make it inf."""
+    target = 1 / (2 * beta)
+    if target > torch.finfo(torch.float32).max:
+        raise ValueError(f"{owner}: beta={beta} makes the target 1/(2 beta) = {target:.3g} overflow float32")
+    return target
+
+
 def _check_smoothing(owner: str, eps: float, low: float = 0.0) -> float:
     if not low <= eps < 0.5 or (low > 0 and eps <= 0):
         bound = "(0, 0.5)" if low > 0 else "[0, 0.5)"
@@ -229,6 +237,7 @@ class IPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, average_logprobs: bool = True, nll_weight: float = 0.0) -> None:
         super().__init__(beta, average_logprobs=average_logprobs, nll_weight=nll_weight)
+        _half_inverse(beta, type(self).__name__)  # refuse a beta whose target overflows, at construction
 
     def pair_losses(self, policy, reference):
         chosen, rejected = self.log_ratios(policy, reference)
@@ -238,7 +247,7 @@ class IPOLoss(PreferenceLoss):
     @property
     def target(self) -> float:
         """The margin IPO regresses h onto, 1 / (2 tau)."""
-        return 1 / (2 * self.beta)
+        return _half_inverse(self.beta, type(self).__name__)
 
     def pair_metrics(self, policy, reference):
         chosen, rejected = self.log_ratios(policy, reference)
@@ -366,10 +375,11 @@ class SPPOHardLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, nll_weight: float = 0.0) -> None:
         super().__init__(beta, nll_weight=nll_weight)
+        _half_inverse(beta, type(self).__name__)
 
     def pair_losses(self, policy, reference):
         chosen, rejected = self.log_ratios(policy, reference)
-        half = 1 / (2 * self.beta)
+        half = _half_inverse(self.beta, type(self).__name__)
         return (chosen - half) ** 2 + (rejected + half) ** 2, self.beta * chosen, self.beta * rejected
 
 

@@ -60,7 +60,24 @@ def collator_from_config(cfg: Any, padding_idx: int, max_seq_len: int, **dataset
     if prefix_sharing:
         use_flex_attention(cfg.get("prefix_sharing_attention", "flex") == "flex")
         check_fits(max_seq_len, pad_to_multiple_of, **datasets)
+    else:
+        check_rows_fit(max_seq_len, pad_to_multiple_of, **datasets)
     return preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing)
+
+
+def check_rows_fit(max_seq_len: int, pad_to_multiple_of: int = 1, **datasets: PreferenceDataset | None) -> None:
+    """Refuse a dataset (by name; None is skipped) with a pair whose row, prompt + longer response padded up to
+    ``pad_to_multiple_of``, is longer than the model's ``max_seq_len``: at setup, naming the first such pair,
+    instead of a crash at the step that draws it."""
+    for where, dataset in datasets.items():
+        for i, length in enumerate(dataset.sample_lengths() if dataset is not None else []):
+            padded = length + (-length % pad_to_multiple_of)
+            if padded > max_seq_len:
+                raise ValueError(
+                    f"{where}: pair {i} ({dataset.source} row {dataset.row_numbers[i]}) needs {padded} tokens "
+                    f"(prompt + longer response{', padded' if padded > length else ''}), more than the model's "
+                    f"max_seq_len {max_seq_len}; lower {where}.max_length or raise the model's max_seq_len"
+                )
 
 
 def length_grouped_order(

@@ -44,11 +44,17 @@ from torch.utils.data import DataLoader
 from torchtune import config, modules, training, utils
 from tqdm import tqdm
 
-from dpo_components.checkpointing import latest_checkpoint, load_recipe_state, save_checkpoint_dir
+from dpo_components.checkpointing import (
+    latest_checkpoint,
+    load_recipe_state,
+    remove_stale_temporaries,
+    save_checkpoint_dir,
+)
 from dpo_components.config_checks import (
     ConfigError,
     check_checkpoint_paths,
     check_positive,
+    check_step_counts,
     instantiate_loss,
     optional_component,
     prepare_missing_inputs,
@@ -110,6 +116,7 @@ class FullDPORecipeDistributed:
         if self._reference_mode not in REFERENCE_MODES:
             raise ConfigError(f"reference.mode must be one of {REFERENCE_MODES}, got '{self._reference_mode}'")
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        check_step_counts(cfg)
         prepare_missing_inputs(cfg)  # the tiny configs build their model and data on first use (file-locked)
         check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
         if self._reference_cfg.get("checkpointer"):
@@ -126,6 +133,8 @@ class FullDPORecipeDistributed:
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
+        if self._is_rank_zero:  # no rank saves before the first steps' collectives: no race with this
+            remove_stale_temporaries(self._output_dir)  # what a killed or failed save left behind
         resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
         if self._resume and resume_dir is None:
             raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")

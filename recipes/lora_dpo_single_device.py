@@ -51,6 +51,7 @@ from dpo_components.checkpointing import (
     latest_checkpoint,
     load_peft_adapter,
     lora_settings,
+    remove_stale_temporaries,
     restore_training_state,
     save_lora_checkpoint,
     training_state,
@@ -59,6 +60,7 @@ from dpo_components.config_checks import (
     ConfigError,
     check_checkpoint_paths,
     check_positive,
+    check_step_counts,
     instantiate_loss,
     optional_component,
     prepare_missing_inputs,
@@ -110,6 +112,7 @@ class LoRADPORecipeSingleDevice:
             raise ConfigError(f"reference.mode must be 'model' or 'precomputed', not {self._reference_mode!r}")
         self._resume = cfg.get("resume_from_checkpoint", False)
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
+        check_step_counts(cfg)
         prepare_missing_inputs(cfg)  # the tiny configs build their model and data on first use
         check_checkpoint_paths(cfg.checkpointer, cfg.output_dir)
 
@@ -125,6 +128,7 @@ class LoRADPORecipeSingleDevice:
         self._metric_logger = config.instantiate(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
 
+        remove_stale_temporaries(self._output_dir)  # what a killed or failed save left behind
         resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
         if self._resume and resume_dir is None:
             raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")
