@@ -30,6 +30,8 @@ import os
 import shutil
 import sys
 import time
+import traceback
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -456,9 +458,11 @@ class FullDPORecipeDistributed:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    # NCCL for CUDA, gloo for CPU; nothing CUDA-only on the CPU path.
+    # NCCL for CUDA, gloo for CPU; nothing CUDA-only on the CPU path. A collective that waits longer than
+    # collective_timeout_seconds fails instead of hanging; the default, 30 minutes, leaves time for rank 0 to write
+    # a consolidated checkpoint of a large model while the others wait.
     backend = "nccl" if cfg.device == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.get("collective_timeout_seconds", 1800)))
     try:
         if dist.get_rank() == 0:
             config.log_config(recipe_name="FullDPORecipeDistributed", cfg=cfg)
@@ -466,9 +470,15 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.setup(cfg)
         recipe.train()
         recipe.cleanup()
-    finally:
-        dist.barrier()  # every rank done before the group goes away (avoids teardown aborts on gloo)
-        dist.destroy_process_group()
+    except BaseException:
+        # No barrier and no teardown after a failure: the other ranks may sit in a collective this rank will never
+        # join. Print this rank's error and leave at once; torchrun then stops the other ranks.
+        log.error(f"rank {dist.get_rank()} failed:\n{traceback.format_exc()}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()  # every rank done before the group goes away (avoids teardown aborts on gloo)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -202,3 +203,18 @@ def test_eval_samples_with_sharded_models(tiny_setup, tmp_path):
     final = logged(Cfg(out))[1]
     assert final["eval/samples/kl"] == 0.0
     assert {"eval/samples/reward", "eval/samples/reference_reward"} <= set(final)
+
+
+def test_an_error_on_one_rank_ends_every_rank_quickly(tiny_setup, tmp_path):
+    """Rank 1 fails at setup (its RNG file of the checkpoint is gone) while rank 0 goes on into FSDP's all-gather:
+    rank 1 must print its error and the launch must end, not hang in a barrier or a collective."""
+    out = tmp_path / "fail"
+    settings = {"max_steps_per_epoch": 2, "save_every_n_steps": 2, "eval_dataset": "null"}
+    torchrun(overrides(tiny_setup, out, **settings))
+    (out / "step_2" / "rng_rank1.pt").unlink()
+    start = time.monotonic()
+    process = launch(overrides(tiny_setup, out, resume_from_checkpoint=True, epochs=2, **settings),
+                     "--standalone", "--nproc_per_node=2")  # fmt: skip
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and time.monotonic() - start < 120
+    assert "rank 1 failed" in output and "rng_rank1.pt" in output
