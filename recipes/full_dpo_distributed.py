@@ -21,6 +21,8 @@ PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, t
   shard) plus the LR schedule, data position and every rank's RNG, for an exact resume on the same world size;
   at the end (and every save with ``consolidate_every_save: true``) also the consolidated Hugging Face
   safetensors + config.json, written by rank 0. Each ``step_<N>`` is written under a temporary name and renamed.
+- ``eval_samples: N``: each rank samples a share of the held-out prompts with the sharded models at every eval.
+- An error on one rank is printed and ends that rank at once (no barrier after a failure); torchrun stops the rest.
 """
 
 from __future__ import annotations

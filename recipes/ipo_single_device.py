@@ -20,7 +20,8 @@ default loss is ``IPOLoss`` on per-token averaged log-probs; the recipe logs IPO
 - Optimizers from YAML, torchao's low-bit ones included (``torchao.optim.AdamW8bit``, ``AdamW4bit``, ...), and
   quantized training of the full-parameter policy via ``model_transform`` (``dpo_components.quantization``:
   ``int8_mixed_precision``, ``int8_weight_only``, ``float8``).
-- Eval every ``eval_every_n_steps`` and at the end; atomic HF-layout checkpoints every ``save_every_n_steps`` and
+- Eval every ``eval_every_n_steps`` and at the end (``eval_samples: N`` also samples policy and reference
+  responses: text, true reward, KL); atomic HF-layout checkpoints every ``save_every_n_steps`` and
   at the end (full weights, or merged + PEFT adapter for LoRA); exact resume (``resume_from_checkpoint: true``);
   NaN/inf stop; gradient accumulation; clipping; activation checkpointing; ``compile``.
 - Speed switches, as in the LoRA DPO recipe: ``group_by_length`` (similar lengths per batch) and

@@ -18,6 +18,8 @@ held-out pairs every ``eval_every_n_steps`` and at the end; checkpoints every ``
 end in Hugging Face layout (PEFT adapter + merged model), written atomically; exact resume from the latest
 checkpoint (``resume_from_checkpoint: true``): data order and position, optimizer, LR schedule and RNG.
 A NaN/inf loss or gradient stops the run before the optimizer step, keeping the last good checkpoint.
+``eval_samples: N`` samples responses of the policy and the reference at every eval (text, true reward, KL;
+``dpo_components.samples``); ``python -m dpo_components.plot <output_dir>`` draws the run.
 
 Speed switches (``benchmarks/README.md`` measures them; the first and third leave the numbers unchanged, the
 second changes only which pairs share a batch):
