@@ -8,34 +8,53 @@ A checkpoint is one directory, ``<output_dir>/step_<N>/``:
         the LoRA adapter in PEFT layout (``PeftModel.from_pretrained(base, dir)``);
     recipe_state.pt
         what an exact resume needs: optimizer, LR schedule, step, data position, RNG (tensors and plain
-        Python values only, read back with ``torch.load(weights_only=True)``).
+        Python values only, read back with ``torch.load(weights_only=True)``), and the run's fingerprint;
+    manifest.json
+        written last: every other file's size and BLAKE2b hash. A checkpoint is complete only with it.
 
 The HF conversion (key names, q/k permutation, sharding like the source checkpoint, copying config and tokenizer
 files) is torchtune's ``FullModelHFCheckpointer``; we point it at a temporary directory, drop the pickled
 ``adapter_model.pt`` it writes, and rename the finished directory into place, so an interrupted save never
 leaves a half-written ``step_<N>`` behind.
+
+Resume takes the newest checkpoint whose files match its manifest (a truncated or missing file is named, and the
+one before it is used), and refuses to continue a run trained with other settings: the fingerprint holds the config
+keys that shape the run and hashes of the base checkpoint and of the tokenized training data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
 from torchtune.modules.peft import get_adapter_state_dict, get_lora_module_names, get_merged_lora_ckpt
 
+from dpo_components.config_checks import ConfigError
+from dpo_components.data import PreferenceDataset
 from dpo_components.training import rng_state, set_rng_state
 
 RECIPE_STATE_FILE = "recipe_state.pt"
+MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_CHUNK = 8 << 20
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, or no complete one to resume from; the message says which and why."""
 
 
 def merged_lora_state_dict(model: nn.Module, rank: int, alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -86,6 +105,193 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------- content hashes
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b of every byte of a file, read in 8 MiB chunks (about 0.5 GB/s per core): a same-size edit anywhere
+    changes it."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)  # hashlib releases the GIL here: files hash in parallel threads
+    return digest.hexdigest()
+
+
+def _digests(paths: list[Path]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(len(paths), 1))) as pool:
+        return list(pool.map(file_digest, paths))
+
+
+def files_digest(directory: str | Path, names: list[str]) -> str:
+    """One hash over the named files of ``directory`` (e.g. a model's safetensors shards), by name and content."""
+    names = sorted(names)
+    digest = hashlib.blake2b(digest_size=16)
+    for name, file_hash in zip(names, _digests([Path(directory) / n for n in names])):
+        digest.update(f"{name}:{file_hash};".encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ the run fingerprint
+
+# The config keys that shape a run (whole sections are flattened to dotted keys); a resume must match every one.
+# Logging, eval, save intervals, compile, activation checkpointing and the log-prob chunk size are left out: they
+# do not change what is trained.
+FINGERPRINT_KEYS = ("model", "loss", "optimizer", "lr_scheduler", "model_transform", "dtype", "seed", "batch_size",
+                    "gradient_accumulation_steps", "epochs", "max_steps_per_epoch", "clip_grad_norm", "shuffle",
+                    "group_by_length", "prefix_sharing")  # fmt: skip
+
+
+def run_fingerprint(cfg: DictConfig, train_data: PreferenceDataset, **values: Any) -> dict[str, Any]:
+    """What a run was trained with, as flat ``{key: value}``: the :data:`FINGERPRINT_KEYS` of ``cfg``, the
+    dataset's length limits, ``train_pairs`` and ``train_data`` (hash of the tokenized pairs), ``base_checkpoint``
+    (hash of every byte of the checkpoint files) and ``reference_checkpoint`` where one is configured. ``values``
+    add or replace entries (the seed actually drawn, the world size)."""
+    fingerprint: dict[str, Any] = {}
+    for key in FINGERPRINT_KEYS:
+        _flatten(key, OmegaConf.select(cfg, key, default=None), fingerprint)
+    for key, value in (cfg.get("dataset") or {}).items():
+        if "length" in key:  # max_length, max_prompt_length: truncation, also inside the data hash
+            fingerprint[f"dataset.{key}"] = value
+    fingerprint["train_pairs"] = len(train_data)
+    fingerprint["train_data"] = train_data.content_hash()
+    fingerprint["base_checkpoint"] = files_digest(cfg.checkpointer.checkpoint_dir, cfg.checkpointer.checkpoint_files)
+    reference = OmegaConf.select(cfg, "reference.checkpointer", default=None)
+    if reference:
+        fingerprint["reference_checkpoint"] = files_digest(reference.checkpoint_dir, reference.checkpoint_files)
+    return {**fingerprint, **values}
+
+
+def _flatten(key: str, value: Any, out: dict[str, Any]) -> None:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        for sub_key, sub_value in value.items():
+            _flatten(f"{key}.{sub_key}", sub_value, out)
+    else:
+        out[key] = value
+
+
+def check_same_run(checkpoint_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse (``ConfigError``) to resume ``checkpoint_dir`` when the run's fingerprint differs, naming every key
+    that differs with both values."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        before, now = saved.get(key, "<not set>"), current.get(key, "<not set>")
+        if before != now:
+            changed.append(f"  {key}: {before!r} in the checkpoint, {now!r} now")
+    if changed:
+        raise ConfigError(
+            f"cannot resume from {checkpoint_dir}: it was trained with other settings:\n"
+            + "\n".join(changed)
+            + "\nResume with the checkpoint's values, or start a fresh run (another output_dir, or "
+            "overwrite_output_dir=true to delete this run's checkpoints)."
+        )
+
+
+# -------------------------------------------------------------------------------- output dir, manifest, resume
+
+
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """The ``step_<N>`` directories of ``output_dir``, newest (largest N) first."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("step_*") if (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """A run owns its ``output_dir``. A fresh run (not ``resume``) refuses one that holds another run's
+    ``step_<N>`` checkpoints, since a later resume would continue from them; with ``overwrite`` it deletes them
+    and that run's metric logs and samples (the content-keyed reference cache stays)."""
+    old = step_dirs(output_dir)
+    if resume or not old:
+        return
+    names = ", ".join(p.name for p in old[:5]) + (", ..." if len(old) > 5 else "")
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir {output_dir} holds checkpoints of an earlier run ({names}). Set "
+            "resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to delete them and start "
+            "over, or choose another output_dir."
+        )
+    for path in old:
+        shutil.rmtree(path)
+    for pattern in ("log_*.txt", "events.out.tfevents.*", "samples.jsonl"):
+        for path in Path(output_dir).rglob(pattern):
+            path.unlink()
+    log.warning("overwrite_output_dir: deleted the earlier run's checkpoints (%s) and logs in %s", names, output_dir)
+
+
+def write_manifest(checkpoint_dir: str | Path, run: dict[str, Any] | None = None) -> None:
+    """Record every file of ``checkpoint_dir`` (size and BLAKE2b) and the run's fingerprint in ``manifest.json``;
+    call it last."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {p.relative_to(checkpoint_dir).as_posix(): {"bytes": p.stat().st_size, "blake2b": h}
+               for p, h in zip(files, _digests(files))}  # fmt: skip
+    tmp = checkpoint_dir / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": entries, "run": run}, indent=1) + "\n")
+    os.replace(tmp, checkpoint_dir / MANIFEST_FILE)
+
+
+def checkpoint_problem(checkpoint_dir: str | Path) -> str | None:
+    """What is wrong with ``checkpoint_dir`` against its manifest (the first bad file), or None if it is complete."""
+    checkpoint_dir = Path(checkpoint_dir)
+    try:
+        entries = json.loads((checkpoint_dir / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (an unfinished save, or a checkpoint of an older version)"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"its {MANIFEST_FILE} is unreadable ({error})"
+    if RECIPE_STATE_FILE not in entries:
+        return f"it has no {RECIPE_STATE_FILE} (not a checkpoint to resume from)"
+    for name, entry in entries.items():
+        path = checkpoint_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    for name, file_hash in zip(entries, _digests([checkpoint_dir / n for n in entries])):
+        if file_hash != entries[name]["blake2b"]:
+            return f"{name} does not match its hash in the manifest"
+    return None
+
+
+def checkpoint_fingerprint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The fingerprint of the run that wrote ``checkpoint_dir``, from its manifest."""
+    return json.loads((Path(checkpoint_dir) / MANIFEST_FILE).read_text())["run"] or {}
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete ``step_<N>`` of ``output_dir`` (its files match its manifest), or None. Each newer one
+    that is not complete is skipped with a warning naming the bad file."""
+    for path in step_dirs(output_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def resume_checkpoint(output_dir: str | Path) -> Path:
+    """The checkpoint ``resume_from_checkpoint`` continues from: :func:`latest_checkpoint`; a ``ConfigError`` if
+    there is none, a ``CheckpointError`` naming every checkpoint and what is wrong with it if none is complete."""
+    path = latest_checkpoint(output_dir)
+    if path is not None:
+        return path
+    problems = [f"  {p.name}: {checkpoint_problem(p)}" for p in step_dirs(output_dir)]
+    if not problems:
+        raise ConfigError(f"resume_from_checkpoint is true but {output_dir} holds no step_<N> checkpoint")
+    raise CheckpointError(f"resume_from_checkpoint is true but no checkpoint in {output_dir} is complete:\n"
+                          + "\n".join(problems))  # fmt: skip
+
+
+def save_failed(path: Path, error: BaseException, last_good: Path | None) -> CheckpointError:
+    """The one message a failed save ends a run with: what failed, where, and the checkpoint to resume from."""
+    last = (f"the last good checkpoint is {last_good} (resume_from_checkpoint=true continues from it)"
+            if last_good else "no checkpoint of this run was written before")  # fmt: skip
+    return CheckpointError(f"could not write checkpoint {path} ({type(error).__name__}: {error}); nothing of it "
+                           f"was kept, {last}")  # fmt: skip
+
+
 def save_checkpoint_dir(
     checkpointer: Any,
     out_dir: str | Path,
@@ -94,14 +300,34 @@ def save_checkpoint_dir(
     adapter_config: dict[str, Any] | None = None,
     recipe_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint directory atomically with torchtune's HF checkpointer; returns its path.
+    """Write one checkpoint directory atomically with torchtune's HF checkpointer, manifest last; returns its path.
 
     ``checkpointer`` is a ``FullModelHFCheckpointer`` whose ``load_checkpoint`` has run (it learns the source's
-    sharding then). An existing ``out_dir`` is replaced.
+    sharding then). An existing ``out_dir`` is replaced. On a failure (disk full, ...) the temporary directory is
+    removed and the error raised; ``out_dir`` and every other checkpoint stay as they were.
     """
     out_dir = Path(out_dir)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        _write_checkpoint(checkpointer, tmp_dir, model_state, adapter_state, adapter_config, recipe_state)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return out_dir
+
+
+def _write_checkpoint(
+    checkpointer: Any,
+    tmp_dir: Path,
+    model_state: dict[str, torch.Tensor],
+    adapter_state: dict[str, torch.Tensor] | None,
+    adapter_config: dict[str, Any] | None,
+    recipe_state: dict[str, Any] | None,
+) -> None:
     state: dict[str, Any] = {training.MODEL_KEY: model_state}
     if adapter_state is not None:
         state[training.ADAPTER_KEY] = adapter_state
@@ -123,24 +349,20 @@ def save_checkpoint_dir(
     (tmp_dir / "adapter_model.pt").unlink(missing_ok=True)  # a pickle; the safetensors copy is the adapter
     if recipe_state is not None:
         torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return out_dir
+    write_manifest(tmp_dir, run=(recipe_state or {}).get("run"))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The ``step_<N>`` directory with the largest N that holds a recipe state, or None."""
-    steps = []
-    for path in Path(output_dir).glob("step_*"):
-        match = _STEP_DIR.match(path.name)
-        if match and (path / RECIPE_STATE_FILE).is_file():
-            steps.append((int(match.group(1)), path))
-    return max(steps)[1] if steps else None
+def load_state_file(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` of a file the recipes wrote; an unreadable one is a ``CheckpointError``
+    that names it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {str(error).splitlines()[0]}") from None
 
 
 def load_recipe_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint_dir) / RECIPE_STATE_FILE, weights_only=True)
+    return load_state_file(Path(checkpoint_dir) / RECIPE_STATE_FILE)
 
 
 def _unpermute_lora_b(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -216,7 +438,7 @@ def training_state(
     progress: dict[str, int], optimizer: torch.optim.Optimizer, lr_scheduler: Any, run: dict[str, Any]
 ) -> dict[str, Any]:
     """What an exact resume needs. ``progress``: global_step, epochs_run, batches_done_in_epoch. ``run``: the
-    settings that fix the data order (seed, batch size, ...), checked on resume."""
+    run's fingerprint (:func:`run_fingerprint`), checked on resume."""
     return {**progress, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
             "rng": rng_state(), "run": run}  # fmt: skip
 
@@ -226,12 +448,10 @@ def restore_training_state(
 ) -> dict[str, int]:
     """Load optimizer, LR schedule and RNG from ``checkpoint_dir``; return the progress counters.
 
-    Refuses (``ValueError``) when the run settings differ: the data order would not be the same.
+    Refuses (``ConfigError``, naming each key) when the run's fingerprint ``run`` differs from the checkpoint's.
     """
     state = load_recipe_state(checkpoint_dir)
-    if state["run"] != run:
-        raise ValueError(f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, this run "
-                         f"has {run}")  # fmt: skip
+    check_same_run(checkpoint_dir, state["run"], run)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])

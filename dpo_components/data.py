@@ -39,6 +39,8 @@ for a JSON-lines or CSV file), or with ``on_bad_row="skip"`` are skipped and cou
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import re
 from collections import Counter
@@ -343,6 +345,16 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self._samples[index], "index": index}
+
+    def content_hash(self) -> str:
+        """SHA-256 of every sample's token ids and labels, in order: equal exactly when the tokenized data is
+        (dataset, tokenizer, chat template and truncation settings all end up in it)."""
+        digest = hashlib.sha256()
+        for sample in self._samples:
+            fields = [sample[k] for k in ("prompt_ids", "chosen_response_ids", "chosen_labels",
+                                          "rejected_response_ids", "rejected_labels")]  # fmt: skip
+            digest.update(json.dumps(fields, separators=(",", ":")).encode())
+        return digest.hexdigest()
 
     def sample_lengths(self) -> list[int]:
         """Prompt + longer response, per sample: the padded length the sample needs."""

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def run_variant(variant: dict[str, Any], out_dir: Path, repo_root: Path) -> dict
     overrides = [k if k.startswith("~") else f"{k}={'null' if v is None else v}"  # "~key" removes a key
                  for k, v in variant.get("overrides", {}).items()]  # fmt: skip
     command = [sys.executable, variant["recipe"], "--config", variant["config"], *overrides, f"output_dir={out_dir}"]
+    shutil.rmtree(out_dir, ignore_errors=True)  # each variant is a fresh run (a recipe refuses an earlier run's dir)
     start = time.perf_counter()
     process = subprocess.run(command, cwd=repo_root, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})  # fmt: skip

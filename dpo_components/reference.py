@@ -14,7 +14,6 @@ never silently reused.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,36 +29,17 @@ from dpo_components.losses import SequenceLogProbs
 from dpo_components.training import concatenated_logprobs
 
 FIELDS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
-_CHUNK = 8 << 20
-
-
-def _file_fingerprint(path: Path) -> bytes:
-    """Name and a BLAKE2b hash of every byte, read in 8 MiB chunks: an edit of any weight changes it (sampling
-    parts of a file missed same-size edits in the middle). About 1 GB/s on one core."""
-    digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return f"{path.name}:".encode() + digest.digest()
 
 
 def reference_cache_key(
-    dataset: PreferenceDataset,
-    checkpoint_dir: str | Path,
-    checkpoint_files: list[str],
-    dtype: torch.dtype,
-    variant: str = "",
+    dataset: PreferenceDataset, checkpoint_digest: str, dtype: torch.dtype, variant: str = ""
 ) -> str:
     """A short hash of (tokenized dataset, reference checkpoint, dtype, ``variant``: anything else the reference
-    depends on, e.g. an NF4-quantized base for QLoRA)."""
-    digest = hashlib.sha256()
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        fields = [sample[k] for k in ("prompt_ids", "chosen_response_ids", "chosen_labels",
-                                      "rejected_response_ids", "rejected_labels")]  # fmt: skip
-        digest.update(json.dumps(fields, separators=(",", ":")).encode())
-    for name in sorted(checkpoint_files):
-        digest.update(_file_fingerprint(Path(checkpoint_dir) / name))
+    depends on, e.g. an NF4-quantized base for QLoRA). ``checkpoint_digest`` is
+    ``checkpointing.files_digest`` of the reference checkpoint files (the recipes take it from the run's
+    fingerprint, so the files are read once)."""
+    digest = hashlib.sha256(dataset.content_hash().encode())
+    digest.update(checkpoint_digest.encode())
     digest.update(str(dtype).encode())
     if variant:
         digest.update(variant.encode())

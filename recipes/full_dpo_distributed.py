@@ -49,10 +49,17 @@ from torchtune import config, modules, training, utils
 from tqdm import tqdm
 
 from dpo_components.checkpointing import (
-    latest_checkpoint,
+    check_same_run,
+    checkpoint_fingerprint,
+    claim_output_dir,
     load_recipe_state,
+    load_state_file,
     remove_stale_temporaries,
+    resume_checkpoint,
+    run_fingerprint,
     save_checkpoint_dir,
+    save_failed,
+    write_manifest,
 )
 from dpo_components.config_checks import (
     ConfigError,
@@ -115,6 +122,7 @@ class FullDPORecipeDistributed:
         if self._group_by_length and not self._shuffle:
             raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
         self._resume = cfg.get("resume_from_checkpoint", False)
+        self._overwrite = cfg.get("overwrite_output_dir", False)
         self._reference_cfg = cfg.get("reference") or DictConfig({})
         self._reference_mode = self._reference_cfg.get("mode", "model")
         if self._reference_mode not in REFERENCE_MODES:
@@ -134,14 +142,14 @@ class FullDPORecipeDistributed:
     # ------------------------------------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
+        if self._is_rank_zero:  # no rank saves before the first steps' collectives: no race with these
+            claim_output_dir(self._output_dir, self._resume, self._overwrite)  # no mixing with an earlier run
+            remove_stale_temporaries(self._output_dir)  # what a killed or failed save left behind
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
-        if self._is_rank_zero:  # no rank saves before the first steps' collectives: no race with this
-            remove_stale_temporaries(self._output_dir)  # what a killed or failed save left behind
-        resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
-        if self._resume and resume_dir is None:
-            raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")
+        # the newest checkpoint whose files match its manifest (a corrupt newer one is skipped with a warning)
+        resume_dir = self._from_rank_zero(resume_checkpoint, self._output_dir) if self._resume else None
 
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
@@ -149,6 +157,11 @@ class FullDPORecipeDistributed:
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = instantiate_loss(cfg.loss)
         self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
+        # what this run is trained with (config keys, data and checkpoint hashes): a resume must match it
+        self._fingerprint = self._from_rank_zero(run_fingerprint, cfg, self._train_data, seed=self.seed,
+                                                 world_size=self._world_size)  # fmt: skip
+        if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)
+            check_same_run(resume_dir, checkpoint_fingerprint(resume_dir), self._fingerprint)
         eval_cfg = optional_component(cfg, "eval_dataset")
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
@@ -182,6 +195,21 @@ class FullDPORecipeDistributed:
                 f"{self._total_epochs} epochs; loss {self._loss_fn}; reference {self._reference_mode}"
             )
 
+    def _from_rank_zero(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` run on rank 0 only (it reads whole checkpoints) and sent to every rank; an error
+        there is raised on every rank."""
+        box = [None]
+        if self._is_rank_zero:
+            try:
+                box[0] = (fn(*args, **kwargs), None)
+            except Exception as error:
+                box[0] = (None, error)
+        dist.broadcast_object_list(box, src=0)
+        value, error = box[0]
+        if error is not None:
+            raise error
+        return value
+
     def _sharded_model(self, cfg: DictConfig, state: dict[str, Any], trainable: bool) -> torch.nn.Module:
         """Build on the meta device, shard per transformer layer and the root (FSDP2), load the full weights."""
         with training.set_default_dtype(self._dtype), torch.device("meta"):
@@ -214,13 +242,13 @@ class FullDPORecipeDistributed:
             return
         ref_cfg = self._reference_cfg
         ckpt_cfg = ref_cfg.checkpointer if ref_cfg.get("checkpointer") else cfg.checkpointer
+        reference_digest = self._fingerprint.get("reference_checkpoint", self._fingerprint["base_checkpoint"])
         cache_files, splits = {}, {"train": self._train_data, "eval": self._eval_data}
         if self._reference_mode == "precomputed":
             cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
             for split, data in splits.items():
                 if data is not None:
-                    key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
-                                              self._dtype, reference_variant(cfg))  # fmt: skip
+                    key = reference_cache_key(data, reference_digest, self._dtype, reference_variant(cfg))
                     cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
             if self._all_ranks_have(cache_files.values()):  # nothing to compute: build no reference model
                 for split, path in cache_files.items():
@@ -396,9 +424,19 @@ class FullDPORecipeDistributed:
 
     def save_checkpoint(self, consolidate: bool = False) -> Path:
         """``step_<N>/``: DCP shards of model + optimizer, LR schedule, progress, per-rank RNG; optionally the
-        consolidated HF safetensors (rank 0). Written under a temporary name, renamed by rank 0."""
+        consolidated HF safetensors (rank 0). Written under a temporary name, manifest last, renamed by rank 0."""
         final = self._output_dir / f"step_{self.global_step}"
         tmp = self._output_dir / f".step_{self.global_step}.tmp"
+        try:
+            self._write_checkpoint(tmp, final, consolidate)
+        except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
+            if self._is_rank_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise save_failed(final, error, self._last_checkpoint) from None
+        self._last_checkpoint = final
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path, consolidate: bool) -> None:
         if self._is_rank_zero:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -418,33 +456,24 @@ class FullDPORecipeDistributed:
                 (tmp / "hf").rmdir()
             torch.save({"global_step": self.global_step, "epochs_run": self.epochs_run,
                         "batches_done_in_epoch": self._batches_done_in_epoch,
-                        "lr_scheduler": self._lr_scheduler.state_dict(), "run": self._run_signature()},
+                        "lr_scheduler": self._lr_scheduler.state_dict(), "run": self._fingerprint},
                        tmp / "recipe_state.pt")  # fmt: skip
+            write_manifest(tmp, run=self._fingerprint)  # last: a checkpoint is complete only with it
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             log.info(f"saved checkpoint {final}{' (with consolidated HF weights)' if consolidate else ''}")
         dist.barrier()
-        self._last_checkpoint = final
-        return final
-
-    def _run_signature(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batch_size": self._batch_size, "world_size": self._world_size,
-                "gradient_accumulation_steps": self._grad_accum, "train_pairs": len(self._train_data),
-                "shuffle": self._shuffle, "group_by_length": self._group_by_length,
-                "prefix_sharing": self._prefix_sharing}  # fmt: skip
 
     def _load_checkpoint(self, checkpoint_dir: Path) -> None:
         state = load_recipe_state(checkpoint_dir)
-        if state["run"] != self._run_signature():
-            raise ConfigError(f"cannot resume exactly from {checkpoint_dir}: it was trained with {state['run']}, "
-                              f"this run has {self._run_signature()} (same world size needed)")  # fmt: skip
+        check_same_run(checkpoint_dir, state["run"], self._fingerprint)  # world_size included: DCP shards
         model_state, optim_state = get_state_dict(self._model, self._optimizer)
         shards = {"model": model_state, "optimizer": optim_state}
         dcp.load(shards, checkpoint_id=str(checkpoint_dir / "dcp"))
         set_state_dict(self._model, self._optimizer, model_state_dict=shards["model"],
                        optim_state_dict=shards["optimizer"])  # fmt: skip
         self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_rng_state(torch.load(checkpoint_dir / f"rng_rank{self._rank}.pt", weights_only=True))
+        set_rng_state(load_state_file(checkpoint_dir / f"rng_rank{self._rank}.pt"))
         self.global_step = state["global_step"]
         self.epochs_run = state["epochs_run"]
         self._batches_done_in_epoch = state["batches_done_in_epoch"]

@@ -46,12 +46,17 @@ from torchtune.modules.peft import disable_adapter, get_adapter_params, set_trai
 from tqdm import tqdm
 
 from dpo_components.checkpointing import (
-    latest_checkpoint,
+    check_same_run,
+    checkpoint_fingerprint,
+    claim_output_dir,
     load_peft_adapter,
     lora_settings,
     remove_stale_temporaries,
     restore_training_state,
+    resume_checkpoint,
+    run_fingerprint,
     save_checkpoint_dir,
+    save_failed,
     save_lora_checkpoint,
     training_state,
 )
@@ -108,6 +113,7 @@ class IPORecipeSingleDevice:
         if self._group_by_length and not self._shuffle:
             raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
         self._resume = cfg.get("resume_from_checkpoint", False)
+        self._overwrite = cfg.get("overwrite_output_dir", False)
         self._reference_cfg = cfg.get("reference") or DictConfig({})
         self._reference_mode = self._reference_cfg.get("mode", "model")
         if self._reference_mode not in REFERENCE_MODES:
@@ -128,12 +134,12 @@ class IPORecipeSingleDevice:
     # ------------------------------------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
+        claim_output_dir(self._output_dir, self._resume, self._overwrite)  # no mixing with an earlier run
         self._metric_logger = config.instantiate(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
         remove_stale_temporaries(self._output_dir)  # what a killed or failed save left behind
-        resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
-        if self._resume and resume_dir is None:
-            raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")
+        # the newest checkpoint whose files match its manifest (a corrupt newer one is skipped with a warning)
+        resume_dir = resume_checkpoint(self._output_dir) if self._resume else None
 
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
@@ -142,6 +148,10 @@ class IPORecipeSingleDevice:
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = instantiate_loss(cfg.loss)
         self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
+        # what this run is trained with (config keys, data and checkpoint hashes): a resume must match it
+        self._fingerprint = run_fingerprint(cfg, self._train_data, seed=self.seed)
+        if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)
+            check_same_run(resume_dir, checkpoint_fingerprint(resume_dir), self._fingerprint)
         eval_cfg = optional_component(cfg, "eval_dataset")
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
@@ -207,15 +217,14 @@ class IPORecipeSingleDevice:
         if not self._loss_fn.needs_reference:
             return
         ref_cfg = self._reference_cfg
-        ckpt_cfg = ref_cfg.checkpointer if ref_cfg.get("checkpointer") else cfg.checkpointer
+        reference_digest = self._fingerprint.get("reference_checkpoint", self._fingerprint["base_checkpoint"])
         cache_files = {}
         if self._reference_mode == "precomputed":
             cache_dir = Path(ref_cfg.get("cache_dir") or self._output_dir / "reference_cache")
             variant = reference_variant(cfg)
             for split, data in (("train", self._train_data), ("eval", self._eval_data)):
                 if data is not None:
-                    key = reference_cache_key(data, ckpt_cfg.checkpoint_dir, list(ckpt_cfg.checkpoint_files),
-                                              self._dtype, variant)  # fmt: skip
+                    key = reference_cache_key(data, reference_digest, self._dtype, variant)
                     cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
             if all(path.is_file() for path in cache_files.values()):  # nothing to compute: build no reference
                 for split, path in cache_files.items():
@@ -382,13 +391,16 @@ class IPORecipeSingleDevice:
 
     def save_checkpoint(self) -> Path:
         """``<output_dir>/step_<N>/``: HF-layout weights (merged + PEFT adapter for LoRA) and the resume state."""
-        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._run_signature())
-        out_dir = self._output_dir / f"step_{self.global_step}"
-        if self._is_lora:
-            path = save_lora_checkpoint(self._checkpointer, out_dir, self._model, self._lora, self._dtype, state)
-        else:
-            model_state = plain_state_dict(self._model)
-            path = save_checkpoint_dir(self._checkpointer, out_dir, model_state=model_state, recipe_state=state)
+        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint)
+        path = self._output_dir / f"step_{self.global_step}"
+        try:
+            if self._is_lora:
+                save_lora_checkpoint(self._checkpointer, path, self._model, self._lora, self._dtype, state)
+            else:
+                save_checkpoint_dir(self._checkpointer, path, model_state=plain_state_dict(self._model),
+                                    recipe_state=state)  # fmt: skip
+        except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
+            raise save_failed(path, error, self._last_checkpoint) from None
         self._last_checkpoint = path
         log.info(f"saved checkpoint {path}")
         return path
@@ -397,17 +409,8 @@ class IPORecipeSingleDevice:
         return {"global_step": self.global_step, "epochs_run": self.epochs_run,
                 "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
 
-    def _run_signature(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
-                "train_pairs": len(self._train_data), "shuffle": self._shuffle,
-                "group_by_length": self._group_by_length, "prefix_sharing": self._prefix_sharing}  # fmt: skip
-
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        try:
-            progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler,
-                                              self._run_signature())  # fmt: skip
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint)
         self.global_step = progress["global_step"]
         self.epochs_run = progress["epochs_run"]
         self._batches_done_in_epoch = progress["batches_done_in_epoch"]

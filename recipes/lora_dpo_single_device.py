@@ -50,11 +50,16 @@ from torchtune.modules.peft import (
 from tqdm import tqdm
 
 from dpo_components.checkpointing import (
-    latest_checkpoint,
+    check_same_run,
+    checkpoint_fingerprint,
+    claim_output_dir,
     load_peft_adapter,
     lora_settings,
     remove_stale_temporaries,
     restore_training_state,
+    resume_checkpoint,
+    run_fingerprint,
+    save_failed,
     save_lora_checkpoint,
     training_state,
 )
@@ -113,6 +118,7 @@ class LoRADPORecipeSingleDevice:
         if self._reference_mode not in ("model", "precomputed"):
             raise ConfigError(f"reference.mode must be 'model' or 'precomputed', not {self._reference_mode!r}")
         self._resume = cfg.get("resume_from_checkpoint", False)
+        self._overwrite = cfg.get("overwrite_output_dir", False)
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
         check_step_counts(cfg)
         prepare_missing_inputs(cfg)  # the tiny configs build their model and data on first use
@@ -127,13 +133,13 @@ class LoRADPORecipeSingleDevice:
     # ------------------------------------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
+        claim_output_dir(self._output_dir, self._resume, self._overwrite)  # no mixing with an earlier run
         self._metric_logger = config.instantiate(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
 
         remove_stale_temporaries(self._output_dir)  # what a killed or failed save left behind
-        resume_dir = latest_checkpoint(self._output_dir) if self._resume else None
-        if self._resume and resume_dir is None:
-            raise ConfigError(f"resume_from_checkpoint is true but {self._output_dir} holds no step_<N> checkpoint")
+        # the newest checkpoint whose files match its manifest (a corrupt newer one is skipped with a warning)
+        resume_dir = resume_checkpoint(self._output_dir) if self._resume else None
         # Our resume reads our own checkpoints; torchtune's checkpointer only loads the base weights.
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
@@ -142,6 +148,10 @@ class LoRADPORecipeSingleDevice:
         self._loss_fn = instantiate_loss(cfg.loss)
 
         self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
+        # what this run is trained with (config keys, data and base checkpoint hashes): a resume must match it
+        self._fingerprint = run_fingerprint(cfg, self._train_data, seed=self.seed)
+        if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)
+            check_same_run(resume_dir, checkpoint_fingerprint(resume_dir), self._fingerprint)
         eval_cfg = optional_component(cfg, "eval_dataset")
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         if self._eval_every and self._eval_data is None:
@@ -210,13 +220,11 @@ class LoRADPORecipeSingleDevice:
             return {}
         cache_dir = Path(self._reference_cfg.get("cache_dir") or self._output_dir / "reference_cache")
         batch_size = self._reference_cfg.get("batch_size", self._batch_size)
-        ckpt = cfg.checkpointer
         cache = {}
         for split, data in (("train", self._train_data), ("eval", self._eval_data)):
             if data is None:
                 continue
-            key = reference_cache_key(data, ckpt.checkpoint_dir, list(ckpt.checkpoint_files), self._dtype,
-                                      reference_variant(cfg))  # fmt: skip
+            key = reference_cache_key(data, self._fingerprint["base_checkpoint"], self._dtype, reference_variant(cfg))
             path = cache_dir / f"reference_logps_{key}.safetensors"
             reused = path.is_file()
             cache[split] = load_or_compute(path, partial(self._reference_pass, data, batch_size))
@@ -341,9 +349,12 @@ class LoRADPORecipeSingleDevice:
 
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/step_<N>/``: merged HF model, PEFT adapter, and the state for an exact resume."""
-        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._run_signature())
-        path = save_lora_checkpoint(self._checkpointer, self._output_dir / f"step_{self.global_step}", self._model,
-                                    self._lora, self._dtype, state)  # fmt: skip
+        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint)
+        path = self._output_dir / f"step_{self.global_step}"
+        try:
+            save_lora_checkpoint(self._checkpointer, path, self._model, self._lora, self._dtype, state)
+        except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
+            raise save_failed(path, error, self._last_checkpoint) from None
         self._last_checkpoint = path
         log.info(f"saved checkpoint {path}")
         return path
@@ -352,18 +363,8 @@ class LoRADPORecipeSingleDevice:
         return {"global_step": self.global_step, "epochs_run": self.epochs_run,
                 "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
 
-    def _run_signature(self) -> dict[str, Any]:
-        """What must not change between a run and its resume for the data order to be the same."""
-        return {"seed": self.seed, "batch_size": self._batch_size, "gradient_accumulation_steps": self._grad_accum,
-                "train_pairs": len(self._train_data), "shuffle": self._shuffle,
-                "group_by_length": self._group_by_length, "prefix_sharing": self._prefix_sharing}  # fmt: skip
-
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        try:
-            progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler,
-                                              self._run_signature())  # fmt: skip
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint)
         self.global_step = progress["global_step"]
         self.epochs_run = progress["epochs_run"]
         self._batches_done_in_epoch = progress["batches_done_in_epoch"]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from test_lora_dpo_recipe import logged
 from torchtune.training import FullModelHFCheckpointer
 
+from dpo_components.checkpointing import checkpoint_fingerprint, write_manifest
 from dpo_components.tiny_model import tiny_llama
 
 CONFIG = "recipe_configs/tiny/full_dpo_distributed.yaml"
@@ -111,7 +112,11 @@ def test_resume_from_a_dcp_checkpoint_equals_the_uninterrupted_run(tiny_setup, t
     assert (full / "step_2" / "dcp").is_dir() and not (full / "step_2" / WEIGHTS).exists()  # mid-run: DCP only
     resumed.mkdir()
     shutil.copytree(full / "step_2", resumed / "step_2")  # as if the run had been killed after step 2
-    torchrun(overrides(tiny_setup, resumed, resume_from_checkpoint=True, **settings))
+    shutil.copytree(full / "step_4", resumed / "step_4")  # ... and step_4 had been damaged since
+    shard = next((resumed / "step_4" / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    output = torchrun(overrides(tiny_setup, resumed, resume_from_checkpoint=True, **settings))
+    assert f"skipping checkpoint {resumed / 'step_4'}: dcp/{shard.name} has" in output  # and it took step_2
     assert min(logged(Cfg(resumed))) == 3
     a, b = weights(full, 4), weights(resumed, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -206,15 +211,28 @@ def test_eval_samples_with_sharded_models(tiny_setup, tmp_path):
 
 
 def test_an_error_on_one_rank_ends_every_rank_quickly(tiny_setup, tmp_path):
-    """Rank 1 fails at setup (its RNG file of the checkpoint is gone) while rank 0 goes on into FSDP's all-gather:
-    rank 1 must print its error and the launch must end, not hang in a barrier or a collective."""
+    """Rank 1 fails at setup (its RNG file of the checkpoint is not a tensor file, and the manifest was rewritten to
+    match, so only rank 1 notices) while rank 0 goes on into FSDP's all-gather: rank 1 must print its error and the
+    launch must end, not hang in a barrier or a collective."""
     out = tmp_path / "fail"
-    settings = {"max_steps_per_epoch": 2, "save_every_n_steps": 2, "eval_dataset": "null"}
+    settings = {"max_steps_per_epoch": 2, "save_every_n_steps": 2, "eval_dataset": "null", "epochs": 2}
     torchrun(overrides(tiny_setup, out, **settings))
-    (out / "step_2" / "rng_rank1.pt").unlink()
+    shutil.rmtree(out / "step_4")  # as if killed after step 2: the resumed run has steps to train
+    (out / "step_2" / "rng_rank1.pt").write_bytes(b"not a checkpoint")
+    write_manifest(out / "step_2", run=checkpoint_fingerprint(out / "step_2"))
     start = time.monotonic()
-    process = launch(overrides(tiny_setup, out, resume_from_checkpoint=True, epochs=2, **settings),
+    process = launch(overrides(tiny_setup, out, resume_from_checkpoint=True, **settings),
                      "--standalone", "--nproc_per_node=2")  # fmt: skip
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and time.monotonic() - start < 120
     assert "rank 1 failed" in output and "rng_rank1.pt" in output
+
+
+def test_every_rank_refuses_a_resume_without_a_complete_checkpoint(tiny_setup, tmp_path):
+    """Rank 0 checks the manifests and sends its verdict to every rank: the launch ends with that message, no hang."""
+    out = tmp_path / "broken"
+    (out / "step_3").mkdir(parents=True)  # no manifest: a save that never finished
+    process = launch(overrides(tiny_setup, out, resume_from_checkpoint=True), "--standalone", "--nproc_per_node=2")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and "rank 0 failed" in output
+    assert "no checkpoint in" in output and "step_3: it has no manifest.json" in output

@@ -2,15 +2,21 @@
 reference cache keyed by every byte of the checkpoint."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import REPO_ROOT
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from dpo_components import synthetic
+from dpo_components.checkpointing import CheckpointError, checkpoint_problem, files_digest
 from dpo_components.losses import IPOLoss, SPPOHardLoss
 from dpo_components.reference import reference_cache_key
 from recipes.ipo_single_device import IPORecipeSingleDevice
@@ -73,9 +79,140 @@ def test_reference_cache_key_covers_every_byte_of_the_checkpoint(tmp_path, token
     data = tokenize_rows(synthetic.preference_pairs(4, seed=0), tokenizer, source="rows", max_length=96)
     tensors = {f"layer{i}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(i)) for i in range(6)}
     save_file(tensors, tmp_path / "model.safetensors")  # 6 MiB: the middle is outside the first and last MiB
-    key = lambda: reference_cache_key(data, tmp_path, ["model.safetensors"], torch.float32)
+    key = lambda: reference_cache_key(data, files_digest(tmp_path, ["model.safetensors"]), torch.float32)
     before = key()
     tensors["layer3"] = tensors["layer3"] * 1.5  # same size, middle of the file
     save_file(tensors, tmp_path / "model.safetensors")
     assert key() != before
     assert json.dumps(before) and key() == key()  # and stable for the same bytes
+
+
+# ----------------------------------------------------------------------- a run owns its output_dir; resume checks
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(recipe_cfg):
+    """Case 2 of issue 14: a fresh run into a directory holding step_36 of another run used to start silently, and a
+    resume after a kill then continued from the old run's step_36."""
+    cfg = recipe_cfg(max_steps_per_epoch=1, eval_dataset=None)
+    old = Path(cfg.output_dir) / "step_36"
+    old.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(step_36\).*overwrite_output_dir"):
+        LoRADPORecipeSingleDevice(cfg).setup(cfg)
+    cfg.overwrite_output_dir = True
+    LoRADPORecipeSingleDevice(cfg).setup(cfg)
+    assert not old.exists()
+
+
+def _swapped_pairs(path: Path, out: Path) -> Path:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return synthetic.write_jsonl([{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows], out)
+
+
+def _edited_checkpoint(source: Path, out: Path) -> Path:
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    name = sorted(tensors)[len(tensors) // 2]  # a tensor in the middle of the file; same size
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_resume_refuses_a_run_trained_with_other_settings(recipe_cfg, tiny_setup, tmp_path):
+    """Case 4: another base checkpoint, swapped pairs of the same size, another max_length, lr or epochs all resumed
+    silently; each is now refused, naming the key and both values."""
+    settings = {"max_steps_per_epoch": 1, "eval_dataset": None}
+    cfg = recipe_cfg(**settings)
+    recipe = LoRADPORecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    changes = {
+        "optimizer.lr": (0.001, r"optimizer.lr: 0.003 in the checkpoint, 0.001 now"),
+        "epochs": (2, r"epochs: 1 in the checkpoint, 2 now"),
+        "dataset.max_length": (80, r"dataset.max_length: 96 in the checkpoint, 80 now"),
+        "dataset.data_files": (_swapped_pairs(tiny_setup / "data/train.jsonl", tmp_path / "swapped.jsonl"),
+                               r"train_data: '[0-9a-f]{64}' in the checkpoint, '[0-9a-f]{64}' now"),
+        "checkpointer.checkpoint_dir": (_edited_checkpoint(tiny_setup / "sft_model", tmp_path / "edited"),
+                                        r"base_checkpoint: '[0-9a-f]{32}' in the checkpoint, '[0-9a-f]{32}' now"),
+    }  # fmt: skip
+    for key, (value, message) in changes.items():
+        changed = recipe_cfg(**settings, resume_from_checkpoint=True, **{key: value})
+        with pytest.raises(ConfigError, match=rf"cannot resume from .*step_1: .*\n  {message}"):
+            LoRADPORecipeSingleDevice(changed).setup(changed)
+    same = recipe_cfg(**settings, resume_from_checkpoint=True)
+    resumed = LoRADPORecipeSingleDevice(same)
+    resumed.setup(same)
+    assert resumed.global_step == 1
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_names_the_bad_file(recipe_cfg, caplog):
+    """Case 7: a truncated recipe_state.pt or a deleted adapter file gave a raw traceback naming no checkpoint."""
+    settings = {"max_steps_per_epoch": 2, "save_every_n_steps": 1, "eval_dataset": None}
+    cfg = recipe_cfg(**settings)
+    recipe = LoRADPORecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    out = Path(cfg.output_dir)
+    assert checkpoint_problem(out / "step_1") is None and checkpoint_problem(out / "step_2") is None
+    (out / "step_2" / "adapter_model.safetensors").unlink()
+
+    resume = recipe_cfg(**settings, resume_from_checkpoint=True)
+    recipe = LoRADPORecipeSingleDevice(resume)
+    with caplog.at_level(logging.WARNING):
+        recipe.setup(resume)
+    assert recipe.global_step == 1
+    assert "skipping checkpoint" in caplog.text and "step_2: adapter_model.safetensors is missing" in caplog.text
+
+    state = out / "step_1" / "recipe_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a disk that filled up outside our save
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* is complete:\n  step_2: adapter_model.safetensors "
+                                              r"is missing\n  step_1: recipe_state.pt has 100 bytes, the manifest "
+                                              r"says \d+"):  # fmt: skip
+        LoRADPORecipeSingleDevice(resume).setup(resume)
+
+
+FILL_THE_DISK_AFTER_THE_FIRST_SAVE = """
+import resource, signal, sys
+from omegaconf import OmegaConf
+from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
+
+cfg = OmegaConf.load(sys.argv[1])
+recipe = LoRADPORecipeSingleDevice(cfg)
+recipe.setup(cfg)
+save = recipe.save_checkpoint
+
+def save_then_fill_the_disk():
+    path = save()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))  # no file over 1 MiB any more
+    return path
+
+recipe.save_checkpoint = save_then_fill_the_disk
+recipe.train()
+"""
+
+
+def test_a_failed_save_names_the_path_and_the_last_good_checkpoint(recipe_cfg, tmp_path):
+    """Case 8: a full disk ended a run with a raw SafetensorError. Here files over 1 MiB fail after the first save
+    (the tiny model is 13 MB), as on a full disk: the run ends with one message naming the failed checkpoint and
+    the last good one, leaves nothing of the failed save, and resumes from the good one once writes work again."""
+    settings = {"max_steps_per_epoch": 2, "save_every_n_steps": 1, "eval_dataset": None}
+    cfg = recipe_cfg(**settings)
+    config_file = tmp_path / "run.yaml"
+    OmegaConf.save(cfg, config_file)
+    process = subprocess.run([sys.executable, "-c", FILL_THE_DISK_AFTER_THE_FIRST_SAVE, str(config_file)],
+                             cwd=REPO_ROOT, capture_output=True, text=True)  # fmt: skip
+    out = Path(cfg.output_dir)
+    errors = [line for line in process.stderr.splitlines() if "Error" in line and not line.startswith(" ")]
+    assert process.returncode != 0 and len(errors) == 1, process.stderr  # one message, no chained traceback
+    assert errors[0].startswith(f"dpo_components.checkpointing.CheckpointError: could not write checkpoint {out}/")
+    assert errors[0].split()[5] == f"{out}/step_2" and "File too large" in errors[0]
+    assert f"the last good checkpoint is {out}/step_1" in errors[0]
+    assert not list(out.glob(".step_*")) and not (out / "step_2").exists()
+    assert checkpoint_problem(out / "step_1") is None
+
+    resume = recipe_cfg(**settings, resume_from_checkpoint=True)
+    recipe = LoRADPORecipeSingleDevice(resume)
+    recipe.setup(resume)
+    assert recipe.global_step == 1
+    recipe.train()
+    assert checkpoint_problem(out / "step_2") is None

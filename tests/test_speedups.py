@@ -154,13 +154,15 @@ def test_recipe_group_by_length_cuts_padding(recipe_cfg, tmp_path):
 
 
 def test_reference_cache_key_changes_with_the_variant(tiny_setup):
+    from dpo_components.checkpointing import files_digest
     from dpo_components.data import preference_dataset
     from dpo_components.reference import reference_cache_key
     from dpo_components.tiny_tokenizer import tiny_tokenizer
 
     data = preference_dataset(tiny_tokenizer(), source="json", data_files=str(tiny_setup / "data/eval.jsonl"),
                               split="train", max_length=96, max_prompt_length=32)  # fmt: skip
-    key = partial(reference_cache_key, data, tiny_setup / "sft_model", ["model.safetensors"], torch.float32)
+    checkpoint = files_digest(tiny_setup / "sft_model", ["model.safetensors"])
+    key = partial(reference_cache_key, data, checkpoint, torch.float32)
     assert key() == key(variant="") != key(variant="quantize_base=True")  # an NF4 reference gets its own cache
 
 
