@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -248,27 +249,68 @@ def _map_columns(raw: dict[str, Any], column_map: dict[str, str]) -> dict[str, A
 # ------------------------------------------------------------------------------------- tokenize and truncate
 
 
-def _generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[int]:
-    """The prompt in chat format followed by the assistant header: what a model is given at generation time."""
-    messages = [Message(m.role, m.content, masked=True) for m in prompt] + [Message("assistant", "")]
-    return tokenizer.tokenize_messages(messages, add_end_tokens=False)[0]
+# torchtune 0.6.1 names the end-of-sequence switch of ``tokenize_messages`` per family.
+_END_SWITCHES = ("add_end_tokens", "add_eos")  # Llama 2 / Llama 3; Qwen2/2.5, Mistral, Gemma, Phi-3, Phi-4
+_PROBES = ("the", "film", "?")  # responses whose first tokens differ in any vocabulary
+
+
+def _tokenize_messages(tokenizer: ModelTokenizer, messages: list[Message], end: bool) -> tuple[list[int], list[bool]]:
+    parameters = inspect.signature(tokenizer.tokenize_messages).parameters
+    switch = next((name for name in _END_SWITCHES if name in parameters), None)
+    try:
+        return tokenizer.tokenize_messages(messages, **({switch: end} if switch else {}))
+    except (ValueError, RuntimeError) as error:  # e.g. Mistral's template has no system turn
+        raise _BadRow(f"{type(tokenizer).__name__} cannot format these messages: {error}") from None
+
+
+def tokenize_chat(tokenizer: ModelTokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
+    """``messages`` (ending with the assistant's response) in the tokenizer's chat format with the family's end
+    tokens on: (token ids, masked flags), whatever the family calls the switch and whatever its default (Phi-3
+    and Phi-4 default to off, which leaves a response without its end of turn).
+
+    The response then ends as the family trains it: Llama 3 <|eot_id|> (and a masked <|end_of_text|>), Qwen2/2.5
+    and Phi-4 <|im_end|>, Phi-3 <|end|> + <|endoftext|>, Llama 2, Mistral and Gemma </s>.
+    """
+    return _tokenize_messages(tokenizer, messages, end=True)
+
+
+def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[int]:
+    """The prompt in chat format followed by the assistant header: what a model is given at generation time.
+
+    Found as the common start of the prompt followed by different assistant responses, so it holds for every
+    family's format (an empty assistant turn would leave Phi-3's <|end|> in it).
+    """
+    messages = [Message(m.role, m.content, masked=True) for m in prompt]
+    probes = [tokenize_chat(tokenizer, messages + [Message("assistant", text)])[0] for text in _PROBES]
+    common = 0
+    while all(len(p) > common for p in probes) and len({p[common] for p in probes}) == 1:
+        common += 1
+    return probes[0][:common]
+
+
+def stop_tokens(tokenizer: ModelTokenizer) -> list[int]:
+    """Token ids that end a sampled response: the tokenizer's ``stop_tokens`` and Phi-3's end of turn."""
+    stops = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+    end_of_turn = getattr(tokenizer, "special_tokens", {}).get("<|end|>")
+    return stops + [end_of_turn] if end_of_turn is not None and end_of_turn not in stops else stops
 
 
 def _tokenize(
-    tokenizer: ModelTokenizer, prompt: list[Message], response: list[Message], generation_prompt: list[int]
+    tokenizer: ModelTokenizer, prompt: list[Message], response: list[Message], header: list[int]
 ) -> tuple[list[int], list[int], list[bool]]:
     """(prompt ids, response ids, response masked flags) for prompt + response in the tokenizer's chat format.
 
-    The response starts after the assistant header (as in TRL, and as generation sees it), so the header is
-    not trained and not counted in length-averaged losses. Should the header not be a prefix (a response that
-    starts with a tool turn, an unusual template), it starts at the first unmasked token (torchtune's rule).
+    The response starts after ``header`` (:func:`generation_prompt`: as in TRL, and as generation sees it), so
+    the assistant header is not trained and not counted in length-averaged losses. Should the header not be a
+    prefix (a response that starts with a tool turn, an unusual template), it starts at the first unmasked token
+    (torchtune's rule).
     """
     messages = [Message(m.role, m.content, masked=True) for m in prompt]
     messages += [Message(m.role, m.content, masked=False) for m in response]
-    tokens, mask = tokenizer.tokenize_messages(messages)
+    tokens, mask = tokenize_chat(tokenizer, messages)
     start = mask.index(False)
-    if tokens[: len(generation_prompt)] == generation_prompt and not all(mask[len(generation_prompt) :]):
-        start = max(start, len(generation_prompt))
+    if tokens[: len(header)] == header and not all(mask[len(header) :]):
+        start = max(start, len(header))
     return tokens[:start], tokens[start:], mask[start:]
 
 
@@ -287,7 +329,7 @@ def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt
     """
     system = [m for m in prompt[:1] if m.role == "system"]
     body = prompt[len(system) :]
-    length = lambda turns: len(_generation_prompt(tokenizer, system + turns))
+    length = lambda turns: len(generation_prompt(tokenizer, system + turns))
     while len(body) > 1 and length(body) > max_prompt_length:
         body = body[1:]
         while len(body) > 1 and body[0].role != "user":
@@ -375,9 +417,9 @@ def _tokenize_pair(
     prompt, chosen, rejected = parse_row(row, fmt)
 
     def tokenize(prompt: list[Message]) -> tuple:
-        generation_prompt = _generation_prompt(tokenizer, prompt)
-        prompt_ids, chosen_ids, chosen_masked = _tokenize(tokenizer, prompt, chosen, generation_prompt)
-        prompt_ids_r, rejected_ids, rejected_masked = _tokenize(tokenizer, prompt, rejected, generation_prompt)
+        header = generation_prompt(tokenizer, prompt)
+        prompt_ids, chosen_ids, chosen_masked = _tokenize(tokenizer, prompt, chosen, header)
+        prompt_ids_r, rejected_ids, rejected_masked = _tokenize(tokenizer, prompt, rejected, header)
         if prompt_ids != prompt_ids_r:
             raise _BadRow("chosen and rejected tokenize to different prompts")
         return prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked

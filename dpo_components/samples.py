@@ -36,6 +36,7 @@ from torchtune.modules import local_kv_cache
 from torchtune.modules.peft import disable_adapter
 from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, WandBLogger
 
+from dpo_components.data import stop_tokens
 from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def sample_and_score(
     share = -(-len(prompts) // world)
     padded = mine + [prompts[0]] * (share - len(mine))  # same batch on every rank: the forwards stay in step
     rng = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed * 1_000_003 + rank)
-    generate_kwargs = dict(pad_id=tokenizer.pad_id, stop_tokens=tokenizer.stop_tokens, rng=rng,
+    generate_kwargs = dict(pad_id=tokenizer.pad_id, stop_tokens=stop_tokens(tokenizer), rng=rng,
                            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                            stop_early=world == 1)  # fmt: skip
     policy_ids = generate_padded(policy, padded, **generate_kwargs)
@@ -201,7 +202,7 @@ def sample_and_score(
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
-    stops = set(getattr(tokenizer, "stop_tokens", None) or [])
+    stops = set(stop_tokens(tokenizer))
     return tokenizer.decode([t for t in ids if t not in stops]).strip()
 
 

@@ -1,0 +1,132 @@
+"""Tiny tokenizers of every torchtune 0.6.1 model family, trained here on the synthetic task's text.
+
+Each is loaded by that family's own torchtune builder (``qwen2_5_tokenizer``, ``mistral_tokenizer``, ...) from
+files in the family's format, so a test exercises the real class and chat format with a small vocabulary:
+
+- SentencePiece ``tokenizer.model`` (Llama 2, Mistral, Gemma, Phi-3), trained with the ``sentencepiece`` package,
+  with the family's control tokens as user-defined symbols and its BOS/EOS/PAD/UNK ids;
+- byte-level BPE ``vocab.json`` + ``merges.txt`` (Qwen2, Qwen2.5, Phi-4), trained with ``tokenizers``;
+- the special tokens with small ids right after the vocabulary, in a ``tokenizer.json``-style file
+  (``added_tokens``) that torchtune's ``special_tokens_path`` reads, in the order of the family's own table.
+
+    python -m dpo_components.tiny.family_tokenizers OUT_DIR   # writes OUT_DIR/<family>/ for every family
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+from tokenizers import ByteLevelBPETokenizer
+from torchtune.models.gemma import gemma_tokenizer
+from torchtune.models.llama2 import llama2_tokenizer
+from torchtune.models.mistral import mistral_tokenizer
+from torchtune.models.phi3 import phi3_mini_tokenizer
+from torchtune.models.phi3._tokenizer import PHI3_SPECIAL_TOKENS
+from torchtune.models.phi4 import phi4_tokenizer
+from torchtune.models.phi4._tokenizer import PHI4_SPECIAL_TOKENS
+from torchtune.models.qwen2 import qwen2_tokenizer
+from torchtune.models.qwen2._tokenizer import QWEN2_SPECIAL_TOKENS
+from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
+from torchtune.modules.transforms.tokenizers import ModelTokenizer
+
+from dpo_components.synthetic import corpus_lines
+
+FAMILIES = ("llama2", "mistral", "gemma", "phi3", "qwen2", "qwen2_5", "phi4")
+SENTENCEPIECE_VOCAB = 512
+BPE_VOCAB = 600
+CHAT_WORDS = "You are a helpful assistant. Write a review. Sure, here is one: the film was great ! ? , ."
+
+# SentencePiece families: (control tokens as single pieces, unk/bos/eos/pad ids), as in the released models.
+_SENTENCEPIECE = {
+    "llama2": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
+    "mistral": (["[INST]", "[/INST]"], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
+    "gemma": (["<start_of_turn>", "<end_of_turn>"], dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)),
+    "phi3": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
+}
+_SPECIAL_TOKENS = {"phi3": PHI3_SPECIAL_TOKENS, "qwen2": QWEN2_SPECIAL_TOKENS, "qwen2_5": QWEN2_5_SPECIAL_TOKENS,
+                   "phi4": PHI4_SPECIAL_TOKENS}  # fmt: skip
+
+
+def _corpus() -> list[str]:
+    return [*corpus_lines(seed=0, n=2000), CHAT_WORDS, "user assistant system model"]
+
+
+def _write_sentencepiece(out: Path, family: str) -> None:
+    symbols, ids = _SENTENCEPIECE[family]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=model, vocab_size=SENTENCEPIECE_VOCAB, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=symbols, character_coverage=1.0, num_threads=1,
+        minloglevel=2, **ids,
+    )  # fmt: skip
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+
+
+def _write_bpe(out: Path) -> None:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=BPE_VOCAB, min_frequency=2, show_progress=False)
+    bpe.save_model(str(out))  # vocab.json + merges.txt
+
+
+def _write_special_tokens(out: Path, family: str, first_id: int) -> dict[str, int]:
+    """The family's special tokens renumbered from ``first_id`` in their table's id order."""
+    names = sorted(_SPECIAL_TOKENS[family], key=_SPECIAL_TOKENS[family].get)
+    tokens = {name: first_id + i for i, name in enumerate(names)}
+    added = [{"id": i, "content": name, "special": True} for name, i in tokens.items()]
+    (out / "special_tokens.json").write_text(json.dumps({"added_tokens": added}, indent=1))
+    return tokens
+
+
+def write_family_tokenizer(out_dir: str | Path, family: str) -> Path:
+    """Write ``family``'s tiny tokenizer files into ``out_dir`` (deterministic; about a second); returns it."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if family in _SENTENCEPIECE:
+        _write_sentencepiece(out, family)
+        if family == "phi3":
+            _write_special_tokens(out, family, SENTENCEPIECE_VOCAB)
+    else:
+        _write_bpe(out)
+        vocab = json.loads((out / "vocab.json").read_text())
+        _write_special_tokens(out, family, len(vocab))
+    return out
+
+
+def family_tokenizer(files: str | Path, family: str, **kwargs: Any) -> ModelTokenizer:
+    """torchtune's own builder for ``family`` on the files of :func:`write_family_tokenizer` (``kwargs``: e.g.
+    ``max_seq_len``, ``prompt_template``)."""
+    files = Path(files)
+    special = str(files / "special_tokens.json")
+    if family == "llama2":
+        return llama2_tokenizer(str(files / "tokenizer.model"), **kwargs)
+    if family == "mistral":
+        return mistral_tokenizer(str(files / "tokenizer.model"), **kwargs)
+    if family == "gemma":
+        return gemma_tokenizer(str(files / "tokenizer.model"), **kwargs)
+    if family == "phi3":
+        return phi3_mini_tokenizer(str(files / "tokenizer.model"), special_tokens_path=special, **kwargs)
+    if family == "phi4":
+        return phi4_tokenizer(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special,
+                              **kwargs)  # fmt: skip
+    builder = qwen2_tokenizer if family == "qwen2" else qwen2_5_tokenizer
+    return builder(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    args = parser.parse_args()
+    for family in FAMILIES:
+        print(write_family_tokenizer(Path(args.out_dir) / family, family))
+
+
+if __name__ == "__main__":
+    main()

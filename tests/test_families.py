@@ -1,0 +1,83 @@
+"""Every torchtune 0.6.1 tokenizer family builds preference pairs, each with its own tokenizer class and chat format
+(loaded from tiny files the project trains: dpo_components.tiny.family_tokenizers). Before, every family but Llama
+crashed in the data builder (`add_end_tokens` is Llama's name for the switch the others call `add_eos`)."""
+
+import pytest
+from torchtune.data import Message
+
+from dpo_components.data import PreferenceDataError, generation_prompt, stop_tokens, tokenize_chat, tokenize_rows
+from dpo_components.logprobs import IGNORE_INDEX
+from dpo_components.tiny.family_tokenizers import FAMILIES, family_tokenizer, write_family_tokenizer
+from dpo_components.tiny_tokenizer import tiny_tokenizer
+
+CHOSEN, REJECTED = "the film was great !", "the film was bad ."
+EARLIER = [{"role": "user", "content": "Write a review."}, {"role": "assistant", "content": "the film ."}]
+
+
+@pytest.fixture(scope="module", params=("llama3", *FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    if name == "llama3":
+        return name, tiny_tokenizer()
+    return name, family_tokenizer(write_family_tokenizer(tmp_path_factory.mktemp(name), name), name)
+
+
+def pair(prompt_turns):
+    return {"prompt": prompt_turns, "chosen": [{"role": "assistant", "content": CHOSEN}],
+            "rejected": [{"role": "assistant", "content": REJECTED}]}  # fmt: skip
+
+
+def text_of(tokenizer, ids):
+    """Decoded text. torchtune 0.6.1's Phi-4 tokenizer returns a list of byte-level pieces (None for special
+    tokens, 'Ġ' for a space)."""
+    text = tokenizer.decode(ids)
+    if isinstance(text, list):
+        text = "".join(piece for piece in text if piece).replace("Ġ", " ")
+    return text.strip()
+
+
+def end_of_response(name, tokenizer):
+    """The token a trained response ends with: the family's end of turn (Qwen2.5 and Phi-4 use <|im_end|> as EOS)."""
+    return tokenizer.eot_id if name == "llama3" else tokenizer.eos_id
+
+
+@pytest.mark.parametrize("turns", [1, 3], ids=["single-turn", "multi-turn"])
+def test_pairs_mask_the_prompt_and_train_the_response_and_its_end(family, turns):
+    name, tokenizer = family
+    prompt = [*EARLIER, {"role": "user", "content": "More ?"}][-turns:]
+    sample = tokenize_rows([pair(prompt)], tokenizer, source="rows", max_length=256)[0]
+    messages = [Message(m["role"], m["content"], masked=True) for m in prompt]
+
+    # the prompt is the generation prompt (chat format + assistant header), not trained
+    assert sample["prompt_ids"] == generation_prompt(tokenizer, messages)
+    for side, text in (("chosen", CHOSEN), ("rejected", REJECTED)):
+        response, labels = sample[f"{side}_response_ids"], sample[f"{side}_labels"]
+        full, _ = tokenize_chat(tokenizer, [*messages, Message("assistant", text)])
+        assert sample["prompt_ids"] + response == full  # prompt + response is exactly the chat format
+        trained = [t for t in labels if t != IGNORE_INDEX]
+        assert trained[-1] == end_of_response(name, tokenizer)  # the end of turn is learned ...
+        assert trained[-1] in stop_tokens(tokenizer)  # ... and ends sampling
+        words = [t for t in trained if t not in stop_tokens(tokenizer)]
+        assert text_of(tokenizer, words) == text  # the whole response text is trained
+    bos = getattr(tokenizer, "bos_id", None)
+    sequence = sample["prompt_ids"] + sample["chosen_response_ids"]
+    if name in ("llama2", "mistral", "gemma", "phi3") and turns > 1:  # torchtune opens every exchange with <s>
+        assert sequence.count(bos) == 2 and sequence[0] == bos
+    elif name in ("qwen2", "qwen2_5", "phi4"):  # ChatML formats have no BOS
+        assert bos not in sequence
+    else:
+        assert sequence.count(bos) == 1 and sequence[0] == bos
+
+
+def test_a_system_turn_the_format_lacks_is_a_named_bad_row(family):
+    name, tokenizer = family
+    rows = [pair([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a review."}])]
+    if name != "mistral":
+        with_system = tokenize_rows(rows, tokenizer, source="rows", max_length=256)[0]
+        without = tokenize_rows([pair(rows[0]["prompt"][1:])], tokenizer, source="rows", max_length=256)[0]
+        assert len(with_system["prompt_ids"]) > len(without["prompt_ids"])
+        assert with_system["chosen_response_ids"] == without["chosen_response_ids"]
+        return
+    with pytest.raises(PreferenceDataError, match=r"rows row 0: MistralTokenizer cannot format these messages: "
+                                                  r"System prompts are not supported"):  # fmt: skip
+        tokenize_rows(rows, tokenizer, source="rows", max_length=256)
