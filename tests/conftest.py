@@ -29,6 +29,22 @@ def tiny_setup(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """``tiny_family(name)``: the tiny checkpoint of a model family in its Hugging Face layout, with its tokenizer
+    files (dpo_components.tiny.families; about a second each, written once per session)."""
+    from dpo_components.tiny.families import write_tiny_checkpoint
+
+    written = {}
+
+    def get(family):
+        if family not in written:
+            written[family] = write_tiny_checkpoint(tmp_path_factory.mktemp(family), family)
+        return written[family]
+
+    return get
+
+
 @pytest.fixture
 def recipe_cfg(tiny_setup, tmp_path):
     """The tiny LoRA DPO config pointed at ``tiny_setup``, writing to a fresh output dir; merge overrides."""

@@ -42,6 +42,8 @@ def test_every_model_family_is_covered():
         "qwen2_5/0.5B_lora",
         "qwen2_5/1.5B_lora",
         "qwen2_5/7B_lora",
+        "qwen2_5/14B_qlora",
+        "qwen2_5/32B_qlora",
     ):
         assert any(expected in name for name in names), expected
 
@@ -70,19 +72,49 @@ def test_components_resolve_and_accept_their_arguments(path):
             signature.bind(**args)  # builders take keyword arguments only: all required ones must be set
 
 
-@pytest.mark.parametrize("path", SINGLE_DEVICE, ids=str)
-def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tmp_path):
-    cfg = OmegaConf.load(REPO_ROOT / path)
+# The family of a shipped model builder -> its tiny stand-in (dpo_components.tiny.families) and tokenizer files.
+FAMILY_OF = {"torchtune.models.qwen2_5.": "qwen2_5", "dpo_components.models.mistral_": "mistral",
+             "dpo_components.models.lora_mistral_": "mistral"}  # fmt: skip
+TOKENIZER_FILES = {
+    "qwen2_5": {"path": "vocab.json", "merges_file": "merges.txt", "special_tokens_path": "special_tokens.json"},
+    "mistral": {"path": "tokenizer.model"},
+}
+
+
+def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
+    """Swap sizes and files only: a Qwen2.5 or Mistral config keeps its builder family (torchtune's component
+    builders, tiny dimensions), tokenizer class (on tiny files of its own format) and checkpoint ``model_type``;
+    a Llama 3.x config gets the tiny Llama 3.2 (its tokenizer is ``llama3_tokenizer`` on a tiny tiktoken file).
+    Returns the family of the stand-in (None for Llama)."""
+    shipped = cfg.model._component_
     lora_args = {k: v for k, v in cfg.model.items() if k.startswith("lora_") or k in ("apply_lora_to_mlp", "use_dora")}
-    if lora_args:
-        cfg.model = {"_component_": "dpo_components.tiny_model.lora_tiny_llama", **lora_args,
-                     "quantize_base": "qlora" in cfg.model._component_}  # fmt: skip
-    else:
-        cfg.model = {"_component_": "dpo_components.tiny_model.tiny_llama"}
+    quantize = {"quantize_base": "qlora" in shipped or cfg.model.get("quantize_base", False)} if lora_args else {}
+    family = next((name for prefix, name in FAMILY_OF.items() if shipped.startswith(prefix)), None)
+    if family is not None:
+        files = tiny_family(family)
+        builder = "dpo_components.tiny.families." + ("lora_tiny_model" if lora_args else "tiny_model")
+        cfg.model = {"_component_": builder, "family": family, **lora_args, **quantize}
+        cfg.tokenizer.update({key: str(files / name) for key, name in TOKENIZER_FILES[family].items()})
+        cfg.checkpointer.update(checkpoint_dir=str(files), checkpoint_files=["model.safetensors"])
+        return family
+    assert shipped.startswith(("torchtune.models.llama3_1.", "torchtune.models.llama3_2.")), shipped
+    cfg.model = {"_component_": "dpo_components.tiny_model." + ("lora_tiny_llama" if lora_args else "tiny_llama"),
+                 **lora_args, **quantize}  # fmt: skip
     cfg.tokenizer = {"_component_": "dpo_components.tiny_tokenizer.tiny_tokenizer"}
-    cfg.checkpointer.update(
-        checkpoint_dir=str(tiny_setup / "sft_model"), checkpoint_files=["model.safetensors"], model_type="LLAMA3_2"
-    )
+    cfg.checkpointer.update(checkpoint_dir=str(tiny_setup / "sft_model"), checkpoint_files=["model.safetensors"],
+                            model_type="LLAMA3_2")  # fmt: skip
+    return None
+
+
+@pytest.mark.parametrize("path", SINGLE_DEVICE, ids=str)
+def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, tmp_path):
+    cfg = OmegaConf.load(REPO_ROOT / path)
+    lora = "lora_rank" in cfg.model
+    shipped = OmegaConf.to_container(cfg, resolve=False)
+    family = swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family)
+    if family is not None:  # what must stay as shipped
+        assert cfg.tokenizer._component_ == shipped["tokenizer"]["_component_"]
+        assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
     for key, file in (("dataset", "train.jsonl"), ("eval_dataset", "eval.jsonl")):
         cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split="train", format="explicit")
     cfg.update(
@@ -98,7 +130,29 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tmp_path):
     recipe.setup(cfg)
     recipe.train()
     assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
-    assert (tmp_path / "out" / "step_1" / "adapter_model.safetensors").exists() == bool(lora_args)
+    assert (tmp_path / "out" / "step_1" / "adapter_model.safetensors").exists() == lora
+    if family is not None:  # the merged output loads in transformers with the logits of our model
+        assert_transformers_logits_equal(tmp_path / "out" / "step_1", family)
+
+
+def assert_transformers_logits_equal(checkpoint_dir, family):
+    import torch
+    import transformers
+    from torchtune import training
+
+    from dpo_components.tiny.families import FAMILIES, tiny_model
+
+    ours = tiny_model(family).eval()
+    checkpointer = training.FullModelHFCheckpointer(checkpoint_dir=str(checkpoint_dir),
+                                                    output_dir=str(checkpoint_dir.parent / "unused"),
+                                                    checkpoint_files=["model-00001-of-00001.safetensors"],
+                                                    model_type=FAMILIES[family]["model_type"])  # fmt: skip
+    ours.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == FAMILIES[family]["hf"]["architectures"][0]
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
 SWEEPS = sorted((REPO_ROOT / "recipe_configs" / "experiments").glob("*.yaml"))

@@ -141,21 +141,34 @@ def test_two_nodes_on_localhost_with_c10d_rendezvous(tiny_setup, tmp_path):
 
 @pytest.mark.parametrize(
     "config",
-    ["recipe_configs/llama3_2/1B_full_dpo_distributed.yaml", "recipe_configs/llama3_1/8B_full_dpo_distributed.yaml"],
-)
-def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tmp_path):
-    """The model, tokenizer, checkpoint and data are swapped for tiny stand-ins; everything else is the config's."""
+    ["recipe_configs/llama3_2/1B_full_dpo_distributed.yaml", "recipe_configs/llama3_1/8B_full_dpo_distributed.yaml",
+     "recipe_configs/qwen2_5/7B_full_dpo_distributed.yaml"],
+)  # fmt: skip
+def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tiny_family, tmp_path):
+    """Sizes and files are swapped for tiny stand-ins; everything else is the config's (a Qwen2.5 config keeps its
+    builder family, tokenizer class and checkpoint model_type)."""
     stand_ins = {
-        "model._component_": "dpo_components.tiny_model.tiny_llama",
-        "tokenizer._component_": "dpo_components.tiny_tokenizer.tiny_tokenizer",
-        "checkpointer.checkpoint_dir": tiny_setup / "sft_model", "checkpointer.checkpoint_files": "[model.safetensors]",
-        "checkpointer.model_type": "LLAMA3_2", "output_dir": tmp_path / "out", "device": "cpu", "dtype": "fp32",
-        "epochs": 1, "max_steps_per_epoch": 1, "eval_every_n_steps": "null", "save_every_n_steps": "null",
+        "output_dir": tmp_path / "out", "device": "cpu", "dtype": "fp32", "epochs": 1, "max_steps_per_epoch": 1,
+        "eval_every_n_steps": "null", "save_every_n_steps": "null",
+        "checkpointer.checkpoint_files": "[model.safetensors]",
     }  # fmt: skip
+    removed = ["~optimizer.fused"]
+    if "qwen2_5" in config:
+        tiny_qwen = tiny_family("qwen2_5")
+        stand_ins.update({"model._component_": "dpo_components.tiny.families.tiny_model", "model.family": "qwen2_5",
+                          "tokenizer.path": tiny_qwen / "vocab.json", "tokenizer.merges_file": tiny_qwen / "merges.txt",
+                          "tokenizer.special_tokens_path": tiny_qwen / "special_tokens.json",
+                          "checkpointer.checkpoint_dir": tiny_qwen})  # fmt: skip
+    else:
+        stand_ins.update({"model._component_": "dpo_components.tiny_model.tiny_llama",
+                          "tokenizer._component_": "dpo_components.tiny_tokenizer.tiny_tokenizer",
+                          "checkpointer.checkpoint_dir": tiny_setup / "sft_model",
+                          "checkpointer.model_type": "LLAMA3_2"})  # fmt: skip
+        removed.append("~tokenizer.path")
     for split, file in (("dataset", "train.jsonl"), ("eval_dataset", "eval.jsonl")):
         stand_ins.update({f"{split}.source": "json", f"{split}.data_files": tiny_setup / "data" / file,
                           f"{split}.split": "train", f"{split}.format": "explicit"})  # fmt: skip
-    args = [f"{k}={v}" for k, v in stand_ins.items()] + ["~tokenizer.path", "~optimizer.fused"]
+    args = [f"{k}={v}" for k, v in stand_ins.items()] + removed
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                 "recipes/full_dpo_distributed.py", "--config", config, *args], cwd=REPO_ROOT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
