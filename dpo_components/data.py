@@ -288,11 +288,21 @@ def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[
     return probes[0][:common]
 
 
+_END_OF_TURN = ("<|end|>", "<end_of_turn>")  # Phi-3; Gemma (a user-defined SentencePiece piece)
+
+
 def stop_tokens(tokenizer: ModelTokenizer) -> list[int]:
-    """Token ids that end a sampled response: the tokenizer's ``stop_tokens`` and Phi-3's end of turn."""
+    """Token ids that end a sampled response: the tokenizer's ``stop_tokens`` and the family's end of turn where
+    torchtune leaves it out (Phi-3's ``<|end|>``, Gemma's ``<end_of_turn>``)."""
     stops = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
-    end_of_turn = getattr(tokenizer, "special_tokens", {}).get("<|end|>")
-    return stops + [end_of_turn] if end_of_turn is not None and end_of_turn not in stops else stops
+    special = getattr(tokenizer, "special_tokens", None) or {}
+    for marker in _END_OF_TURN:
+        ids = [special[marker]] if marker in special else []
+        if not ids and type(tokenizer).__name__ == "GemmaTokenizer":
+            ids = tokenizer.encode(marker, add_bos=False, add_eos=False)
+        if len(ids) == 1 and ids[0] not in stops:
+            stops.append(ids[0])
+    return stops
 
 
 def _tokenize(

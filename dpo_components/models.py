@@ -1,5 +1,11 @@
-"""Model builders torchtune 0.6.1 lacks, made from torchtune's own component builders (YAML: ``_component_``).
+"""Model pieces torchtune 0.6.1 lacks, made from torchtune's own components (YAML: ``_component_``).
 
+- ``GemmaChatTemplate``: torchtune's Gemma tokenizer has no chat format at all (turns are concatenated without
+  markers); this is the Gemma Instruct models' turn format, for ``gemma_tokenizer(prompt_template=...)``.
+- Gemma 2 builders that soft-cap the logits: torchtune 0.6.1's Gemma 2 applies ``final_capping_value`` to the
+  normalised hidden states (``Gemma2FinalNorm``) instead of to the logits as Gemma 2 (and ``transformers``) does,
+  so its log-probs differ from the released model's; ``gemma2_2b``/``gemma2_9b`` and their ``lora_`` versions
+  here are torchtune's with that fixed (:func:`cap_logits_like_gemma2`).
 - Mistral 7B v0.3 (and its Instruct): torchtune's ``mistral_7b`` is v0.1 (vocabulary 32,000, RoPE base 10,000);
   v0.3 has a 32,768-token vocabulary, RoPE base 1e6 and a 32k context, so its weights do not load into v0.1's
   builder. Same architecture otherwise (``model_type: MISTRAL`` in the HF checkpointer).
@@ -7,8 +13,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+from torch import nn
+from torchtune.data import Message, PromptTemplate
+from torchtune.models import gemma2 as tt_gemma2
 from torchtune.models.mistral._component_builders import lora_mistral, mistral
 from torchtune.modules import TransformerDecoder
+
+
+class GemmaChatTemplate(PromptTemplate):
+    """Gemma's instruction format, as the Instruct models' chat template writes it::
+
+        <bos><start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n{assistant}<end_of_turn>\n
+
+    The model header goes after the user turn, so it is masked with the prompt and ends the generation prompt.
+    ``<start_of_turn>``/``<end_of_turn>`` are user-defined pieces of Gemma's SentencePiece model, so they
+    tokenize from text to their ids. Gemma has no system role: a system turn is refused, as Hugging Face's
+    template refuses it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__({"user": ("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"),
+                          "assistant": ("", "<end_of_turn>\n")})  # fmt: skip
+
+    def __call__(self, messages: list[Message], inference: bool = False) -> list[Message]:
+        if any(message.role == "system" for message in messages):
+            raise ValueError("Gemma's chat format has no system role")
+        return super().__call__(messages, inference)
+
 
 # Mistral-7B(-Instruct)-v0.3's config.json
 MISTRAL_7B_V0_3 = dict(vocab_size=32_768, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
@@ -36,3 +70,50 @@ def lora_mistral_7b_v0_3(
         apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, use_dora=use_dora, quantize_base=quantize_base, **MISTRAL_7B_V0_3,
     )  # fmt: skip
+
+
+class _SoftCappedLogits(nn.Module):
+    """``cap * tanh(output(h) / cap)``: Gemma 2's final logit soft-capping around the output projection."""
+
+    def __init__(self, output: Any, cap: float) -> None:
+        super().__init__()
+        self.output, self.cap = output, cap  # a TiedLinear is not a module: no parameters are added here
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.output(hidden) / self.cap) * self.cap
+
+
+def cap_logits_like_gemma2(model: TransformerDecoder) -> TransformerDecoder:
+    """Move torchtune's Gemma 2 final soft-capping from the normalised hidden states to the logits (state-dict keys
+    unchanged, so checkpoints load as before)."""
+    model.norm.logit_capping = nn.Identity()
+    model.output = _SoftCappedLogits(model.output, model.norm.capping_value)
+    return model
+
+
+def gemma2_2b() -> TransformerDecoder:
+    """Gemma 2 2B (base or -it) with logit soft-capping as released."""
+    return cap_logits_like_gemma2(tt_gemma2.gemma2_2b())
+
+
+def gemma2_9b() -> TransformerDecoder:
+    """Gemma 2 9B (base or -it) with logit soft-capping as released."""
+    return cap_logits_like_gemma2(tt_gemma2.gemma2_9b())
+
+
+def lora_gemma2_2b(lora_attn_modules: list[str], apply_lora_to_mlp: bool = False, lora_rank: int = 8,
+                   lora_alpha: float = 16, lora_dropout: float = 0.0, use_dora: bool = False,
+                   quantize_base: bool = False) -> TransformerDecoder:  # fmt: skip
+    """Gemma 2 2B with LoRA/DoRA adapters (QLoRA with ``quantize_base``), logit soft-capping as released."""
+    return cap_logits_like_gemma2(tt_gemma2.lora_gemma2_2b(
+        lora_attn_modules, apply_lora_to_mlp, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        use_dora=use_dora, quantize_base=quantize_base))  # fmt: skip
+
+
+def lora_gemma2_9b(lora_attn_modules: list[str], apply_lora_to_mlp: bool = False, lora_rank: int = 8,
+                   lora_alpha: float = 16, lora_dropout: float = 0.0, use_dora: bool = False,
+                   quantize_base: bool = False) -> TransformerDecoder:  # fmt: skip
+    """Gemma 2 9B with LoRA/DoRA adapters (QLoRA with ``quantize_base``), logit soft-capping as released."""
+    return cap_logits_like_gemma2(tt_gemma2.lora_gemma2_9b(
+        lora_attn_modules, apply_lora_to_mlp, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        use_dora=use_dora, quantize_base=quantize_base))  # fmt: skip

@@ -44,6 +44,10 @@ def test_every_model_family_is_covered():
         "qwen2_5/7B_lora",
         "qwen2_5/14B_qlora",
         "qwen2_5/32B_qlora",
+        "mistral/7B_v0_3_lora",
+        "mistral/7B_v0_3_qlora",
+        "gemma2/2B_lora",
+        "gemma2/9B_lora",
     ):
         assert any(expected in name for name in names), expected
 
@@ -74,15 +78,17 @@ def test_components_resolve_and_accept_their_arguments(path):
 
 # The family of a shipped model builder -> its tiny stand-in (dpo_components.tiny.families) and tokenizer files.
 FAMILY_OF = {"torchtune.models.qwen2_5.": "qwen2_5", "dpo_components.models.mistral_": "mistral",
-             "dpo_components.models.lora_mistral_": "mistral"}  # fmt: skip
+             "dpo_components.models.lora_mistral_": "mistral",
+             "dpo_components.models.lora_gemma2_": "gemma2"}  # fmt: skip
 TOKENIZER_FILES = {
     "qwen2_5": {"path": "vocab.json", "merges_file": "merges.txt", "special_tokens_path": "special_tokens.json"},
     "mistral": {"path": "tokenizer.model"},
+    "gemma2": {"path": "tokenizer.model"},
 }
 
 
 def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
-    """Swap sizes and files only: a Qwen2.5 or Mistral config keeps its builder family (torchtune's component
+    """Swap sizes and files only: a Qwen2.5, Mistral or Gemma 2 config keeps its builder family (torchtune's component
     builders, tiny dimensions), tokenizer class (on tiny files of its own format) and checkpoint ``model_type``;
     a Llama 3.x config gets the tiny Llama 3.2 (its tokenizer is ``llama3_tokenizer`` on a tiny tiktoken file).
     Returns the family of the stand-in (None for Llama)."""
@@ -115,8 +121,10 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
     if family is not None:  # what must stay as shipped
         assert cfg.tokenizer._component_ == shipped["tokenizer"]["_component_"]
         assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
-    for key, file in (("dataset", "train.jsonl"), ("eval_dataset", "eval.jsonl")):
-        cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split="train", format="explicit")
+    step = cfg.batch_size * cfg.gradient_accumulation_steps  # one step's pairs; fewer eval pairs: faster
+    for key, file, rows in (("dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16)):
+        cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split=f"train[:{rows}]",
+                        format="explicit")  # fmt: skip
     cfg.update(
         output_dir=str(tmp_path / "out"),
         device="cpu",
@@ -148,7 +156,8 @@ def assert_transformers_logits_equal(checkpoint_dir, family):
                                                     checkpoint_files=["model-00001-of-00001.safetensors"],
                                                     model_type=FAMILIES[family]["model_type"])  # fmt: skip
     ours.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()  # fmt: skip
     assert type(theirs).__name__ == FAMILIES[family]["hf"]["architectures"][0]
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

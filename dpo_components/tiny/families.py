@@ -1,6 +1,7 @@
 """Tiny model stand-ins of the model families the configs ship, built with torchtune's own component builders.
 
-Each family is its torchtune builder with tiny dimensions (Qwen2.5 keeps its QKV bias and tied embeddings), its
+Each family is its torchtune builder with tiny dimensions (Qwen2.5 keeps its QKV bias and tied embeddings, Gemma 2
+its soft-capping and sliding window), its
 own tokenizer class on tiny files (:mod:`dpo_components.tiny.family_tokenizers`), and a checkpoint in the family's
 Hugging Face layout that torchtune's ``FullModelHFCheckpointer`` (with the family's ``model_type``) and
 ``transformers`` (``AutoModelForCausalLM``) both load. A shipped config runs on it with only sizes and files
@@ -25,11 +26,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torchtune.models.convert_weights import tune_to_hf
+from torchtune.models.gemma2._component_builders import gemma2, lora_gemma2
+from torchtune.models.gemma2._convert_weights import gemma2_tune_to_hf
 from torchtune.models.mistral._component_builders import lora_mistral, mistral
 from torchtune.models.qwen2._component_builders import lora_qwen2, qwen2
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 from torchtune.modules import TransformerDecoder
 
+from dpo_components.models import cap_logits_like_gemma2
 from dpo_components.tiny.family_tokenizers import write_family_tokenizer
 
 # Per family: torchtune builders, tiny builder arguments (every weight a multiple of 16384 elements, as NF4 (QLoRA)
@@ -50,6 +54,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         to_hf=tune_to_hf,
         hf=dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None,
                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    ),
+    "gemma2": dict(  # soft-capping, and a sliding window shorter than the test sequences
+        builder=lambda **args: cap_logits_like_gemma2(gemma2(**args)),  # as dpo_components.models' Gemma 2
+        lora_builder=lambda **args: cap_logits_like_gemma2(lora_gemma2(**args)),
+        model_type="GEMMA2", tokenizer="gemma",
+        args=dict(vocab_size=512, num_layers=2, num_heads=4, head_dim=64, num_kv_heads=2, embed_dim=256,
+                  intermediate_dim=512, max_seq_len=512, norm_eps=1e-6, rope_base=10_000, hidden_capping_value=50.0,
+                  final_capping_value=30.0, sliding_window_size=16),
+        to_hf=partial(gemma2_tune_to_hf, head_dim=64),
+        hf=dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
+                query_pre_attn_scalar=64, sliding_window=16, attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+                bos_token_id=2),
     ),
 }  # fmt: skip
 
@@ -74,10 +91,11 @@ def lora_tiny_model(
 ) -> TransformerDecoder:
     """``family``'s tiny model with LoRA/DoRA adapters (its torchtune ``lora_*`` builder), NF4 base with
     ``quantize_base``."""
+    output = {"apply_lora_to_output": apply_lora_to_output} if apply_lora_to_output else {}  # Gemma: tied, none
     return FAMILIES[family]["lora_builder"](
-        lora_attn_modules=lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, use_dora=use_dora, quantize_base=quantize_base, **FAMILIES[family]["args"],
+        lora_attn_modules=lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora, quantize_base=quantize_base,
+        **output, **FAMILIES[family]["args"],
     )  # fmt: skip
 
 
@@ -91,7 +109,8 @@ def hf_config(family: str, special_tokens: dict[str, int]) -> dict[str, Any]:
         "vocab_size": args["vocab_size"], "hidden_size": args["embed_dim"],
         "intermediate_size": args["intermediate_dim"], "num_hidden_layers": args["num_layers"],
         "num_attention_heads": args["num_heads"], "num_key_value_heads": args["num_kv_heads"],
-        "head_dim": args["embed_dim"] // args["num_heads"], "max_position_embeddings": args["max_seq_len"],
+        "head_dim": args.get("head_dim", args["embed_dim"] // args["num_heads"]),
+        "max_position_embeddings": args["max_seq_len"],
         "rms_norm_eps": args["norm_eps"], "rope_theta": float(args["rope_base"]), "hidden_act": "silu",
         "torch_dtype": "float32", **hf,
     }  # fmt: skip
@@ -99,7 +118,7 @@ def hf_config(family: str, special_tokens: dict[str, int]) -> dict[str, Any]:
 
 def write_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     """The family's tokenizer files, ``config.json`` and ``model.safetensors`` (random weights from ``seed``)."""
-    out = write_family_tokenizer(out_dir, family)
+    out = write_family_tokenizer(out_dir, FAMILIES[family].get("tokenizer", family))
     special_file = out / "special_tokens.json"
     added = json.loads(special_file.read_text())["added_tokens"] if special_file.exists() else []
     torch.manual_seed(seed)

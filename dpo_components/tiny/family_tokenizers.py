@@ -42,11 +42,22 @@ SENTENCEPIECE_VOCAB = 512
 BPE_VOCAB = 600
 CHAT_WORDS = "You are a helpful assistant. Write a review. Sure, here is one: the film was great ! ? , ."
 
-# SentencePiece families: (control tokens as single pieces, unk/bos/eos/pad ids), as in the released models.
+# SentencePiece families: (control tokens as single pieces, ids and normalizer settings), as in the released models.
 _SENTENCEPIECE = {
     "llama2": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
     "mistral": (["[INST]", "[/INST]"], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
-    "gemma": (["<start_of_turn>", "<end_of_turn>"], dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)),
+    "gemma": (
+        ["<start_of_turn>", "<end_of_turn>"],
+        dict(
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+        ),  # Gemma keeps text as is ("\n" is a piece, no leading "▁")
+    ),
     "phi3": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
 }
 _SPECIAL_TOKENS = {"phi3": PHI3_SPECIAL_TOKENS, "qwen2": QWEN2_SPECIAL_TOKENS, "qwen2_5": QWEN2_5_SPECIAL_TOKENS,
