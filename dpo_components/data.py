@@ -388,6 +388,7 @@ class PreferenceDataset(Dataset):
         row_numbers: list[int] | None = None,
     ) -> None:
         self._samples = samples
+        self._content_hash: str | None = None  # computed once: the fingerprint and the reference cache both ask
         self.source = source
         self.skipped = skipped or Counter()
         self.row_numbers = row_numbers if row_numbers is not None else list(range(len(samples)))
@@ -401,12 +402,14 @@ class PreferenceDataset(Dataset):
     def content_hash(self) -> str:
         """SHA-256 of every sample's token ids and labels, in order: equal exactly when the tokenized data is
         (dataset, tokenizer, chat template and truncation settings all end up in it)."""
-        digest = hashlib.sha256()
-        for sample in self._samples:
-            fields = [sample[k] for k in ("prompt_ids", "chosen_response_ids", "chosen_labels",
-                                          "rejected_response_ids", "rejected_labels")]  # fmt: skip
-            digest.update(json.dumps(fields, separators=(",", ":")).encode())
-        return digest.hexdigest()
+        if self._content_hash is None:
+            digest = hashlib.sha256()
+            for sample in self._samples:
+                fields = [sample[k] for k in ("prompt_ids", "chosen_response_ids", "chosen_labels",
+                                              "rejected_response_ids", "rejected_labels")]  # fmt: skip
+                digest.update(json.dumps(fields, separators=(",", ":")).encode())
+            self._content_hash = digest.hexdigest()
+        return self._content_hash
 
     def sample_lengths(self) -> list[int]:
         """Prompt + longer response, per sample: the padded length the sample needs."""
