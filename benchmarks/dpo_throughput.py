@@ -15,7 +15,7 @@ length-grouped order rebuilt from the seed), throughput is exact:
 the same count for every row, whatever layout the row computes. Peak memory is the process's peak RSS on CPU
 and ``torch.cuda.max_memory_allocated`` on GPU. The pairs are synthetic text of random length (prompt 128-384
 tokens, each response 64-320 on CPU; four times that on GPU); the model's vocabulary is 32768 (CPU) or 128256
-(GPU) while the text uses the tiny tokenizer's 512 ids, which changes nothing in the cost.
+(GPU) while the text uses the tiny tokenizer's 551 ids, which changes nothing in the cost.
 """
 
 from __future__ import annotations

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import math
+import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,9 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from dpo_components import synthetic
 from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
-from dpo_components.samples import generate_padded
-from dpo_components.tiny_model import save_hf_checkpoint, tiny_llama
+from dpo_components.samples import decode_response, generate_padded
+from dpo_components.tiny_model import TINY_LLAMA_ARGS, save_hf_checkpoint, tiny_llama
+from dpo_components.tiny_tokenizer import ASSET_DIR as TOKENIZER_DIR
 from dpo_components.tiny_tokenizer import tiny_tokenizer
 
 DEFAULTS: dict[str, Any] = {
@@ -98,13 +102,12 @@ def sample_responses(
         encoded.append(tokens)
         by_length.setdefault(len(tokens), []).append(i)
     responses = [""] * len(prompts)
-    stops = set(tokenizer.stop_tokens)
     for indices in by_length.values():
         sampled = generate_padded(model, [encoded[i] for i in indices], pad_id=tokenizer.pad_id,
                                   stop_tokens=tokenizer.stop_tokens, max_new_tokens=max_new_tokens,
                                   temperature=temperature, rng=generator)  # fmt: skip
         for i, ids in zip(indices, sampled):
-            responses[i] = tokenizer.decode([t for t in ids if t not in stops]).strip()
+            responses[i] = decode_response(tokenizer, ids)
     return responses
 
 
@@ -130,11 +133,18 @@ def prepare_tiny(out_dir: str | Path, force: bool = False, **overrides: Any) -> 
         return _prepare_locked(out_dir, force, {**DEFAULTS, **overrides})
 
 
+def _built_with() -> dict[str, Any]:
+    """What else the cached model depends on: an older cache (another tokenizer or model size) is rebuilt."""
+    tokenizer = hashlib.sha256((TOKENIZER_DIR / "tokenizer.model").read_bytes()).hexdigest()[:16]
+    return {"tokenizer": tokenizer, "model": TINY_LLAMA_ARGS}
+
+
 def _prepare_locked(out_dir: Path, force: bool, settings: dict[str, Any]) -> Path:
     manifest_path = out_dir / "manifest.json"
     files = [out_dir / "sft_model/model.safetensors", out_dir / "data/train.jsonl", out_dir / "data/eval.jsonl"]
     if not force and manifest_path.exists() and all(f.exists() for f in files):
-        if json.loads(manifest_path.read_text()).get("settings") == settings:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") == settings and manifest.get("built_with") == _built_with():
             return out_dir
     manifest_path.unlink(missing_ok=True)
 
@@ -153,6 +163,7 @@ def _prepare_locked(out_dir: Path, force: bool, settings: dict[str, Any]) -> Pat
     save_hf_checkpoint(model, out_dir / "sft_model")
     manifest = {
         "settings": settings,
+        "built_with": _built_with(),
         "sft_first_loss": losses[0],
         "sft_final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "sft_seconds": round(seconds, 1),
@@ -160,6 +171,19 @@ def _prepare_locked(out_dir: Path, force: bool, settings: dict[str, Any]) -> Pat
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+def noisy_train_file(out_dir: str | Path, label_noise: float) -> Path:
+    """The training pairs of a prepared ``out_dir`` with a share ``label_noise`` of them flipped (chosen and
+    rejected swapped; :func:`dpo_components.synthetic.preference_pairs`), written beside ``data/train.jsonl``."""
+    out_dir = Path(out_dir)
+    settings = json.loads((out_dir / "manifest.json").read_text())["settings"]
+    path = out_dir / f"data/train_noise{label_noise:g}.jsonl"
+    rows = synthetic.preference_pairs(settings["train_pairs"], settings["seed"] + 1, label_noise=label_noise)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp.name, path)  # concurrent runs may write it at once: each writes whole, identical rows
+    return path
 
 
 def main() -> None:

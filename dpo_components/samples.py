@@ -176,9 +176,9 @@ def sample_and_score(
         totals["kl"] = float((policy_logps - reference_logps)[: len(mine)].sum())
     rows = []
     for prompt, ours, theirs in list(zip(padded, policy_ids, reference_ids))[: len(mine)]:
-        row = {"prompt": _decode(tokenizer, prompt), "policy": _decode(tokenizer, ours)}
+        row = {"prompt": decode_response(tokenizer, prompt), "policy": decode_response(tokenizer, ours)}
         if reference is not None:
-            row["reference"] = _decode(tokenizer, theirs)
+            row["reference"] = decode_response(tokenizer, theirs)
         if settings.reward_fn is not None:
             totals["reward"] += settings.reward_fn(row["policy"])
             if reference is not None:
@@ -201,9 +201,34 @@ def sample_and_score(
     return metrics, rows
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
+def decode_response(tokenizer: Any, ids: list[int]) -> str:
+    """Sampled ids as text, without stop tokens. An id the tokenizer has no token for (models pad their embedding
+    past the tokenizer's vocabulary, as Qwen's do, and may sample those rows) becomes U+FFFD instead of an error."""
     stops = set(stop_tokens(tokenizer))
-    return tokenizer.decode([t for t in ids if t not in stops]).strip()
+    ids = [t for t in ids if t not in stops]
+    try:
+        return tokenizer.decode(ids).strip()
+    except (KeyError, IndexError, ValueError):
+        pass
+    text, run = [], []  # decode the runs of known ids between the unknown ones
+    for t in ids + [None]:
+        known = t is not None and _decodes(tokenizer, t)
+        if known:
+            run.append(t)
+            continue
+        text.append(tokenizer.decode(run) if run else "")
+        run = []
+        if t is not None:
+            text.append("\ufffd")
+    return "".join(text).strip()
+
+
+def _decodes(tokenizer: Any, token: int) -> bool:
+    try:
+        tokenizer.decode([token])
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 def _collective_device() -> torch.device:

@@ -49,6 +49,12 @@ _POSITIVE = frozenset(POSITIVE)
 _NEGATIVE = frozenset(NEGATIVE)
 _ADJECTIVES = _POSITIVE | _NEGATIVE | frozenset(NEUTRAL)
 _WORD = re.compile(r"[a-z]+")
+TASK_WORDS = frozenset(" ".join(SUBJECTS + VERBS + POSITIVE + NEGATIVE + NEUTRAL + CONNECTORS).split()) | {"."}
+_ALT = lambda words: "(?:" + "|".join(map(re.escape, words)) + ")"  # noqa: E731
+# adjective, then any number of clauses "(connector | .) subject verb adjective", then a full stop
+_WELL_FORMED = re.compile(
+    rf"{_ALT(_ADJECTIVES)}(?: (?:{_ALT(CONNECTORS)}|\.) {_ALT(SUBJECTS)} {_ALT(VERBS)} {_ALT(_ADJECTIVES)})* \."
+)
 
 
 def sentiment_reward(response: str) -> float:
@@ -64,6 +70,25 @@ def sentiment_reward(response: str) -> float:
     positive = sum(w in _POSITIVE for w in adjectives)
     negative = sum(w in _NEGATIVE for w in adjectives)
     return (positive - negative) / len(adjectives)
+
+
+def task_word_share(response: str) -> float:
+    """Fluency at the word level: the share of the response's words (split on spaces) that are words of the task.
+
+    The SFT policy scores 1.0; a policy pushed far from it starts to glue sub-word pieces into non-words
+    ("casterful"), which count as misses. 0.0 for an empty response.
+    """
+    words = response.lower().split()
+    return sum(w in TASK_WORDS for w in words) / len(words) if words else 0.0
+
+
+def is_well_formed(response: str) -> bool:
+    """Fluency at the sentence level: does the response follow the task's grammar?
+
+    ``adjective ((connector | .) subject verb adjective)* .``, e.g. "dull . the plot was great and the cast felt
+    clever ." (any number of clauses, the SFT data has 1-3).
+    """
+    return _WELL_FORMED.fullmatch(" ".join(response.lower().split())) is not None
 
 
 def sample_prompt(rng: random.Random) -> str:
@@ -90,12 +115,21 @@ def sft_examples(n: int, seed: int) -> list[dict[str, str]]:
     return [{"prompt": sample_prompt(rng), "response": sample_response(rng)} for _ in range(n)]
 
 
-def preference_pairs(n: int, seed: int, min_reward_gap: float = 0.5) -> list[dict[str, object]]:
+def preference_pairs(
+    n: int, seed: int, min_reward_gap: float = 0.5, label_noise: float = 0.0
+) -> list[dict[str, object]]:
     """``n`` explicit-format preference rows ``{"prompt", "chosen", "rejected"}`` labelled by ``sentiment_reward``.
 
     Both responses are drawn from the SFT policy for the same prompt; a pair whose rewards differ by less than
-    ``min_reward_gap`` (or are equal) is re-drawn. Each row also carries both rewards.
+    ``min_reward_gap`` (or are equal) is re-drawn. Each row also carries both rewards (of its "chosen" and
+    "rejected" response, so a flipped row shows ``chosen_reward < rejected_reward``).
+
+    ``label_noise`` flips chosen and rejected in exactly ``round(label_noise * n)`` rows, picked at random: the
+    noisy annotators that cDPO (label smoothing) and robust DPO are built for. The rows themselves are the same
+    as without noise.
     """
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be a share in [0, 1], got {label_noise}")
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
@@ -108,13 +142,26 @@ def preference_pairs(n: int, seed: int, min_reward_gap: float = 0.5) -> list[dic
             {"prompt": prompt, "chosen": chosen, "rejected": rejected,
              "chosen_reward": r_chosen, "rejected_reward": r_rejected}
         )  # fmt: skip
+    for i in random.Random(f"{seed}-noise").sample(range(n), round(label_noise * n)):
+        row = rows[i]
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        row["chosen_reward"], row["rejected_reward"] = row["rejected_reward"], row["chosen_reward"]
     return rows
 
 
-def corpus_lines(seed: int = 0, n: int = 2000) -> Iterator[str]:
-    """Plain-text lines covering every word of the task, used to train the tiny tokenizer."""
+def corpus_lines(seed: int = 0, n: int = 2000, turns_apart: bool = False) -> Iterator[str]:
+    """Plain-text lines covering every word of the task, used to train the tiny tokenizers.
+
+    ``turns_apart=True`` yields prompt and response as separate lines, as a chat format tokenizes them: a
+    response's first word then comes without a leading space ("awful", not " awful"), and a BPE trained on these
+    lines learns it as one token too, instead of pieces ("a" "wful") a model can recombine into non-words.
+    """
     for row in sft_examples(n, seed):
-        yield f"{row['prompt']} {row['response']}"
+        if turns_apart:
+            yield row["prompt"]
+            yield row["response"]
+        else:
+            yield f"{row['prompt']} {row['response']}"
     yield " ".join(SUBJECTS + VERBS + POSITIVE + NEGATIVE + NEUTRAL + CONNECTORS)
     yield "system user assistant"  # the chat headers' role names
 

@@ -28,10 +28,10 @@ from torchtune.modules import TransformerDecoder
 from dpo_components.tiny_tokenizer import ASSET_DIR as TOKENIZER_DIR
 from dpo_components.tiny_tokenizer import TOKENIZER_FILES
 
-# 4 layers, dim 256, GQA 4/2 heads, vocab 512 (the tiny tokenizer's size): 3.3M parameters, tied embeddings.
+# 4 layers, dim 256, GQA 4/2 heads, vocab 576 (>= the tiny tokenizer's 551 ids): 3.3M parameters, tied embeddings.
 # Every dimension is a multiple of 64 so that NF4 quantisation (QLoRA) applies to every linear layer.
 TINY_LLAMA_ARGS: dict[str, Any] = dict(
-    vocab_size=512, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256, max_seq_len=512,
+    vocab_size=576, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256, max_seq_len=512,
     intermediate_dim=768, rope_base=500_000, norm_eps=1e-5, scale_factor=32,
 )  # fmt: skip
 

@@ -69,7 +69,7 @@ def _byte_level_alphabet() -> dict[int, str]:
     return mapping
 
 
-def train_tiny_tokenizer(out_dir: str | Path = ASSET_DIR, vocab_size: int = 499, seed: int = 0) -> Path:
+def train_tiny_tokenizer(out_dir: str | Path = ASSET_DIR, vocab_size: int = 563, seed: int = 0) -> Path:
     """Train the BPE on the synthetic corpus and write the three tokenizer files to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def train_tiny_tokenizer(out_dir: str | Path = ASSET_DIR, vocab_size: int = 499,
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=list(byte_chars.values()), show_progress=False
     )
-    draft.train_from_iterator(corpus_lines(seed), trainer=trainer)
+    draft.train_from_iterator(corpus_lines(seed, turns_apart=True), trainer=trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in
               json.loads(draft.to_str())["model"]["merges"]]  # fmt: skip
 

@@ -5,7 +5,7 @@ import torch
 from torchtune.rlhf import get_batch_log_probs
 
 from dpo_components.logprobs import IGNORE_INDEX, full_logits_sequence_logprobs, scored_logprobs, sequence_logprobs
-from dpo_components.tiny_model import lora_tiny_llama, tiny_llama
+from dpo_components.tiny_model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
 
 
 def batch(seed=0, n=4, length=24, vocab=512):
@@ -77,7 +77,7 @@ def test_no_grad_path_and_unembed_restored(model):
     with pytest.raises(IndexError):  # a position past the end fails inside the forward
         scored_logprobs(model, input_ids, torch.tensor([10_000]), torch.tensor([1]), torch.tensor([0]), 1)
     assert "unembed" not in model.__dict__
-    assert model(input_ids).shape == (4, 24, 512)  # the model is its normal self again
+    assert model(input_ids).shape == (4, 24, TINY_LLAMA_ARGS["vocab_size"])  # the model is its normal self again
 
 
 def test_fully_masked_row_gives_zero_count():

@@ -27,17 +27,22 @@ def test_tiktoken_and_hf_tokenizer_files_agree(tokenizer):
     lines = list(synthetic.corpus_lines(seed=7, n=200)) + ["Hello, World! Ünïcode 123\n\nHuman: hi", "  spaced  out "]
     for line in lines:
         assert tokenizer.encode(line, add_bos=True, add_eos=False) == hf.encode(line).ids, line
-    assert hf.get_vocab_size() == TINY_LLAMA_ARGS["vocab_size"]
+    assert hf.get_vocab_size() <= TINY_LLAMA_ARGS["vocab_size"]  # every id has an embedding row
+    # every word of the task is one token, also a response's first word (no leading space in the chat format)
+    adjectives = synthetic.POSITIVE + synthetic.NEGATIVE + synthetic.NEUTRAL
+    texts = [*adjectives, *(f" {w}" for w in " ".join(adjectives + synthetic.SUBJECTS + synthetic.VERBS).split())]
+    assert [t for t in texts if len(tokenizer.encode(t, add_bos=False, add_eos=False)) != 1] == []
     assert tokenizer.decode(tokenizer.encode("the plot was great .")) == "the plot was great ."
 
 
 def test_fresh_model_has_a_sane_initial_loss():
     torch.manual_seed(0)
     model = tiny_llama()
-    tokens = torch.randint(0, 512, (4, 32))
+    vocab = TINY_LLAMA_ARGS["vocab_size"]
+    tokens = torch.randint(0, vocab, (4, 32))
     logits = model(tokens)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), tokens[:, 1:].reshape(-1))
-    assert abs(loss.item() - math.log(512)) < 0.5  # torchtune's N(0,1) embeddings would give ~100+
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    assert abs(loss.item() - math.log(vocab)) < 0.5  # torchtune's N(0,1) embeddings would give ~100+
 
 
 def test_hf_checkpoint_round_trip_through_torchtune_checkpointer(tmp_path):
@@ -45,7 +50,7 @@ def test_hf_checkpoint_round_trip_through_torchtune_checkpointer(tmp_path):
     model = tiny_llama()
     ckpt = save_hf_checkpoint(model, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 512
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == TINY_LLAMA_ARGS["vocab_size"]
     assert "lm_head.weight" not in load_file(ckpt / "model.safetensors")  # tied: no separate output weight
     for name in TOKENIZER_FILES:
         assert (ckpt / name).exists()
@@ -74,7 +79,7 @@ def test_qlora_tiny_model_quantizes_every_linear():
     model = lora_tiny_llama(["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, quantize_base=True)
     quantized = [n for n, p in model.named_parameters() if isinstance(p, NF4Tensor)]
     assert len(quantized) == TINY_LLAMA_ARGS["num_layers"] * 7
-    assert model(torch.randint(0, 512, (1, 8))).shape == (1, 8, 512)
+    assert model(torch.randint(0, 512, (1, 8))).shape == (1, 8, TINY_LLAMA_ARGS["vocab_size"])
 
 
 def test_sentiment_reward_by_hand():
@@ -95,6 +100,35 @@ def test_preference_pairs_are_labelled_by_the_reward_and_seeded():
         assert row["rejected_reward"] == synthetic.sentiment_reward(row["rejected"])
     # the pairs come from the neutral policy: both sides span the reward range
     assert min(r["chosen_reward"] for r in rows) < 0 < max(r["rejected_reward"] for r in rows)
+
+
+def test_label_noise_flips_exactly_that_share_of_the_same_pairs():
+    clean = synthetic.preference_pairs(200, seed=3)
+    noisy = synthetic.preference_pairs(200, seed=3, label_noise=0.2)
+    flipped = [i for i, (a, b) in enumerate(zip(clean, noisy)) if a != b]
+    assert len(flipped) == 40
+    for i in flipped:  # the same two responses, swapped, with their own (true) rewards
+        assert (noisy[i]["chosen"], noisy[i]["rejected"]) == (clean[i]["rejected"], clean[i]["chosen"])
+        assert noisy[i]["chosen_reward"] == synthetic.sentiment_reward(noisy[i]["chosen"]) < noisy[i]["rejected_reward"]
+    assert flipped != [i for i, (a, b) in enumerate(zip(clean, synthetic.preference_pairs(200, 4, label_noise=0.2)))
+                       if a != b]  # fmt: skip
+    with pytest.raises(ValueError, match="label_noise"):
+        synthetic.preference_pairs(10, seed=0, label_noise=1.5)
+
+
+def test_fluency_measures_by_hand():
+    assert synthetic.is_well_formed("great .")
+    assert synthetic.is_well_formed("dull . the plot was great and the cast felt clever .")
+    assert synthetic.is_well_formed("Dull .  The plot was great .")  # case and spacing do not matter
+    assert not synthetic.is_well_formed("great")  # no full stop
+    assert not synthetic.is_well_formed("great . the plot was .")  # no adjective
+    assert not synthetic.is_well_formed("great . the plot was cast felt dull .")  # a clause without its verb
+    assert not synthetic.is_well_formed("casterful . the plot was dull .")
+    assert synthetic.task_word_share("great . the plot was dull .") == 1.0
+    assert synthetic.task_word_share("casterful . the plot was dull .") == 6 / 7
+    assert synthetic.task_word_share("") == 0.0
+    rows = synthetic.sft_examples(300, seed=5)
+    assert all(synthetic.is_well_formed(r["response"]) for r in rows)  # the SFT policy itself is fluent
 
 
 def test_sft_policy_is_neutral():
@@ -152,3 +186,13 @@ def test_checkpoint_loads_in_transformers_with_same_logits_and_tokens(tmp_path):
         [Message("user", "the plot was"), Message("assistant", "")], add_end_tokens=False
     )
     assert list(chat if isinstance(chat, list) else chat["input_ids"]) == ours
+
+
+def test_sampled_ids_past_the_tokenizer_decode_to_a_replacement_character(tokenizer):
+    from dpo_components.samples import decode_response
+
+    great, plot = (tokenizer.encode(w, add_bos=False, add_eos=False) for w in ("great .", " the plot was dull ."))
+    unused = TINY_LLAMA_ARGS["vocab_size"] - 1  # an embedding row with no token: the model can sample it
+    text = decode_response(tokenizer, great + [unused] + plot + [tokenizer.eot_id])
+    assert text == "great .\ufffd the plot was dull ."
+    assert decode_response(tokenizer, great + [tokenizer.eot_id]) == "great ."

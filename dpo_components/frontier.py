@@ -1,0 +1,302 @@
+"""The DPO paper's Figure 2 in miniature: true reward against KL from the reference, per method, on the tiny task.
+
+    OMP_NUM_THREADS=1 python -m dpo_components.frontier                 # the default sweep, about 30 min on 2 cores
+    OMP_NUM_THREADS=1 python -m dpo_components.frontier --quick         # a smoke run, about 2 minutes
+
+Every run is the LoRA recipe from the tiny YAML config (``tune run recipes/lora_dpo_single_device.py --config
+recipe_configs/tiny/lora_dpo_single_device.yaml`` + overrides), started from the demo's SFT model on its data, in a
+process of its own, ``--jobs`` at a time. A run differs from the others only by its loss (and the label noise of its
+training pairs); methods are swept over beta, Preferred-FT (SFT on the chosen responses, ``NLLLoss``) over steps.
+
+For every checkpoint, on the same fresh prompts (``dpo_components.tiny.task_eval``):
+
+- the true reward of responses sampled at temperature 1 and the sequence-level KL(pi || SFT), estimated by
+  ``mean_i [log pi(y_i|x_i) - log SFT(y_i|x_i)]`` over the policy's own samples (Fig. 2 left);
+- fluency (share of task words, share of well-formed samples) and the held-out implicit-reward accuracy;
+- the win rate against the SFT model's samples at temperature 1, for sampling temperatures ``temperatures``:
+  a win when the true reward of the policy's response beats the SFT model's response to the same prompt, a tie
+  counting half (Fig. 2 right, with the task's reward as the judge instead of GPT-4).
+
+Writes ``results.json``, ``results.md`` (tables and the commands) and ``frontier.png`` to ``--output-dir``. Label
+noise (``--noise``, a share of training pairs with chosen and rejected swapped) adds DPO, cDPO and robust DPO runs
+on noisy pairs, still judged by the true reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dpo_components import synthetic
+from dpo_components.checkpointing import step_dirs
+from dpo_components.prepare_tiny import noisy_train_file, prepare_tiny
+from dpo_components.tiny.task_eval import (
+    heldout_preference,
+    load_tiny_checkpoint,
+    sampled_metrics,
+    sampled_responses,
+    task_prompts,
+)
+
+RECIPE = "recipes/lora_dpo_single_device.py"
+CONFIG = "recipe_configs/tiny/lora_dpo_single_device.yaml"
+LOSSES = "dpo_components.losses"
+
+
+@dataclass
+class Run:
+    """One training run: a method at one setting, on clean or noisy pairs."""
+
+    method: str
+    loss: dict[str, Any]
+    setting: str  # what the frontier sweeps for this method, as shown ("beta=5", "steps")
+    noise: float = 0.0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        noise = f"_noise{round(self.noise * 100)}" if self.noise else ""
+        return f"{self.method}_{self.setting}{noise}".replace("=", "").replace(" ", "").replace(".", "p").lower()
+
+
+def _beta_runs(method: str, component: str, betas: list[float], noise: float = 0.0, **loss: Any) -> list[Run]:
+    return [Run(method, {"_component_": f"{LOSSES}.{component}", "beta": b, **loss}, f"beta={b:g}", noise)
+            for b in betas]  # fmt: skip
+
+
+def sweep(quick: bool, noise: float) -> list[Run]:
+    """The runs of the default sweep (or of ``--quick``): every method of Fig. 2 and the noisy-label comparison."""
+    if quick:
+        runs = _beta_runs("DPO", "DPOLoss", [5.0])
+        runs.append(Run("Preferred-FT", {"_component_": f"{LOSSES}.NLLLoss"}, "steps"))
+        return runs + (_beta_runs("DPO", "DPOLoss", [5.0], noise) if noise else [])
+    runs = [
+        *_beta_runs("DPO", "DPOLoss", [1.0, 2.0, 5.0, 10.0]),
+        *_beta_runs("cDPO", "DPOLoss", [2.0, 10.0], label_smoothing=0.1),
+        *_beta_runs("IPO", "IPOLoss", [0.25, 1.0, 4.0]),
+        *_beta_runs("SimPO", "SimPOLoss", [2.0, 10.0], gamma=1.0),
+        Run("Preferred-FT", {"_component_": f"{LOSSES}.NLLLoss"}, "steps"),
+    ]
+    if noise:
+        runs += [
+            *_beta_runs("DPO", "DPOLoss", [5.0], noise),
+            *_beta_runs("cDPO", "DPOLoss", [5.0], noise, label_smoothing=noise),
+            *_beta_runs("rDPO", "RobustDPOLoss", [5.0], noise, label_smoothing=noise),
+        ]
+    return runs
+
+
+def _overrides(run: Run, settings: dict[str, Any], run_dir: Path) -> list[str]:
+    tiny = Path(settings["tiny"])
+    train = noisy_train_file(tiny, run.noise) if run.noise else tiny / "data/train.jsonl"
+    values = {"output_dir": run_dir, "prepare.out_dir": tiny, "checkpointer.checkpoint_dir": tiny / "sft_model",
+              "dataset.data_files": train, "eval_dataset.data_files": tiny / "data/eval.jsonl",
+              "reference.cache_dir": tiny / "reference_cache", "eval_samples": 0,
+              "save_every_n_steps": settings["checkpoint_every"] if run.setting == "steps" else None,
+              **settings["overrides"], **run.overrides}  # fmt: skip
+    args = [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+    shipped = OmegaConf.load(Path(settings["repo_root"]) / CONFIG).loss
+    args += [f"~loss.{k}" for k in shipped if k not in run.loss]  # the run's loss replaces the config's
+    return args + [f"loss.{k}={v}" for k, v in run.loss.items()]
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, sft: Any, tiny: Path, prompts: list[str], temperatures: list[float], sft_rewards: list[float]
+) -> dict[str, Any]:
+    """Reward, KL, fluency and held-out accuracy at temperature 1, and the win rate against SFT per temperature."""
+    policy = load_tiny_checkpoint(checkpoint, checkpoint.parent / "scratch")
+    point, _ = sampled_metrics(policy, sft, prompts)
+    # the implicit reward beta * log(pi/ref) ranks a pair the same for any beta > 0, so beta=1 gives the accuracy
+    point["accuracy"] = heldout_preference(policy, sft, tiny / "data/eval.jsonl", beta=1.0)["accuracy"]
+    point["win_rate"] = {str(t): win_rate(policy, sft, prompts, t, sft_rewards) for t in temperatures}
+    return point
+
+
+def win_rate(policy: Any, sft: Any, prompts: list[str], temperature: float, sft_rewards: list[float]) -> float:
+    """Share of prompts where the policy's response (at ``temperature``) has a higher true reward than the SFT
+    model's (``sft_rewards``, sampled at temperature 1); ties count half."""
+    responses = sampled_responses(policy, prompts, seed=2, temperature=temperature)
+    rewards = [synthetic.sentiment_reward(r) for r in responses]
+    return sum((a > b) + 0.5 * (a == b) for a, b in zip(rewards, sft_rewards)) / len(prompts)
+
+
+def run_and_evaluate(run: Run, settings: dict[str, Any], output_dir: Path) -> list[dict[str, Any]]:
+    """Train one run through the recipe, then judge each of its checkpoints (this is one worker process)."""
+    tiny, run_dir = Path(settings["tiny"]), output_dir / run.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = ["tune", "run", RECIPE, "--config", CONFIG, *_overrides(run, settings, run_dir)]
+    start = time.perf_counter()
+    with open(output_dir / f"{run.name}.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=settings["repo_root"])
+    seconds = time.perf_counter() - start
+    sft = load_tiny_checkpoint(tiny / "sft_model", run_dir / "scratch")
+    prompts = task_prompts(settings["prompts"])
+    _, sft_rows = sampled_metrics(sft, sft, prompts)
+    sft_rewards = [synthetic.sentiment_reward(row["policy"]) for row in sft_rows]
+    points = []
+    for checkpoint in reversed(step_dirs(run_dir)):  # oldest first
+        step = int(checkpoint.name.removeprefix("step_"))
+        point = evaluate_checkpoint(checkpoint, sft, tiny, prompts, settings["temperatures"], sft_rewards)
+        points.append({**asdict(run), "name": run.name, "step": step, "train_seconds": round(seconds, 1), **point})
+    return points
+
+
+def sft_point(settings: dict[str, Any]) -> dict[str, Any]:
+    """The SFT model itself: KL 0, its own reward, and its win rate against itself per temperature."""
+    tiny = Path(settings["tiny"])
+    sft = load_tiny_checkpoint(tiny / "sft_model", Path(settings["output_dir"]) / "scratch")
+    prompts = task_prompts(settings["prompts"])
+    point, rows = sampled_metrics(sft, sft, prompts)
+    rewards = [synthetic.sentiment_reward(row["policy"]) for row in rows]
+    point["accuracy"] = heldout_preference(sft, sft, tiny / "data/eval.jsonl", beta=1.0)["accuracy"]  # ties: 0.5
+    point["win_rate"] = {str(t): win_rate(sft, sft, prompts, t, rewards) for t in settings["temperatures"]}
+    return {"method": "SFT", "setting": "", "noise": 0.0, "name": "sft", "step": 0, **point}
+
+
+def _judged_by(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in ("tiny", "prompts", "temperatures", "overrides", "checkpoint_every")}
+
+
+def _worker(index: int, settings_file: Path) -> list[dict[str, Any]]:
+    """Run ``settings["runs"][index]`` in a process of its own, or reuse its results from an earlier sweep into the
+    same ``output_dir`` when the run and the judging settings are the same (a killed sweep picks up there)."""
+    settings = json.loads(settings_file.read_text())
+    result = Path(settings["output_dir"]) / f"{Run(**settings['runs'][index]).name}.json"
+    if result.exists() and (done := json.loads(result.read_text()))["judged_by"] == _judged_by(settings):
+        return done["points"]
+    command = [sys.executable, "-m", "dpo_components.frontier", "--worker", str(index), str(settings_file)]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=settings["repo_root"])
+    return json.loads(result.read_text())["points"]
+
+
+def best_per_method(points: list[dict[str, Any]], kl_bound: float) -> dict[str, dict[str, Any]]:
+    """Per method (clean pairs), the checkpoint with the highest true reward among those with KL <= ``kl_bound``
+    (the lowest-KL one when none is that close)."""
+    best = {}
+    for method in dict.fromkeys(p["method"] for p in points if not p["noise"]):
+        mine = [p for p in points if p["method"] == method and not p["noise"]]
+        close = [p for p in mine if p["kl"] <= kl_bound]
+        best[method] = max(close, key=lambda p: p["reward"]) if close else min(mine, key=lambda p: p["kl"])
+    return best
+
+
+def write_markdown(points: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
+    temps = settings["temperatures"]
+    lines = [f"# Reward vs KL on the tiny sentiment task ({settings['prompts']} prompts)", "",
+             f"`{settings['command']}` ({settings['seconds']:.0f} s); every run: "
+             f"`tune run {RECIPE} --config {CONFIG}` + the loss below.", "",
+             "| method | setting | label noise | step | true reward | KL (nats) | held-out accuracy | task words | "
+             "well-formed | " + " | ".join(f"win rate T={t:g}" for t in temps) + " |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(temps)]  # fmt: skip
+    for p in points:
+        wins = " | ".join(f"{p['win_rate'][str(t)]:.3f}" for t in temps)
+        lines.append(f"| {p['method']} | {p['setting']} | {p['noise']:g} | {p['step']} | {p['reward']:.3f} | "
+                     f"{p['kl']:.2f} | {p['accuracy']:.3f} | {p['words']:.3f} | {p['well_formed']:.3f} | "
+                     f"{wins} |")  # fmt: skip
+    bound = settings["kl_bound"]
+    lines += ["", f"Best true reward with KL <= {bound:g} nats, per method:", "",
+              "| method | setting | step | true reward | KL |", "|---|---|---|---|---|"]  # fmt: skip
+    for method, p in best_per_method(points, bound).items():
+        lines.append(f"| {method} | {p['setting']} | {p['step']} | {p['reward']:.3f} | {p['kl']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for method in methods:
+        for noise, marker in ((0.0, "o"), (settings["noise"], "x")):
+            mine = sorted((p for p in points if p["method"] == method and p["noise"] == noise), key=lambda p: p["kl"])
+            if mine and (noise == 0.0 or settings["noise"]):
+                label = method + (f" ({noise:.0%} flipped labels)" if noise else "")
+                left.plot([p["kl"] for p in mine], [p["reward"] for p in mine], marker=marker, color=colors[method],
+                          linestyle="-" if not noise else ":", label=label)  # fmt: skip
+    left.set(xlabel="KL(policy || SFT), nats per response", ylabel="true reward of samples (T=1)",
+             title="Reward vs KL (DPO paper Fig. 2 left)")  # fmt: skip
+    left.legend(fontsize=8)
+    temps = settings["temperatures"]
+    for method, p in best_per_method(points, settings["kl_bound"]).items():
+        label = method + (f" ({p['setting']}, step {p['step']})" if method != "SFT" else "")
+        right.plot(temps, [p["win_rate"][str(t)] for t in temps], marker="o", color=colors[method], label=label)
+    right.axhline(0.5, color="grey", linewidth=0.8)
+    right.set(xlabel="sampling temperature", ylabel="win rate vs SFT samples (T=1), true reward",
+              title=f"Win rate (Fig. 2 right; best run with KL <= {settings['kl_bound']:g})")  # fmt: skip
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 runs of 8 steps, 32 prompts (a smoke test)")
+    parser.add_argument("--noise", type=float, default=0.2, help="share of flipped training pairs (0: no noisy runs)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    parser.add_argument("--kl-bound", type=float, default=1.0, help="KL budget (nats) for 'best reward' and Fig. right")
+    parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--tiny-dir", type=Path, help="a prepare_tiny directory (default: the demo's outputs/tiny)")
+    parser.add_argument("--tables-only", action="store_true", help="write tables and figure of the finished runs")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        index, settings_file = int(args.worker[0]), Path(args.worker[1])
+        settings = json.loads(settings_file.read_text())
+        run = Run(**settings["runs"][index])
+        points = run_and_evaluate(run, settings, Path(settings["output_dir"]))
+        result = {"run": asdict(run), "judged_by": _judged_by(settings), "points": points}
+        (Path(settings["output_dir"]) / f"{run.name}.json").write_text(json.dumps(result) + "\n")
+        return
+
+    repo_root = Path(__file__).resolve().parents[1]
+    output_dir = (
+        args.output_dir or repo_root / ("outputs/frontier_quick" if args.quick else "outputs/frontier")
+    ).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tiny = prepare_tiny(args.tiny_dir or repo_root / "outputs/tiny")
+    runs = sweep(args.quick, args.noise)
+    settings = {
+        "tiny": str(tiny.resolve()), "repo_root": str(repo_root), "output_dir": str(output_dir), "noise": args.noise,
+        "overrides": {"epochs": 1, "max_steps_per_epoch": 8} if args.quick else {},  # else the config's schedule
+        "checkpoint_every": 4 if args.quick else 20,
+        "prompts": 32 if args.quick else 256, "temperatures": [0.5, 1.0] if args.quick else [0.25, 0.5, 0.75, 1.0],
+        "kl_bound": args.kl_bound, "runs": [asdict(r) for r in runs],
+        "command": "python -m dpo_components.frontier " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    settings_file = output_dir / "settings.json"
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    if args.tables_only:  # tables and figure from the runs finished so far
+        finished = [output_dir / f"{r.name}.json" for r in runs if (output_dir / f"{r.name}.json").exists()]
+        per_run = [json.loads(f.read_text())["points"] for f in finished]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            per_run = list(pool.map(lambda i: _worker(i, settings_file), range(len(runs))))
+    points = [sft_point(settings), *(p for run_points in per_run for p in run_points)]
+    settings["seconds"] = time.perf_counter() - start
+    (output_dir / "results.json").write_text(json.dumps({"settings": settings, "points": points}, indent=2) + "\n")
+    write_markdown(points, settings, output_dir / "results.md")
+    figure = plot_frontier(points, settings, output_dir / "frontier.png")
+    print((output_dir / "results.md").read_text())
+    print(f"{len(runs)} runs in {settings['seconds']:.0f} s; figure {figure}")
+
+
+if __name__ == "__main__":
+    main()
