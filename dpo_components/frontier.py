@@ -194,7 +194,7 @@ def best_per_method(points: list[dict[str, Any]], kl_bound: float) -> dict[str, 
 def write_markdown(points: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
     temps = settings["temperatures"]
     lines = [f"# Reward vs KL on the tiny sentiment task ({settings['prompts']} prompts)", "",
-             f"`{settings['command']}` ({settings['seconds']:.0f} s); every run: "
+             f"`{settings['command']}` ({settings['wall_time']}); every run: "
              f"`tune run {RECIPE} --config {CONFIG}` + the loss below.", "",
              "| method | setting | label noise | step | true reward | KL (nats) | held-out accuracy | task words | "
              "well-formed | " + " | ".join(f"win rate T={t:g}" for t in temps) + " |",
@@ -228,12 +228,13 @@ def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: 
                 label = method + (f" ({noise:.0%} flipped labels)" if noise else "")
                 left.plot([p["kl"] for p in mine], [p["reward"] for p in mine], marker=marker, color=colors[method],
                           linestyle="-" if not noise else ":", label=label)  # fmt: skip
-    left.set(xlabel="KL(policy || SFT), nats per response", ylabel="true reward of samples (T=1)",
-             title="Reward vs KL (DPO paper Fig. 2 left)")  # fmt: skip
+    left.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, where the well-behaved runs sit
+    left.set(xlabel="KL(policy || SFT), nats per response (linear below 1, log above)",
+             ylabel="true reward of samples (T=1)", title="Reward vs KL (DPO paper Fig. 2 left)")  # fmt: skip
     left.legend(fontsize=8)
     temps = settings["temperatures"]
     for method, p in best_per_method(points, settings["kl_bound"]).items():
-        label = method + (f" ({p['setting']}, step {p['step']})" if method != "SFT" else "")
+        label = method + (f" ({p['setting']}, step {p['step']}, KL {p['kl']:.2g})" if method != "SFT" else "")
         right.plot(temps, [p["win_rate"][str(t)] for t in temps], marker="o", color=colors[method], label=label)
     right.axhline(0.5, color="grey", linewidth=0.8)
     right.set(xlabel="sampling temperature", ylabel="win rate vs SFT samples (T=1), true reward",
@@ -290,12 +291,13 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             per_run = list(pool.map(lambda i: _worker(i, settings_file), range(len(runs))))
     points = [sft_point(settings), *(p for run_points in per_run for p in run_points)]
-    settings["seconds"] = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    settings["wall_time"] = "tables of the runs finished so far" if args.tables_only else f"{seconds:.0f} s"
     (output_dir / "results.json").write_text(json.dumps({"settings": settings, "points": points}, indent=2) + "\n")
     write_markdown(points, settings, output_dir / "results.md")
     figure = plot_frontier(points, settings, output_dir / "frontier.png")
     print((output_dir / "results.md").read_text())
-    print(f"{len(runs)} runs in {settings['seconds']:.0f} s; figure {figure}")
+    print(f"{len(per_run)} runs in {seconds:.0f} s; figure {figure}")
 
 
 if __name__ == "__main__":

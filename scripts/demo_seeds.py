@@ -124,11 +124,12 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:  # each SFT build and each run is a process of its own
             list(pool.map(lambda s: prepare_in_subprocess(output_dir, s), args.sft_seeds))
             list(pool.map(lambda sd: _in_subprocess(output_dir, *sd, args.overrides), runs))
-    results = [json.loads((output_dir / f"sft{s}_dpo{d}.json").read_text()) for s, d in runs]
+    done = [output_dir / f"sft{s}_dpo{d}.json" for s, d in runs]
+    results = [json.loads(f.read_text()) for f in done if f.exists() or not args.tables_only]  # tables: runs so far
     command = "python scripts/demo_seeds.py " + " ".join(a for a in sys.argv[1:] if a != "--tables-only")
     table = write_tables(results, output_dir, command.strip())
     print(table.read_text())
-    print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; tables in {output_dir}")
+    print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s; tables in {output_dir}")
 
 
 def prepare_in_subprocess(output_dir: Path, sft_seed: int) -> None:

@@ -62,12 +62,11 @@ def recipe_cfg(tiny_setup, tmp_path):
             "eval_every_n_steps": None,
             "save_every_n_steps": None,
             "eval_samples": 0,  # tests that check samples turn them on
-            # the settings the recipe tests were written for (the shipped config tunes the demo: beta 5, batch 32)
-            "batch_size": 16,
-            "loss": {"beta": 0.1},
-            "optimizer": {"lr": 3e-3},
-            "lr_scheduler": {"num_warmup_steps": 10},
         }
+        if config == "recipe_configs/tiny/lora_dpo_single_device.yaml":
+            # the settings the LoRA recipe tests were written for (the shipped config tunes the demo: beta 5, batch 32)
+            base.update(batch_size=16, loss={"beta": 0.1}, optimizer={"lr": 3e-3})
+            base["lr_scheduler"] = {"num_warmup_steps": 10}
         cfg = OmegaConf.merge(
             cfg, base, OmegaConf.from_dotlist([f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
         )
