@@ -272,7 +272,9 @@ def main() -> None:
     ).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tiny = prepare_tiny(args.tiny_dir or repo_root / "outputs/tiny")
+    if args.tiny_dir and not (args.tiny_dir / "manifest.json").exists():
+        parser.error(f"--tiny-dir {args.tiny_dir} is not a prepared directory (python -m dpo_components.prepare_tiny)")
+    tiny = args.tiny_dir or prepare_tiny(repo_root / "outputs/tiny")  # a given directory is used as it is
     runs = sweep(args.quick, args.noise)
     settings = {
         "tiny": str(tiny.resolve()), "repo_root": str(repo_root), "output_dir": str(output_dir), "noise": args.noise,

@@ -61,6 +61,7 @@ def test_quick_frontier_trains_each_method_from_yaml_and_plots(tiny_setup, tmp_p
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert len((tiny_setup / "data/train.jsonl").read_text().splitlines()) == 256  # the given setup used as it is
     points = json.loads((out / "results.json").read_text())["points"]
     runs = {(p["method"], p["noise"], p["step"]) for p in points}
     assert runs == {("SFT", 0.0, 0), ("DPO", 0.0, 8), ("Preferred-FT", 0.0, 4), ("Preferred-FT", 0.0, 8)}

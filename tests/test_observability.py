@@ -43,8 +43,8 @@ def test_tiny_config_runs_alone_from_a_fresh_clone_and_plots(tmp_path):
     small = ["prepare.sft_steps=20", "prepare.sft_examples=500", "prepare.train_pairs=64", "prepare.eval_pairs=16"]
     command = [tune, "run", "recipes/lora_dpo_single_device.py", "--config",
                "recipe_configs/tiny/lora_dpo_single_device.yaml", *small, "epochs=1", "max_steps_per_epoch=3",
-               "log_every_n_steps=1", "eval_every_n_steps=null", "save_every_n_steps=null", "eval_samples=4",
-               "max_new_tokens=16"]  # fmt: skip
+               "batch_size=16", "log_every_n_steps=1", "eval_every_n_steps=null", "save_every_n_steps=null",
+               "eval_samples=4", "max_new_tokens=16"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(clone)}
     result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
