@@ -70,12 +70,16 @@ def task_prompts(n: int, seed: int = 1) -> list[str]:
     return [synthetic.sample_prompt(rng) for _ in range(n)]
 
 
+def _chat_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    return [generation_prompt(tokenizer, [Message("user", p)]) for p in prompts]
+
+
 def sampled_metrics(
     policy: Any, reference: Any, prompts: list[str], seed: int = 1, temperature: float = 1.0
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """True reward, KL estimate and fluency of responses sampled from ``policy`` and ``reference``; and the text."""
     tokenizer = tiny_tokenizer()
-    encoded = [generation_prompt(tokenizer, [Message("user", p)]) for p in prompts]
+    encoded = _chat_prompts(tokenizer, prompts)
     settings = SampleSettings(len(prompts), max_new_tokens=40, temperature=temperature,
                               reward_fn=synthetic.sentiment_reward)  # fmt: skip
     metrics, rows = sample_and_score(policy, lambda: contextlib.nullcontext(reference), encoded, tokenizer,
@@ -92,7 +96,7 @@ def sampled_metrics(
 def sampled_responses(policy: Any, prompts: list[str], seed: int = 1, temperature: float = 1.0) -> list[str]:
     """The policy's responses alone (no reference pass): what a win rate compares."""
     tokenizer = tiny_tokenizer()
-    encoded = [generation_prompt(tokenizer, [Message("user", p)]) for p in prompts]
+    encoded = _chat_prompts(tokenizer, prompts)
     settings = SampleSettings(len(prompts), max_new_tokens=40, temperature=temperature)
     _, rows = sample_and_score(policy, None, encoded, tokenizer, settings, seed)
     return [row["policy"] for row in rows]
