@@ -4,8 +4,10 @@ A checkpoint is one directory, ``<output_dir>/step_<N>/``:
 
     model-00001-of-0000K.safetensors + model.safetensors.index.json + config.json + tokenizer files
         the merged full model (base + LoRA), in HF key layout: ``transformers`` and vLLM load it as is;
-    adapter_model.safetensors + adapter_config.json
-        the LoRA adapter in PEFT layout (``PeftModel.from_pretrained(base, dir)``);
+    adapter/adapter_model.safetensors + adapter/adapter_config.json
+        the LoRA adapter in PEFT layout (``PeftModel.from_pretrained(base, "step_<N>/adapter")``). In a folder of
+        its own: ``transformers`` with ``peft`` installed loads an adapter it finds beside a model's weights on top
+        of them, so next to the merged model it would be applied twice;
     recipe_state.pt
         what an exact resume needs: optimizer, LR schedule, step, data position, RNG (tensors and plain
         Python values only, read back with ``torch.load(weights_only=True)``), and the run's fingerprint;
@@ -47,6 +49,8 @@ from dpo_components.data import PreferenceDataset
 from dpo_components.training import rng_state, set_rng_state
 
 RECIPE_STATE_FILE = "recipe_state.pt"
+ADAPTER_DIR = "adapter"  # step_<N>/adapter/: the PEFT adapter (see the module docstring for why not beside the model)
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK = 8 << 20
@@ -63,12 +67,19 @@ def merged_lora_state_dict(model: nn.Module, rank: int, alpha: float, dtype: tor
     NF4 (QLoRA) base weights are dequantized to ``dtype``. (torchtune's recipes merge into ``v.cpu()``, which on
     a CPU run is the live parameter itself, so its merge silently adds the LoRA delta into the training weights.)
     """
-    state = {}
-    for key, value in model.state_dict().items():
+    return merge_lora_state(model.state_dict(), rank, alpha, dtype)
+
+
+def merge_lora_state(
+    state: dict[str, torch.Tensor], rank: int, alpha: float, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """:func:`merged_lora_state_dict` of a full (e.g. gathered) state dict: new CPU tensors, the input untouched."""
+    plain = {}
+    for key, value in state.items():
         if isinstance(value, NF4Tensor):
             value = value.get_original_weight()
-        state[key] = value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else None).clone()
-    return get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
+        plain[key] = value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else None).clone()
+    return get_merged_lora_ckpt(plain, rank=rank, alpha=alpha)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -295,7 +306,7 @@ def save_failed(path: Path, error: BaseException, last_good: Path | None) -> Che
 def save_checkpoint_dir(
     checkpointer: Any,
     out_dir: str | Path,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     adapter_state: dict[str, torch.Tensor] | None = None,
     adapter_config: dict[str, Any] | None = None,
     recipe_state: dict[str, Any] | None = None,
@@ -303,8 +314,9 @@ def save_checkpoint_dir(
     """Write one checkpoint directory atomically with torchtune's HF checkpointer, manifest last; returns its path.
 
     ``checkpointer`` is a ``FullModelHFCheckpointer`` whose ``load_checkpoint`` has run (it learns the source's
-    sharding then). An existing ``out_dir`` is replaced. On a failure (disk full, ...) the temporary directory is
-    removed and the error raised; ``out_dir`` and every other checkpoint stay as they were.
+    sharding then). ``model_state`` None writes the adapter alone. An existing ``out_dir`` is replaced. On a failure
+    (disk full, ...) the temporary directory is removed and the error raised; ``out_dir`` and every other checkpoint
+    stay as they were.
     """
     out_dir = Path(out_dir)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -323,12 +335,12 @@ def save_checkpoint_dir(
 def _write_checkpoint(
     checkpointer: Any,
     tmp_dir: Path,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     adapter_state: dict[str, torch.Tensor] | None,
     adapter_config: dict[str, Any] | None,
     recipe_state: dict[str, Any] | None,
 ) -> None:
-    state: dict[str, Any] = {training.MODEL_KEY: model_state}
+    state: dict[str, Any] = {training.MODEL_KEY: model_state or {}}
     if adapter_state is not None:
         state[training.ADAPTER_KEY] = adapter_state
         state[training.ADAPTER_CONFIG] = dict(adapter_config or {})
@@ -338,7 +350,7 @@ def _write_checkpoint(
     saved_level = torchtune_log.level
     torchtune_log.setLevel(logging.WARNING)  # its messages name the temporary directory; the caller logs the real one
     try:
-        checkpointer.save_checkpoint(state, epoch=0, intermediate_checkpoint=False)
+        checkpointer.save_checkpoint(state, epoch=0, intermediate_checkpoint=False, adapter_only=model_state is None)
     finally:
         checkpointer._output_dir = saved_output_dir
         torchtune_log.setLevel(saved_level)
@@ -347,6 +359,10 @@ def _write_checkpoint(
         path.rename(tmp_dir / path.name)
     written.rmdir()
     (tmp_dir / "adapter_model.pt").unlink(missing_ok=True)  # a pickle; the safetensors copy is the adapter
+    if adapter_state is not None:
+        (tmp_dir / ADAPTER_DIR).mkdir()
+        for name in PEFT_FILES:
+            (tmp_dir / name).rename(tmp_dir / ADAPTER_DIR / name)
     if recipe_state is not None:
         torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
     write_manifest(tmp_dir, run=(recipe_state or {}).get("run"))
@@ -374,10 +390,12 @@ def _unpermute_lora_b(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Ten
 def load_peft_adapter(
     checkpoint_dir: str | Path, num_heads: int, num_kv_heads: int, dim: int, head_dim: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` (PEFT layout) back into torchtune key names: the inverse of torchtune's
-    ``tune_to_peft_adapter_weights``, including the q/k ``lora_B`` permutation."""
+    """Read a checkpoint's ``adapter/adapter_model.safetensors`` (PEFT layout) back into torchtune key names: the
+    inverse of torchtune's ``tune_to_peft_adapter_weights``, including the q/k ``lora_B`` permutation. (Older
+    checkpoints, with the adapter beside the model, are read too.)"""
     head_dim = head_dim or dim // num_heads
-    peft = load_file(Path(checkpoint_dir) / "adapter_model.safetensors")
+    path = Path(checkpoint_dir) / ADAPTER_DIR / PEFT_FILES[0]
+    peft = load_file(path if path.is_file() else Path(checkpoint_dir) / PEFT_FILES[0])
     renames = [
         (r"^base_model\.model\.model\.layers\.", "layers."),
         (r"\.self_attn\.o_proj\.", ".attn.output_proj."),
@@ -419,19 +437,23 @@ def save_lora_checkpoint(
     checkpointer: Any, out_dir: Path, model: nn.Module, lora: dict[str, Any], dtype: torch.dtype, recipe_state: dict
 ) -> Path:
     """A LoRA checkpoint: the merged model, the PEFT adapter and its config, and the recipe state."""
-    adapter_config = {
-        "r": lora["rank"], "lora_alpha": lora["alpha"], "peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "use_dora": lora["dora"], "bias": "none",
-        "target_modules": get_lora_module_names(lora["attn_modules"], lora["mlp"], lora["output"]),
-    }  # fmt: skip
     return save_checkpoint_dir(
         checkpointer,
         out_dir,
         model_state=merged_lora_state_dict(model, lora["rank"], lora["alpha"], dtype),
         adapter_state=adapter_state_dict(model),
-        adapter_config=adapter_config,
+        adapter_config=peft_adapter_config(lora),
         recipe_state=recipe_state,
     )
+
+
+def peft_adapter_config(lora: dict[str, Any]) -> dict[str, Any]:
+    """``adapter_config.json`` for PEFT from :func:`lora_settings` (torchtune adds ``base_model_name_or_path``)."""
+    return {
+        "r": lora["rank"], "lora_alpha": lora["alpha"], "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "use_dora": lora["dora"], "bias": "none",
+        "target_modules": get_lora_module_names(lora["attn_modules"], lora["mlp"], lora["output"]),
+    }  # fmt: skip
 
 
 def training_state(

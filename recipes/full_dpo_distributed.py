@@ -70,9 +70,17 @@ from dpo_components.config_checks import (
     optional_component,
     prepare_missing_inputs,
 )
+from dpo_components.distributed import (
+    all_ranks_have,
+    all_reduce_metrics,
+    eval_batch_starts,
+    from_rank_zero,
+    load_or_compute_together,
+    rank_slice,
+    shard_and_load,
+)
 from dpo_components.reference import (
     compute_reference_logprobs,
-    load_or_compute,
     reference_cache_key,
     reference_for_batch,
     reference_variant,
@@ -149,7 +157,7 @@ class FullDPORecipeDistributed:
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
         # the newest checkpoint whose files match its manifest (a corrupt newer one is skipped with a warning)
-        resume_dir = self._from_rank_zero(resume_checkpoint, self._output_dir) if self._resume else None
+        resume_dir = from_rank_zero(resume_checkpoint, self._output_dir) if self._resume else None
 
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
@@ -158,7 +166,7 @@ class FullDPORecipeDistributed:
         self._loss_fn = instantiate_loss(cfg.loss)
         self._train_data = config.instantiate(cfg.dataset, self._tokenizer)
         # what this run is trained with (config keys, data and checkpoint hashes): a resume must match it
-        self._fingerprint = self._from_rank_zero(run_fingerprint, cfg, self._train_data, seed=self.seed,
+        self._fingerprint = from_rank_zero(run_fingerprint, cfg, self._train_data, seed=self.seed,
                                                  world_size=self._world_size)  # fmt: skip
         if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)
             check_same_run(resume_dir, checkpoint_fingerprint(resume_dir), self._fingerprint)
@@ -195,39 +203,13 @@ class FullDPORecipeDistributed:
                 f"{self._total_epochs} epochs; loss {self._loss_fn}; reference {self._reference_mode}"
             )
 
-    def _from_rank_zero(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` run on rank 0 only (it reads whole checkpoints) and sent to every rank; an error
-        there is raised on every rank."""
-        box = [None]
-        if self._is_rank_zero:
-            try:
-                box[0] = (fn(*args, **kwargs), None)
-            except Exception as error:
-                box[0] = (None, error)
-        dist.broadcast_object_list(box, src=0)
-        value, error = box[0]
-        if error is not None:
-            raise error
-        return value
-
     def _sharded_model(self, cfg: DictConfig, state: dict[str, Any], trainable: bool) -> torch.nn.Module:
         """Build on the meta device, shard per transformer layer and the root (FSDP2), load the full weights."""
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg.model)
         if trainable and cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        training.shard_model(
-            model,
-            [lambda name, module: isinstance(module, modules.TransformerSelfAttentionLayer)],
-            cpu_offload=False,
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-        )
-        with training.set_default_dtype(self._dtype), self._device:
-            for module in model.modules():
-                if hasattr(module, "rope_init"):  # buffers the meta device could not compute
-                    module.rope_init()
-        training.load_from_full_model_state_dict(model, state, self._device, strict=True)
-        training.validate_no_params_on_meta_device(model)
+        shard_and_load(model, state, self._device, self._dtype, reshard=cfg.get("fsdp_reshard_after_forward", True))
         if not trainable:
             model.eval()
             for param in model.parameters():
@@ -250,7 +232,7 @@ class FullDPORecipeDistributed:
                 if data is not None:
                     key = reference_cache_key(data, reference_digest, self._dtype, reference_variant(cfg))
                     cache_files[split] = cache_dir / f"reference_logps_{key}.safetensors"
-            if self._all_ranks_have(cache_files.values()):  # nothing to compute: build no reference model
+            if all_ranks_have(cache_files.values(), self._device):  # nothing to compute: build no reference model
                 for split, path in cache_files.items():
                     self._reference_cache[split] = self._load_or_compute_together(path, None)
                 return
@@ -271,23 +253,10 @@ class FullDPORecipeDistributed:
             )  # fmt: skip
         del reference
 
-    def _all_ranks_have(self, paths) -> bool:
-        have = torch.tensor(int(all(Path(p).is_file() for p in paths)), device=self._device)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        return bool(have.item())
-
     def _load_or_compute_together(self, cache_file: Path, compute) -> dict[str, torch.Tensor]:
-        """All ranks compute (sharded forwards need every rank) unless every rank sees the cache; rank 0 writes."""
-        have = self._all_ranks_have([cache_file])
-        if have:
-            values = load_or_compute(cache_file, None)
-        else:
-            values = compute()
-            if self._is_rank_zero:
-                load_or_compute(cache_file, lambda: values)
-        dist.barrier()
+        values, reused = load_or_compute_together(cache_file, compute, self._device)
         if self._is_rank_zero:
-            log.info(f"reference log-probs: {'reused' if have else 'computed'} {cache_file}")
+            log.info(f"reference log-probs: {'reused' if reused else 'computed'} {cache_file}")
         return values
 
     # -------------------------------------------------------------------------------------------- the step
@@ -309,9 +278,7 @@ class FullDPORecipeDistributed:
         # the same on every rank; with group_by_length, each global batch holds pairs of similar length
         order = batch_order(self._train_data, self.seed, epoch, self._global_batch, self._shuffle,
                             self._group_by_length, self._prefix_sharing)  # fmt: skip
-        start = self._rank * self._batch_size
-        usable = len(order) // self._global_batch * self._global_batch
-        return [order[g + start + i] for g in range(0, usable, self._global_batch) for i in range(self._batch_size)]
+        return rank_slice(order, self._batch_size)
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
@@ -339,7 +306,7 @@ class FullDPORecipeDistributed:
                 )
                 if isinstance(grad_norm, DTensor):
                     grad_norm = grad_norm.full_tensor()
-                logged = self._all_reduce(metrics)
+                logged = all_reduce_metrics(metrics, self._device)
                 if not (math.isfinite(logged["loss"]) and torch.isfinite(grad_norm)):
                     self._stop_on_nonfinite(logged["loss"], grad_norm.item())
                 self._optimizer.step()
@@ -360,26 +327,14 @@ class FullDPORecipeDistributed:
                 if self._eval_every and self.global_step % self._eval_every == 0:
                     self.evaluate()
                 if self._save_every and self.global_step % self._save_every == 0:
-                    self.save_checkpoint(consolidate=self._consolidate_every_save)
+                    last = self.global_step == self._total_steps  # the final save: with the HF model
+                    self.save_checkpoint(consolidate=self._consolidate_every_save or last)
             self.epochs_run, self._batches_done_in_epoch = epoch + 1, 0
         progress.close()
         if self._eval_data is not None and self._last_eval_step != self.global_step:
             self.evaluate()
-        self.save_checkpoint(consolidate=True)
-
-    def _all_reduce(self, metrics: PreferenceMetrics) -> dict[str, float]:
-        """Sums over ranks of every metric sum and of the pair, token and position counts -> averages over all
-        pairs, the token count, and the padding fraction of all ranks' batches."""
-        names = sorted(metrics.sums)
-        counts = [metrics.pairs, metrics.tokens, metrics.data_positions, metrics.computed_positions]
-        totals = torch.tensor([metrics.sums[n] for n in names] + counts, dtype=torch.float64, device=self._device)
-        dist.all_reduce(totals)
-        pairs, tokens, data_positions, computed_positions = totals[-4:].tolist()
-        averaged = {name: totals[i].item() / pairs for i, name in enumerate(names)}
-        averaged["tokens"] = tokens
-        if computed_positions:
-            averaged["padding_fraction"] = 1 - data_positions / computed_positions
-        return averaged
+        if self._last_checkpoint is None or self._last_checkpoint.name != f"step_{self.global_step}":
+            self.save_checkpoint(consolidate=True)
 
     def _stop_on_nonfinite(self, loss: float, grad_norm: float) -> None:
         raise FloatingPointError(
@@ -393,17 +348,13 @@ class FullDPORecipeDistributed:
         was_training = self._model.training
         self._model.eval()
         metrics = PreferenceMetrics()
-        indices = list(range(len(self._eval_data)))
-        starts = list(range(0, len(indices), self._batch_size))
-        rounds = -(-len(starts) // self._world_size)
-        mine = starts[self._rank :: self._world_size]
-        for i in range(rounds):
-            start = mine[min(i, len(mine) - 1)] if mine else 0
-            batch = self._collate([self._eval_data[j] for j in indices[start : start + self._batch_size]])
+        for start, counted in eval_batch_starts(len(self._eval_data), self._batch_size):
+            end = min(start + self._batch_size, len(self._eval_data))
+            batch = self._collate([self._eval_data[j] for j in range(start, end)])
             out, policy = self._forward(batch, "eval")  # every rank runs the same number of forwards
-            if i < len(mine):
+            if counted:
                 metrics.update(out, policy)
-        results = {f"eval/{k}": v for k, v in self._all_reduce(metrics).items() if k != "tokens"}
+        results = {f"eval/{k}": v for k, v in all_reduce_metrics(metrics, self._device).items() if k != "tokens"}
         rows = []
         if self._samples:  # each rank samples a share with the sharded models (see dpo_components.samples)
             reference = partial(same_model, self._reference_model) if self._reference_model is not None else None

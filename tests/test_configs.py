@@ -138,7 +138,7 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
     recipe.setup(cfg)
     recipe.train()
     assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
-    assert (tmp_path / "out" / "step_1" / "adapter_model.safetensors").exists() == lora
+    assert (tmp_path / "out" / "step_1" / "adapter" / "adapter_model.safetensors").exists() == lora
     if family is not None:  # the merged output loads in transformers with the logits of our model
         assert_transformers_logits_equal(tmp_path / "out" / "step_1", family)
 

@@ -35,16 +35,15 @@ def overrides(tiny_setup, out, **extra):
     return [f"{k}={v}" for k, v in settings.items()]
 
 
-def launch(args, *launcher):
+def launch(args, *launcher, recipe="recipes/full_dpo_distributed.py", config=CONFIG):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, "recipes/full_dpo_distributed.py",
-               "--config", CONFIG, *args]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, recipe, "--config", config, *args]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
 
 
-def torchrun(args, nproc=2):
-    process = launch(args, "--standalone", f"--nproc_per_node={nproc}")
+def torchrun(args, nproc=2, **recipe):
+    process = launch(args, "--standalone", f"--nproc_per_node={nproc}", **recipe)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-4000:]
     return output

@@ -100,7 +100,8 @@ def test_lora_mode_with_precomputed_reference(recipe_cfg):
     recipe = run(cfg)
     assert recipe._is_lora and recipe._reference_model is None
     step = REPO_ROOT / cfg.output_dir / "step_2"
-    assert (step / "adapter_model.safetensors").exists() and (step / "model-00001-of-00001.safetensors").exists()
+    assert (step / "adapter/adapter_model.safetensors").exists()
+    assert (step / "model-00001-of-00001.safetensors").exists()
 
 
 def test_full_parameter_resume_equals_uninterrupted_run(recipe_cfg):

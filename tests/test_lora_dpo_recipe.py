@@ -80,8 +80,7 @@ def test_checkpoint_layout_adapter_and_merged_model(recipe_cfg, tiny_setup):
     ckpt = REPO_ROOT / cfg.output_dir / "step_3"
     names = {p.name for p in ckpt.iterdir()}
     assert {
-        "adapter_model.safetensors",
-        "adapter_config.json",
+        "adapter",
         "config.json",
         "model.safetensors.index.json",
         "model-00001-of-00001.safetensors",
@@ -90,8 +89,9 @@ def test_checkpoint_layout_adapter_and_merged_model(recipe_cfg, tiny_setup):
         "recipe_state.pt",
     } <= names
     assert "adapter_model.pt" not in names and not list((REPO_ROOT / cfg.output_dir).glob(".step_*"))
+    assert "adapter_config.json" not in names  # beside the merged model, transformers + peft would apply it twice
 
-    adapter_config = json.loads((ckpt / "adapter_config.json").read_text())
+    adapter_config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 32 and adapter_config["peft_type"] == "LORA"
     assert set(adapter_config["target_modules"]) == {
         "q_proj",
@@ -102,7 +102,7 @@ def test_checkpoint_layout_adapter_and_merged_model(recipe_cfg, tiny_setup):
         "up_proj",
         "down_proj",
     }
-    peft_keys = load_file(ckpt / "adapter_model.safetensors").keys()
+    peft_keys = load_file(ckpt / "adapter" / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in peft_keys
 
     trained = recipe._model.eval()
@@ -167,7 +167,7 @@ def test_resume_from_step_k_equals_uninterrupted_run(recipe_cfg, speedups):
     recipe.train()
     assert min(logged(resumed_cfg)) == 4  # it continued, it did not start over
 
-    for name in ("adapter_model.safetensors", "model-00001-of-00001.safetensors"):
+    for name in ("adapter/adapter_model.safetensors", "model-00001-of-00001.safetensors"):
         expected, got = load_file(full_dir / "step_6" / name), load_file(resumed_dir / "step_6" / name)
         for key in expected:
             assert torch.equal(expected[key], got[key]), (name, key)
@@ -315,7 +315,7 @@ def test_tune_run_and_python_entry_points_from_repo_root(tiny_setup, tmp_path):
             command + args + [f"output_dir={out}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert (out / "step_1" / "adapter_model.safetensors").exists()
+        assert (out / "step_1" / "adapter" / "adapter_model.safetensors").exists()
 
 
 LOSSES = [
@@ -376,8 +376,8 @@ def test_dora_trains_and_its_merged_checkpoint_matches(recipe_cfg):
     )
     recipe = run(cfg)
     ckpt = REPO_ROOT / cfg.output_dir / "step_3"
-    assert json.loads((ckpt / "adapter_config.json").read_text())["use_dora"] is True
-    assert any("lora_magnitude_vector" in k for k in load_file(ckpt / "adapter_model.safetensors"))
+    assert json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(ckpt / "adapter" / "adapter_model.safetensors"))
     merged = FullModelHFCheckpointer(
         checkpoint_dir=str(ckpt),
         checkpoint_files=["model-00001-of-00001.safetensors"],

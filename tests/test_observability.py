@@ -49,7 +49,7 @@ def test_tiny_config_runs_alone_from_a_fresh_clone_and_plots(tmp_path):
     result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (clone / "outputs/tiny/sft_model/model.safetensors").is_file()  # prepared on first use
-    assert (clone / "outputs/tiny_lora_dpo/step_3/adapter_model.safetensors").is_file()
+    assert (clone / "outputs/tiny_lora_dpo/step_3/adapter/adapter_model.safetensors").is_file()
     assert "Skipping import of cpp extensions" not in result.stderr + result.stdout
     hint = "python -m dpo_components.plot outputs/tiny_lora_dpo"
     assert hint in result.stderr + result.stdout  # the recipe says how to plot the run

@@ -153,20 +153,21 @@ def test_resume_skips_a_corrupt_checkpoint_and_names_the_bad_file(recipe_cfg, ca
     recipe.train()
     out = Path(cfg.output_dir)
     assert checkpoint_problem(out / "step_1") is None and checkpoint_problem(out / "step_2") is None
-    (out / "step_2" / "adapter_model.safetensors").unlink()
+    (out / "step_2" / "adapter" / "adapter_model.safetensors").unlink()
 
     resume = recipe_cfg(**settings, resume_from_checkpoint=True)
     recipe = LoRADPORecipeSingleDevice(resume)
     with caplog.at_level(logging.WARNING):
         recipe.setup(resume)
     assert recipe.global_step == 1
-    assert "skipping checkpoint" in caplog.text and "step_2: adapter_model.safetensors is missing" in caplog.text
+    assert "skipping checkpoint" in caplog.text
+    assert "step_2: adapter/adapter_model.safetensors is missing" in caplog.text
 
     state = out / "step_1" / "recipe_state.pt"
     state.write_bytes(state.read_bytes()[:100])  # truncated, as by a disk that filled up outside our save
-    with pytest.raises(CheckpointError, match=r"no checkpoint in .* is complete:\n  step_2: adapter_model.safetensors "
-                                              r"is missing\n  step_1: recipe_state.pt has 100 bytes, the manifest "
-                                              r"says \d+"):  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* is complete:\n  step_2: adapter/adapter_model."
+                                              r"safetensors is missing\n  step_1: recipe_state.pt has 100 bytes, the "
+                                              r"manifest says \d+"):  # fmt: skip
         LoRADPORecipeSingleDevice(resume).setup(resume)
 
 

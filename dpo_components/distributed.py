@@ -1,0 +1,139 @@
+"""What the FSDP2 recipes share: rank-0 work sent to every rank, each rank's slice of a global batch, metrics
+averaged over ranks, the sharded model build, and the LoRA starting weights that do not depend on the world size.
+
+Every function here is a collective where it says so: all ranks must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchao.dtypes.nf4tensor import to_nf4
+from torchtune import modules, training
+from torchtune.modules.peft import DoRALinear, LoRALinear
+
+from dpo_components.reference import load_or_compute
+from dpo_components.training import PreferenceMetrics
+
+
+def from_rank_zero(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run on rank 0 only (it reads whole files) and sent to every rank; an error raised
+    there is raised on every rank, so all of them stop with the same message (collective)."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (fn(*args, **kwargs), None)
+        except Exception as error:
+            box[0] = (None, error)
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def all_ranks_have(paths: Iterable[str | Path], device: torch.device) -> bool:
+    """True when every rank sees every file (collective)."""
+    have = torch.tensor(int(all(Path(p).is_file() for p in paths)), device=device)
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    return bool(have.item())
+
+
+def load_or_compute_together(cache_file: Path, compute: Callable[[], dict], device: torch.device) -> tuple[dict, bool]:
+    """The reference log-prob table in ``cache_file``, or ``compute()`` run on every rank (sharded forwards need all
+    of them) and written by rank 0. Returns (table, reused) (collective)."""
+    reused = all_ranks_have([cache_file], device)
+    if reused:
+        values = load_or_compute(cache_file, None)
+    else:
+        values = compute()
+        if dist.get_rank() == 0:
+            load_or_compute(cache_file, lambda: values)
+    dist.barrier()
+    return values, reused
+
+
+def rank_slice(order: list[int], batch_size: int) -> list[int]:
+    """This rank's sample order: its ``batch_size`` slice of every global batch (``batch_size`` x world size) of
+    ``order``, which must be the same on every rank. The ranks together see exactly what one process with the global
+    batch would."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    global_batch = batch_size * world_size
+    usable = len(order) // global_batch * global_batch
+    start = rank * batch_size
+    return [order[g + start + i] for g in range(0, usable, global_batch) for i in range(batch_size)]
+
+
+def eval_batch_starts(num_items: int, batch_size: int) -> list[tuple[int, bool]]:
+    """(start, counted) of this rank's eval batches: rank r takes batches r, r + W, ... Every rank gets the same
+    number of entries, as FSDP's forwards need; a rank short of batches repeats its last one with counted False."""
+    starts = list(range(0, num_items, batch_size))
+    mine = starts[dist.get_rank() :: dist.get_world_size()]
+    rounds = -(-len(starts) // dist.get_world_size())
+    return [(mine[min(i, len(mine) - 1)] if mine else 0, i < len(mine)) for i in range(rounds)]
+
+
+def all_reduce_metrics(metrics: PreferenceMetrics, device: torch.device) -> dict[str, float]:
+    """Sums over ranks of every metric sum and of the pair, token and position counts -> averages over all pairs of
+    all ranks, the total token count (``tokens``) and the padding fraction of all ranks' batches (collective)."""
+    names = sorted(metrics.sums)
+    counts = [metrics.pairs, metrics.tokens, metrics.data_positions, metrics.computed_positions]
+    totals = torch.tensor([metrics.sums[n] for n in names] + counts, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    pairs, tokens, data_positions, computed_positions = totals[-4:].tolist()
+    averaged = {name: totals[i].item() / pairs for i, name in enumerate(names)}
+    averaged["tokens"] = tokens
+    if computed_positions:
+        averaged["padding_fraction"] = 1 - data_positions / computed_positions
+    return averaged
+
+
+def shard_and_load(
+    model: nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, reshard: bool = True
+) -> None:
+    """Shard a model built on the meta device (FSDP2 ``fully_shard`` per transformer layer, then the root), compute
+    its RoPE buffers and load the full ``state`` (every key, strictly) into the shards."""
+    training.shard_model(
+        model,
+        [lambda name, module: isinstance(module, modules.TransformerSelfAttentionLayer)],
+        cpu_offload=False,
+        reshard_after_forward=reshard,
+    )
+    with training.set_default_dtype(dtype), device:
+        for module in model.modules():
+            if hasattr(module, "rope_init"):  # buffers the meta device could not compute
+                module.rope_init()
+    training.load_from_full_model_state_dict(model, state, device, strict=True)
+    training.validate_no_params_on_meta_device(model)
+
+
+def initial_adapter_state(model: nn.Module, base_state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The LoRA/DoRA starting weights of ``model`` (built on the meta device), full-size, on CPU.
+
+    ``lora_a`` is Kaiming-uniform (torchtune's and PEFT's init) drawn from a generator seeded with ``seed`` in module
+    order, ``lora_b`` is zero, a DoRA ``magnitude`` is the row norm of the base weight (NF4-rounded for QLoRA, as
+    the quantized base is what DoRA scales). Every rank computes the same values for any world size, so 2 ranks
+    start where 1 process starts (torchtune's distributed recipe initialises each rank's shard from that rank's RNG).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (LoRALinear, DoRALinear)):
+            continue
+        prefix = f"{name}." if name else ""
+        lora_a = torch.empty(module.lora_a.weight.shape, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        state[f"{prefix}lora_a.weight"] = lora_a
+        state[f"{prefix}lora_b.weight"] = torch.zeros(module.lora_b.weight.shape)
+        if isinstance(module, DoRALinear):
+            weight = base_state[f"{prefix}weight"].float()
+            if getattr(module, "_quantize_base", False):
+                weight = to_nf4(weight.to(module.lora_a.weight.dtype)).get_original_weight().float()
+            state[f"{prefix}magnitude"] = torch.linalg.norm(weight, dim=1)
+    return state

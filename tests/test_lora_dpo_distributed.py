@@ -1,0 +1,150 @@
+"""The LoRA/QLoRA FSDP2 recipe on CPU with gloo and 2 processes: the same step as 1 process with the global batch,
+exact resume, precomputed == live reference, QLoRA's merged output, the adapter in PEFT, and a killed rank."""
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_full_dpo_distributed import Cfg, launch, torchrun
+from test_lora_dpo_recipe import logged
+from torchao.dtypes.nf4tensor import to_nf4
+
+from dpo_components.checkpointing import load_peft_adapter
+
+RECIPE = {"recipe": "recipes/lora_dpo_distributed.py", "config": "recipe_configs/tiny/lora_dpo_distributed.yaml"}
+MERGED = "model-00001-of-00001.safetensors"
+# SGD with momentum: the weights after a step compare the gradients themselves (Adam's first step turns fp32
+# reduction-order noise in near-zero gradients into lr-sized differences), and resume must restore the momentum.
+SGD = {"optimizer._component_": "torch.optim.SGD", "optimizer.lr": 0.5, "optimizer.momentum": 0.9,
+       "~optimizer.weight_decay": None}  # fmt: skip
+
+
+def overrides(tiny_setup, out, **extra):
+    settings = {
+        "checkpointer.checkpoint_dir": tiny_setup / "sft_model",
+        "dataset.data_files": tiny_setup / "data/train.jsonl",
+        "eval_dataset": "null", "output_dir": out, "eval_every_n_steps": "null", "save_every_n_steps": "null",
+        "log_every_n_steps": 1, "lr_scheduler.num_warmup_steps": 0, "eval_samples": 0, "batch_size": 4,
+        **extra,
+    }  # fmt: skip
+    return [k if v is None else f"{k}={v}" for k, v in settings.items()]
+
+
+def adapter(out, step):
+    return load_file(out / f"step_{step}" / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same(a, b, **tolerance):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key, **tolerance)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_setup, tmp_path_factory):
+    """2 ranks x batch 4, SGD, 3 steps, a checkpoint after every step (the merged model only at the end)."""
+    out = tmp_path_factory.mktemp("lora_fsdp") / "two"
+    torchrun(overrides(tiny_setup, out, max_steps_per_epoch=3, save_every_n_steps=1, **SGD), **RECIPE)
+    return out
+
+
+def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_setup, two_ranks, tmp_path):
+    one = tmp_path / "one"
+    torchrun(overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, **SGD), nproc=1, **RECIPE)
+    assert logged(Cfg(two_ranks))[1]["loss"] == pytest.approx(logged(Cfg(one))[1]["loss"], rel=1e-6)
+    a, b = adapter(one, 1), adapter(two_ranks, 1)
+    assert_same(a, b, rtol=1e-5, atol=1e-7)
+    lora_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert a[lora_b].abs().max() > 1e-4  # it moved from its zero start
+    # every save has the PEFT adapter and the DCP shards; only the final one the merged model
+    assert (two_ranks / "step_1" / "dcp").is_dir() and not (two_ranks / "step_1" / MERGED).exists()
+    assert (two_ranks / "step_3" / MERGED).is_file()
+    assert (two_ranks / "step_3" / "adapter/adapter_config.json").is_file()
+
+
+def test_resume_equals_the_uninterrupted_run(tiny_setup, two_ranks, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two_ranks / "step_1", resumed / "step_1")  # as if killed after step 1
+    output = torchrun(overrides(tiny_setup, resumed, max_steps_per_epoch=3, save_every_n_steps=1,
+                                resume_from_checkpoint="true", **SGD), **RECIPE)  # fmt: skip
+    assert "resumed from" in output and min(logged(Cfg(resumed))) == 2
+    for step in (2, 3):
+        assert logged(Cfg(resumed))[step]["loss"] == logged(Cfg(two_ranks))[step]["loss"]
+    assert_same(adapter(two_ranks, 3), adapter(resumed, 3), rtol=0, atol=0)
+    assert_same(load_file(two_ranks / "step_3" / MERGED), load_file(resumed / "step_3" / MERGED), rtol=0, atol=0)
+
+
+def test_precomputed_reference_matches_the_live_reference(tiny_setup, two_ranks, tmp_path):
+    cached = tmp_path / "cached"
+    output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=3, **SGD,
+                                **{"reference.mode": "precomputed"}), **RECIPE)  # fmt: skip
+    assert "reference log-probs for train: computed" in output
+    for step in (1, 2, 3):
+        assert logged(Cfg(cached))[step]["loss"] == pytest.approx(logged(Cfg(two_ranks))[step]["loss"], rel=1e-5)
+    assert_same(adapter(cached, 3), adapter(two_ranks, 3), rtol=1e-5, atol=1e-7)
+
+
+def test_the_adapter_loads_in_peft_with_the_merged_models_logits(tiny_setup, two_ranks, monkeypatch):
+    import peft
+    from peft.tuners.lora import torchao as peft_torchao
+    from transformers import AutoModelForCausalLM
+
+    # PEFT refuses to run beside torchao < 0.16 (torchtune 0.6.1 needs <= 0.15); no torchao layer is involved here
+    monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
+
+    tokens = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "sft_model", torch_dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, two_ranks / "step_3" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(two_ranks / "step_3", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = merged(tokens).logits
+        torch.testing.assert_close(with_adapter(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+        with with_adapter.disable_adapter():  # PEFT wrapped `base` in place
+            assert not torch.allclose(with_adapter(tokens).logits, expected, atol=1e-3)  # the adapter does something
+
+
+def test_qlora_under_fsdp_merges_to_the_dequantized_base_plus_lora(tiny_setup, tmp_path):
+    out = tmp_path / "qlora"
+    torchrun(overrides(tiny_setup, out, max_steps_per_epoch=2, **{"model.quantize_base": "true"}), **RECIPE)
+    assert all(row["loss"] > 0 for row in logged(Cfg(out)).values())
+    base = load_file(tiny_setup / "sft_model" / "model.safetensors")
+    lora = load_peft_adapter(out / "step_2", num_heads=4, num_kv_heads=2, dim=256)
+    merged = load_file(out / "step_2" / MERGED)
+    hf_key = "model.layers.1.mlp.down_proj.weight"  # no q/k permutation between HF and torchtune for this one
+    a, b = lora["layers.1.mlp.w2.lora_a.weight"], lora["layers.1.mlp.w2.lora_b.weight"]
+    assert b.abs().max() > 0
+    expected = to_nf4(base[hf_key]).get_original_weight() + (32 / 16) * b @ a  # alpha / rank
+    torch.testing.assert_close(merged[hf_key], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged[hf_key], base[hf_key])
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes, read from /proc."""
+    workers = {}
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            workers[rank] = int(child)
+    return workers
+
+
+def test_a_rank_killed_mid_run_ends_the_launch_with_an_error(tiny_setup, tmp_path):
+    out = tmp_path / "killed"
+    process = launch(overrides(tiny_setup, out, max_steps_per_epoch=60, save_every_n_steps=2),
+                     "--standalone", "--nproc_per_node=2", **RECIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out / "step_2").is_dir():  # mid-run: a checkpoint written, many steps to go
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
+        time.sleep(0.5)
+    os.kill(_worker_pids(process.pid)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0 and time.monotonic() - killed < 120, output[-3000:]
+    assert "step_60" not in os.listdir(out)
