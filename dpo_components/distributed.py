@@ -14,10 +14,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchao.dtypes.nf4tensor import to_nf4
+from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune import modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
+from dpo_components.config_checks import ConfigError
 from dpo_components.reference import load_or_compute
 from dpo_components.training import PreferenceMetrics
 
@@ -99,6 +100,13 @@ def shard_and_load(
 ) -> None:
     """Shard a model built on the meta device (FSDP2 ``fully_shard`` per transformer layer, then the root), compute
     its RoPE buffers and load the full ``state`` (every key, strictly) into the shards."""
+    if dist.get_world_size() == 1 and any(isinstance(p, NF4Tensor) for p in model.parameters()):
+        # torch 2.13's FSDP2 skips the all-gather on one rank and copies only the first of the three tensors NF4
+        # all-gathers (ValueError: not enough values to unpack, in torchao's fsdp_post_all_gather)
+        raise ConfigError(
+            "QLoRA (an NF4 base) under FSDP needs 2 or more ranks: PyTorch's FSDP2 cannot run NF4 weights on one "
+            "rank. On one GPU use recipes/lora_dpo_single_device.py, which takes the same config keys."
+        )
     training.shard_model(
         model,
         [lambda name, module: isinstance(module, modules.TransformerSelfAttentionLayer)],

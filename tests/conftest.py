@@ -73,3 +73,31 @@ def recipe_cfg(tiny_setup, tmp_path):
         return cfg
 
     return make
+
+
+def run_distributed_in_process(recipe_class, cfg, scratch: Path):
+    """Run an FSDP2 recipe in this process as a 1-rank gloo group: the recipe's own code, without torchrun's two
+    interpreter start-ups (about 10 s each here). Tests of what 2 ranks do launch torchrun instead."""
+    import torch.distributed as dist
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo", init_method=f"file://{scratch / 'process_group'}", rank=0, world_size=1)
+    try:
+        recipe = recipe_class(cfg)
+        recipe.setup(cfg)
+        recipe.train()
+        recipe.cleanup()
+    finally:
+        dist.destroy_process_group()
+    return recipe
+
+
+def recipe_config(path: str, args: list[str]):
+    """The config ``tune run`` would build from the YAML at ``path`` and its key=value (and ~key) arguments."""
+    from argparse import Namespace
+
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    yaml = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / path))
+    return _merge_yaml_and_cli_args(Namespace(**yaml), [str(arg) for arg in args])

@@ -16,6 +16,7 @@ CONFIGS = sorted(
 )  # sweeps are checked below
 REAL = [p for p in CONFIGS if p.parts[1] != "tiny"]
 SINGLE_DEVICE = [p for p in REAL if "distributed" not in p.name]  # distributed ones: test_full_dpo_distributed.py
+DISTRIBUTED = [p for p in REAL if "distributed" in p.name]
 RECIPE_ARGS = {
     "dataset": ["tokenizer"],
     "eval_dataset": ["tokenizer"],
@@ -103,7 +104,7 @@ def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
         cfg.tokenizer.update({key: str(files / name) for key, name in TOKENIZER_FILES[family].items()})
         cfg.checkpointer.update(checkpoint_dir=str(files), checkpoint_files=["model.safetensors"])
         return family
-    assert shipped.startswith(("torchtune.models.llama3_1.", "torchtune.models.llama3_2.")), shipped
+    assert shipped.startswith(tuple(f"torchtune.models.llama3_{minor}." for minor in (1, 2, 3))), shipped
     cfg.model = {"_component_": "dpo_components.tiny_model." + ("lora_tiny_llama" if lora_args else "tiny_llama"),
                  **lora_args, **quantize}  # fmt: skip
     cfg.tokenizer = {"_component_": "dpo_components.tiny_tokenizer.tiny_tokenizer"}

@@ -11,13 +11,17 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from test_configs import DISTRIBUTED, assert_transformers_logits_equal, swap_for_tiny_stand_ins
 from test_lora_dpo_recipe import logged
 from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.checkpointing import checkpoint_fingerprint, write_manifest
 from dpo_components.tiny_model import tiny_llama
+from recipes.full_dpo_distributed import FullDPORecipeDistributed
+from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
 CONFIG = "recipe_configs/tiny/full_dpo_distributed.yaml"
 WEIGHTS = "model-00001-of-00001.safetensors"
@@ -63,7 +67,8 @@ def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_
     # near-zero gradients into lr-sized differences; with SGD the weights compare the gradients themselves.
     one, two = tmp_path / "one", tmp_path / "two"
     sgd = {"optimizer._component_": "torch.optim.SGD", "optimizer.lr": 0.5}
-    torchrun(overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, eval_dataset="null", **sgd), nproc=1)
+    args = overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, eval_dataset="null", **sgd)
+    run_distributed_in_process(FullDPORecipeDistributed, recipe_config(CONFIG, args), tmp_path / "pg")
     torchrun(overrides(tiny_setup, two, batch_size=4, max_steps_per_epoch=1, eval_dataset="null", **sgd), nproc=2)
     assert logged(Cfg(two))[1]["loss"] == pytest.approx(logged(Cfg(one))[1]["loss"], rel=1e-6)
     start = load_file(tiny_setup / "sft_model" / "model.safetensors")
@@ -138,43 +143,37 @@ def test_two_nodes_on_localhost_with_c10d_rendezvous(tiny_setup, tmp_path):
     assert (out / "step_2" / WEIGHTS).exists() and logged(Cfg(out))[2]["loss"] > 0
 
 
-@pytest.mark.parametrize(
-    "config",
-    ["recipe_configs/llama3_2/1B_full_dpo_distributed.yaml", "recipe_configs/llama3_1/8B_full_dpo_distributed.yaml",
-     "recipe_configs/qwen2_5/7B_full_dpo_distributed.yaml"],
-)  # fmt: skip
+@pytest.mark.parametrize("config", DISTRIBUTED, ids=str)
 def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tiny_family, tmp_path):
-    """Sizes and files are swapped for tiny stand-ins; everything else is the config's (a Qwen2.5 config keeps its
-    builder family, tokenizer class and checkpoint model_type)."""
-    stand_ins = {
-        "output_dir": tmp_path / "out", "device": "cpu", "dtype": "fp32", "epochs": 1, "max_steps_per_epoch": 1,
-        "eval_every_n_steps": "null", "save_every_n_steps": "null",
-        "checkpointer.checkpoint_files": "[model.safetensors]",
-    }  # fmt: skip
-    removed = ["~optimizer.fused"]
-    if "qwen2_5" in config:
-        tiny_qwen = tiny_family("qwen2_5")
-        stand_ins.update({"model._component_": "dpo_components.tiny.families.tiny_model", "model.family": "qwen2_5",
-                          "tokenizer.path": tiny_qwen / "vocab.json", "tokenizer.merges_file": tiny_qwen / "merges.txt",
-                          "tokenizer.special_tokens_path": tiny_qwen / "special_tokens.json",
-                          "checkpointer.checkpoint_dir": tiny_qwen})  # fmt: skip
+    """Sizes and files are swapped for tiny stand-ins (test_configs.swap_for_tiny_stand_ins); everything else is the
+    config's: a Qwen2.5 config keeps its builder family, tokenizer class and checkpoint model_type, a QLoRA one its
+    NF4 base. The merged output of a non-Llama family loads in transformers with our model's logits. One rank, in
+    this process (what 2 ranks do is tested with the tiny configs), except QLoRA, which needs two."""
+    cfg = OmegaConf.load(REPO_ROOT / config)
+    shipped = OmegaConf.to_container(cfg, resolve=False)
+    family = swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family)
+    if family is not None:
+        assert cfg.tokenizer._component_ == shipped["tokenizer"]["_component_"]
+        assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
+    ranks = 2 if "qlora" in config.name else 1  # NF4 under FSDP needs 2 (see test_qlora_on_one_rank_is_refused_clearly)
+    step = cfg.batch_size * ranks * cfg.gradient_accumulation_steps  # one step's pairs; fewer eval pairs
+    for key, file, rows in (("dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16)):
+        cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split=f"train[:{rows}]",
+                        format="explicit")  # fmt: skip
+    out = tmp_path / "out"
+    cfg.update(output_dir=str(out), device="cpu", dtype="fp32", epochs=1, max_steps_per_epoch=1,
+               eval_every_n_steps=None, save_every_n_steps=None)  # fmt: skip
+    cfg.optimizer.pop("fused", None)  # a CUDA-only AdamW switch
+    lora = "lora" in config.name
+    if ranks == 2:
+        OmegaConf.save(cfg, tmp_path / "config.yaml")
+        torchrun([], recipe="recipes/lora_dpo_distributed.py", config=str(tmp_path / "config.yaml"))
     else:
-        stand_ins.update({"model._component_": "dpo_components.tiny_model.tiny_llama",
-                          "tokenizer._component_": "dpo_components.tiny_tokenizer.tiny_tokenizer",
-                          "checkpointer.checkpoint_dir": tiny_setup / "sft_model",
-                          "checkpointer.model_type": "LLAMA3_2"})  # fmt: skip
-        removed.append("~tokenizer.path")
-    for split, file in (("dataset", "train.jsonl"), ("eval_dataset", "eval.jsonl")):
-        stand_ins.update({f"{split}.source": "json", f"{split}.data_files": tiny_setup / "data" / file,
-                          f"{split}.split": "train", f"{split}.format": "explicit"})  # fmt: skip
-    args = [f"{k}={v}" for k, v in stand_ins.items()] + removed
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                "recipes/full_dpo_distributed.py", "--config", config, *args], cwd=REPO_ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-4000:]
-    assert (tmp_path / "out" / "step_1" / WEIGHTS).exists()
+        run_distributed_in_process(LoRADPORecipeDistributed if lora else FullDPORecipeDistributed, cfg, tmp_path)
+    assert (out / "step_1" / WEIGHTS).exists()
+    assert (out / "step_1" / "adapter" / "adapter_model.safetensors").exists() == lora
+    if family is not None:
+        assert_transformers_logits_equal(out / "step_1", family)
 
 
 def test_reference_free_loss_needs_no_reference_model(tiny_setup, tmp_path):

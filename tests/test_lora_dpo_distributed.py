@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import recipe_config, run_distributed_in_process
 from safetensors.torch import load_file
 from test_full_dpo_distributed import Cfg, launch, torchrun
 from test_lora_dpo_recipe import logged
 from torchao.dtypes.nf4tensor import to_nf4
 
 from dpo_components.checkpointing import load_peft_adapter
+from dpo_components.config_checks import ConfigError
+from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
 RECIPE = {"recipe": "recipes/lora_dpo_distributed.py", "config": "recipe_configs/tiny/lora_dpo_distributed.yaml"}
 MERGED = "model-00001-of-00001.safetensors"
@@ -55,7 +58,8 @@ def two_ranks(tiny_setup, tmp_path_factory):
 
 def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_setup, two_ranks, tmp_path):
     one = tmp_path / "one"
-    torchrun(overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, **SGD), nproc=1, **RECIPE)
+    args = overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, **SGD)
+    run_distributed_in_process(LoRADPORecipeDistributed, recipe_config(RECIPE["config"], args), tmp_path / "pg")
     assert logged(Cfg(two_ranks))[1]["loss"] == pytest.approx(logged(Cfg(one))[1]["loss"], rel=1e-6)
     a, b = adapter(one, 1), adapter(two_ranks, 1)
     assert_same(a, b, rtol=1e-5, atol=1e-7)
@@ -148,3 +152,9 @@ def test_a_rank_killed_mid_run_ends_the_launch_with_an_error(tiny_setup, tmp_pat
     output, _ = process.communicate(timeout=180)
     assert process.returncode != 0 and time.monotonic() - killed < 120, output[-3000:]
     assert "step_60" not in os.listdir(out)
+
+
+def test_qlora_on_one_rank_is_refused_clearly(recipe_cfg, tmp_path):
+    cfg = recipe_cfg("recipe_configs/tiny/lora_dpo_distributed.yaml", **{"model.quantize_base": "true"})
+    with pytest.raises(ConfigError, match="QLoRA .* under FSDP needs 2 or more ranks.*lora_dpo_single_device"):
+        run_distributed_in_process(LoRADPORecipeDistributed, cfg, tmp_path / "pg")
