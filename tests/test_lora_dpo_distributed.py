@@ -4,12 +4,13 @@ exact resume, precomputed == live reference, QLoRA's merged output, the adapter 
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_config, run_distributed_in_process
+from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
 from safetensors.torch import load_file
 from test_full_dpo_distributed import Cfg, launch, torchrun
 from test_lora_dpo_recipe import logged
@@ -48,11 +49,29 @@ def assert_same(a, b, **tolerance):
         torch.testing.assert_close(a[key], b[key], msg=key, **tolerance)
 
 
+def sbatch(tmp_path, config, args):
+    """scripts/slurm_full_dpo.sbatch as SLURM would run it on one node with 2 "GPUs" (CPU processes here): srun and
+    scontrol are stand-ins that run the command and name this host."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", 'exec "$@"'), ("scontrol", "echo localhost")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "SLURM_NNODES": "1",
+           "SLURM_GPUS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+           "RECIPE": RECIPE["recipe"]}  # fmt: skip
+    result = subprocess.run(["bash", "scripts/slurm_full_dpo.sbatch", config, *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_setup, tmp_path_factory):
-    """2 ranks x batch 4, SGD, 3 steps, a checkpoint after every step (the merged model only at the end)."""
-    out = tmp_path_factory.mktemp("lora_fsdp") / "two"
-    torchrun(overrides(tiny_setup, out, max_steps_per_epoch=3, save_every_n_steps=1, **SGD), **RECIPE)
+    """2 ranks x batch 4, SGD, 3 steps, a checkpoint after every step (the merged model only at the end), launched
+    through the SLURM script."""
+    scratch = tmp_path_factory.mktemp("lora_fsdp")
+    out = scratch / "two"
+    sbatch(scratch, RECIPE["config"], overrides(tiny_setup, out, max_steps_per_epoch=3, save_every_n_steps=1, **SGD))
     return out
 
 
