@@ -2,6 +2,7 @@
 exact resume from a DCP checkpoint, a consolidated HF checkpoint, and the multi-node launch path."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -86,22 +87,22 @@ def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_
     tiny_llama().load_state_dict(checkpointer.load_checkpoint()["model"], strict=True)
 
 
-def test_precomputed_reference_matches_the_live_reference(tiny_setup, tmp_path):
+def in_process(args, tmp_path):
+    """The recipe on one rank in this process (no torchrun start-up), with the tiny config and ``args``."""
+    return run_distributed_in_process(FullDPORecipeDistributed, recipe_config(CONFIG, args), tmp_path / "pg")
+
+
+def test_precomputed_reference_matches_the_live_reference(tiny_setup, tmp_path, caplog):
     live, cached = tmp_path / "live", tmp_path / "cached"
     torchrun(overrides(tiny_setup, live, max_steps_per_epoch=2, eval_dataset="null"))
     output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=2, eval_dataset="null",
                                 **{"reference.mode": "precomputed"}))  # fmt: skip
     assert "reference log-probs: computed" in output
-    again = torchrun(
-        overrides(
-            tiny_setup,
-            tmp_path / "again",
-            max_steps_per_epoch=1,
-            eval_dataset="null",
-            **{"reference.mode": "precomputed", "reference.cache_dir": cached / "reference_cache"},
-        )
-    )
-    assert "reference log-probs: reused" in again  # a later run reuses the cache (and builds no reference model)
+    caplog.set_level(logging.INFO)
+    in_process(overrides(tiny_setup, tmp_path / "again", max_steps_per_epoch=1, eval_dataset="null",
+                         **{"reference.mode": "precomputed", "reference.cache_dir": cached / "reference_cache"}),
+               tmp_path)  # fmt: skip
+    assert "reference log-probs: reused" in caplog.text  # a later run reuses the cache (and builds no reference model)
     for step in (1, 2):
         assert logged(Cfg(cached))[step]["loss"] == pytest.approx(logged(Cfg(live))[step]["loss"], rel=1e-5)
     a, b = weights(live, 2), weights(cached, 2)
@@ -176,21 +177,24 @@ def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tiny_family, t
         assert_transformers_logits_equal(out / "step_1", family)
 
 
-def test_reference_free_loss_needs_no_reference_model(tiny_setup, tmp_path):
+def test_reference_free_loss_needs_no_reference_model(tiny_setup, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     out = tmp_path / "simpo"
-    output = torchrun(overrides(tiny_setup, out, max_steps_per_epoch=2, eval_dataset="null",
-                                **{"loss._component_": "dpo_components.losses.SimPOLoss", "loss.beta": 2.0,
-                                   "reference.mode": "precomputed"}))  # fmt: skip
-    assert "reference log-probs" not in output and not (out / "reference_cache").exists()
+    in_process(overrides(tiny_setup, out, max_steps_per_epoch=2, eval_dataset="null",
+                         **{"loss._component_": "dpo_components.losses.SimPOLoss", "loss.beta": 2.0,
+                            "reference.mode": "precomputed"}), tmp_path)  # fmt: skip
+    assert "ranks (gloo)" in caplog.text  # the recipe's log is captured
+    assert "reference log-probs" not in caplog.text and not (out / "reference_cache").exists()
     assert logged(Cfg(out))[2]["loss"] > 0
 
 
 def test_prefix_sharing_and_length_grouping_under_fsdp(tiny_setup, tmp_path):
+    """On one rank in this process (the per-rank slicing of a global batch is the same code for any world size)."""
     base, shared, grouped = tmp_path / "base", tmp_path / "shared", tmp_path / "grouped"
-    common = {"batch_size": 4, "max_steps_per_epoch": 2, "eval_dataset": "null"}
-    torchrun(overrides(tiny_setup, base, **common))
-    torchrun(overrides(tiny_setup, shared, prefix_sharing="true", **common))
-    torchrun(overrides(tiny_setup, grouped, prefix_sharing="true", group_by_length="true", **common))
+    common = {"batch_size": 8, "max_steps_per_epoch": 2, "eval_dataset": "null"}
+    in_process(overrides(tiny_setup, base, **common), tmp_path / "a")
+    in_process(overrides(tiny_setup, shared, prefix_sharing="true", **common), tmp_path / "b")
+    in_process(overrides(tiny_setup, grouped, prefix_sharing="true", group_by_length="true", **common), tmp_path / "c")
     base_rows, shared_rows, grouped_rows = logged(Cfg(base)), logged(Cfg(shared)), logged(Cfg(grouped))
     for step in (1, 2):  # the same pairs in shared rows: the same losses
         for name in ("loss", "rewards/margins"):
