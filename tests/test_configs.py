@@ -142,6 +142,8 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
     assert (tmp_path / "out" / "step_1" / "adapter" / "adapter_model.safetensors").exists() == lora
     if family is not None:  # the merged output loads in transformers with the logits of our model
         assert_transformers_logits_equal(tmp_path / "out" / "step_1", family)
+    if lora and not cfg.model.get("quantize_base", False):  # QLoRA's merged base is NF4-rounded: not base + adapter
+        assert_peft_logits_equal(tmp_path / "out" / "step_1", cfg.checkpointer.checkpoint_dir)
 
 
 def assert_transformers_logits_equal(checkpoint_dir, family):
@@ -163,6 +165,26 @@ def assert_transformers_logits_equal(checkpoint_dir, family):
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+def assert_peft_logits_equal(checkpoint_dir, base_dir):
+    """The checkpoint's PEFT adapter on the base model in ``peft`` gives the merged model's logits."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from peft.tuners.lora import torchao as peft_torchao
+
+    def load(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()  # fmt: skip
+
+    # PEFT refuses to run beside torchao < 0.16 (torchtune 0.6.1 needs <= 0.15); no torchao layer is involved here
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(peft_torchao, "is_torchao_available", lambda: False)
+        with_adapter = PeftModel.from_pretrained(load(base_dir), checkpoint_dir / "adapter").eval()
+        ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(with_adapter(ids).logits, load(checkpoint_dir)(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 SWEEPS = sorted((REPO_ROOT / "recipe_configs" / "experiments").glob("*.yaml"))

@@ -15,7 +15,12 @@ import torch
 from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_configs import DISTRIBUTED, assert_transformers_logits_equal, swap_for_tiny_stand_ins
+from test_configs import (
+    DISTRIBUTED,
+    assert_peft_logits_equal,
+    assert_transformers_logits_equal,
+    swap_for_tiny_stand_ins,
+)
 from test_lora_dpo_recipe import logged
 from torchtune.training import FullModelHFCheckpointer
 
@@ -175,6 +180,8 @@ def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tiny_family, t
     assert (out / "step_1" / "adapter" / "adapter_model.safetensors").exists() == lora
     if family is not None:
         assert_transformers_logits_equal(out / "step_1", family)
+    if lora and ranks == 1:  # QLoRA's merged base is NF4-rounded: not base + adapter
+        assert_peft_logits_equal(out / "step_1", cfg.checkpointer.checkpoint_dir)
 
 
 def test_reference_free_loss_needs_no_reference_model(tiny_setup, tmp_path, caplog):

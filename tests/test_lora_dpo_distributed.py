@@ -177,3 +177,26 @@ def test_qlora_on_one_rank_is_refused_clearly(recipe_cfg, tmp_path):
     cfg = recipe_cfg("recipe_configs/tiny/lora_dpo_distributed.yaml", **{"model.quantize_base": "true"})
     with pytest.raises(ConfigError, match="QLoRA .* under FSDP needs 2 or more ranks.*lora_dpo_single_device"):
         run_distributed_in_process(LoRADPORecipeDistributed, cfg, tmp_path / "pg")
+
+
+def test_dora_starts_at_the_base_model_and_a_reference_free_loss_runs(tiny_setup, tmp_path):
+    """One rank, in this process. DoRA's magnitude starts at the base weight's row norms (initial_adapter_state), so
+    with lr 0 the merged model is the base model; SimPO needs no reference and trains the adapters."""
+    dora = tmp_path / "dora"
+    args = overrides(tiny_setup, dora, max_steps_per_epoch=1, **{"model.use_dora": "true", "optimizer.lr": 0.0})
+    run_distributed_in_process(LoRADPORecipeDistributed, recipe_config(RECIPE["config"], args), tmp_path / "a")
+    base, merged = load_file(tiny_setup / "sft_model" / "model.safetensors"), load_file(dora / "step_1" / MERGED)
+    for key in base:
+        torch.testing.assert_close(merged[key], base[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any("lora_magnitude_vector" in key for key in adapter(dora, 1))
+
+    simpo = tmp_path / "simpo"
+    args = overrides(
+        tiny_setup,
+        simpo,
+        max_steps_per_epoch=2,
+        **{"loss._component_": "dpo_components.losses.SimPOLoss", "loss.beta": 2.0, "~loss.label_smoothing": None},
+    )
+    recipe = run_distributed_in_process(LoRADPORecipeDistributed, recipe_config(RECIPE["config"], args), tmp_path / "b")
+    assert not recipe._loss_fn.needs_reference and logged(Cfg(simpo))[2]["loss"] > 0
+    assert adapter(simpo, 2)["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].abs().max() > 0
