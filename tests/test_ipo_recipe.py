@@ -24,7 +24,7 @@ def run(cfg, train=True):
 
 
 def test_margin_approaches_the_target_and_accuracy_rises(recipe_cfg):
-    cfg = recipe_cfg(CONFIG, epochs=5, eval_every_n_steps=16, **{"optimizer.lr": 4e-4})
+    cfg = recipe_cfg(CONFIG, epochs=3, eval_every_n_steps=16, **{"optimizer.lr": 6e-4})
     recipe = IPORecipeSingleDevice(cfg)
     recipe.setup(cfg)
     before = recipe.evaluate()
