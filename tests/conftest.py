@@ -62,6 +62,7 @@ def recipe_cfg(tiny_setup, tmp_path):
             "eval_every_n_steps": None,
             "save_every_n_steps": None,
             "eval_samples": 0,  # tests that check samples turn them on
+            "prepare": None,  # inputs are tiny_setup's; a test of a missing path must not build outputs/tiny (2 min)
         }
         if config == "recipe_configs/tiny/lora_dpo_single_device.yaml":
             # the settings the LoRA recipe tests were written for (the shipped config tunes the demo: beta 5, batch 32)

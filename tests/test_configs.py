@@ -49,6 +49,8 @@ def test_every_model_family_is_covered():
         "mistral/7B_v0_3_qlora",
         "gemma2/2B_lora",
         "gemma2/9B_lora",
+        "llama3_3/70B_lora",
+        "llama3_3/70B_qlora",
     ):
         assert any(expected in name for name in names), expected
 
