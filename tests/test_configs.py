@@ -170,7 +170,8 @@ def assert_transformers_logits_equal(checkpoint_dir, family):
 
 
 def assert_peft_logits_equal(checkpoint_dir, base_dir):
-    """The checkpoint's PEFT adapter on the base model in ``peft`` gives the merged model's logits."""
+    """The checkpoint's PEFT adapter on the base model in ``peft`` gives the merged model's logits. Returns the PEFT
+    model, the token ids and the merged model's logits for further checks."""
     import torch
     import transformers
     from peft import PeftModel
@@ -186,7 +187,9 @@ def assert_peft_logits_equal(checkpoint_dir, base_dir):
         with_adapter = PeftModel.from_pretrained(load(base_dir), checkpoint_dir / "adapter").eval()
         ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            torch.testing.assert_close(with_adapter(ids).logits, load(checkpoint_dir)(ids).logits, rtol=1e-4, atol=1e-4)
+            expected = load(checkpoint_dir)(ids).logits
+            torch.testing.assert_close(with_adapter(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    return with_adapter, ids, expected
 
 
 SWEEPS = sorted((REPO_ROOT / "recipe_configs" / "experiments").glob("*.yaml"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
 from safetensors.torch import load_file
+from test_configs import assert_peft_logits_equal
 from test_full_dpo_distributed import Cfg, launch, torchrun
 from test_lora_dpo_recipe import logged
 from torchao.dtypes.nf4tensor import to_nf4
@@ -113,23 +114,10 @@ def test_precomputed_reference_matches_the_live_reference(tiny_setup, two_ranks,
     assert_same(adapter(cached, 3), adapter(two_ranks, 3), rtol=1e-5, atol=1e-7)
 
 
-def test_the_adapter_loads_in_peft_with_the_merged_models_logits(tiny_setup, two_ranks, monkeypatch):
-    import peft
-    from peft.tuners.lora import torchao as peft_torchao
-    from transformers import AutoModelForCausalLM
-
-    # PEFT refuses to run beside torchao < 0.16 (torchtune 0.6.1 needs <= 0.15); no torchao layer is involved here
-    monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
-
-    tokens = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "sft_model", torch_dtype=torch.float32)
-    with_adapter = peft.PeftModel.from_pretrained(base, two_ranks / "step_3" / "adapter").eval()
-    merged = AutoModelForCausalLM.from_pretrained(two_ranks / "step_3", torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = merged(tokens).logits
-        torch.testing.assert_close(with_adapter(tokens).logits, expected, rtol=1e-4, atol=1e-4)
-        with with_adapter.disable_adapter():  # PEFT wrapped `base` in place
-            assert not torch.allclose(with_adapter(tokens).logits, expected, atol=1e-3)  # the adapter does something
+def test_the_adapter_loads_in_peft_with_the_merged_models_logits(tiny_setup, two_ranks):
+    with_adapter, tokens, expected = assert_peft_logits_equal(two_ranks / "step_3", tiny_setup / "sft_model")
+    with torch.no_grad(), with_adapter.disable_adapter():  # PEFT wrapped the base model in place
+        assert not torch.allclose(with_adapter(tokens).logits, expected, atol=1e-3)  # the adapter does something
 
 
 def test_qlora_under_fsdp_merges_to_the_dequantized_base_plus_lora(tiny_setup, tmp_path):
