@@ -7,7 +7,9 @@ A checkpoint is one directory, ``<output_dir>/step_<N>/``:
     adapter/adapter_model.safetensors + adapter/adapter_config.json
         the LoRA adapter in PEFT layout (``PeftModel.from_pretrained(base, "step_<N>/adapter")``). In a folder of
         its own: ``transformers`` with ``peft`` installed loads an adapter it finds beside a model's weights on top
-        of them, so next to the merged model it would be applied twice;
+        of them, so next to the merged model it would be applied twice. Phi-3/Phi-4, whose HF q/k/v (and gate/up)
+        projections are fused, get ``adapter/adapter_model.torchtune.safetensors`` in torchtune's names instead
+        (for resume; torchtune has no PEFT conversion for them);
     recipe_state.pt
         what an exact resume needs: optimizer, LR schedule, step, data position, RNG (tensors and plain
         Python values only, read back with ``torch.load(weights_only=True)``), and the run's fingerprint;
@@ -38,7 +40,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
@@ -51,7 +53,13 @@ from dpo_components.training import rng_state, set_rng_state
 RECIPE_STATE_FILE = "recipe_state.pt"
 ADAPTER_DIR = "adapter"  # step_<N>/adapter/: the PEFT adapter (see the module docstring for why not beside the model)
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TUNE_ADAPTER_FILE = "adapter_model.torchtune.safetensors"  # families torchtune cannot convert to PEFT (Phi)
 MANIFEST_FILE = "manifest.json"
+# torchtune model types whose RoPE uses Hugging Face's half-split layout, so their q/k weights are converted without
+# torchtune's interleaving permutation. torchtune 0.6.1 permutes the PEFT adapter's q/k ``lora_B`` for every family
+# anyway, which gives Qwen users an adapter that is wrong in ``peft`` (logits off by 0.16 on the tiny Qwen2.5 when
+# lora_B is not near zero); we undo that permutation before it runs.
+HALF_SPLIT_ROPE = ("QWEN2",)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK = 8 << 20
 log = logging.getLogger(__name__)
@@ -340,6 +348,8 @@ def _write_checkpoint(
     adapter_config: dict[str, Any] | None,
     recipe_state: dict[str, Any] | None,
 ) -> None:
+    if adapter_state is not None and not qk_permuted(checkpointer):
+        adapter_state = _pre_undo_qk_permutation(adapter_state, checkpointer._config)
     state: dict[str, Any] = {training.MODEL_KEY: model_state or {}}
     if adapter_state is not None:
         state[training.ADAPTER_KEY] = adapter_state
@@ -361,8 +371,11 @@ def _write_checkpoint(
     (tmp_dir / "adapter_model.pt").unlink(missing_ok=True)  # a pickle; the safetensors copy is the adapter
     if adapter_state is not None:
         (tmp_dir / ADAPTER_DIR).mkdir()
-        for name in PEFT_FILES:
-            (tmp_dir / name).rename(tmp_dir / ADAPTER_DIR / name)
+        if (tmp_dir / PEFT_FILES[0]).exists():
+            for name in PEFT_FILES:
+                (tmp_dir / name).rename(tmp_dir / ADAPTER_DIR / name)
+        else:  # torchtune has no PEFT conversion for Phi-3/Phi-4 (fused qkv_proj): torchtune's names, for resume
+            save_file(state[training.ADAPTER_KEY], tmp_dir / ADAPTER_DIR / TUNE_ADAPTER_FILE)
     if recipe_state is not None:
         torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
     write_manifest(tmp_dir, run=(recipe_state or {}).get("run"))
@@ -387,13 +400,45 @@ def _unpermute_lora_b(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Ten
     return t.view(n_heads, 2, head_dim // 2, rank).transpose(1, 2).reshape(head_dim * n_heads, rank)
 
 
+def qk_permuted(checkpointer: Any) -> bool:
+    """Whether ``checkpointer``'s HF conversion permutes q/k rows (Llama-style interleaved RoPE in torchtune)."""
+    return checkpointer._model_type.name not in HALF_SPLIT_ROPE
+
+
+def _pre_undo_qk_permutation(adapter: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """q/k ``lora_B`` in the layout that torchtune's PEFT conversion permutes back to the unpermuted one."""
+    heads = {"q_proj": hf_config["num_attention_heads"], "k_proj": hf_config["num_key_value_heads"]}
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    out = dict(adapter)
+    for key, value in adapter.items():
+        proj = next((name for name in heads if f".{name}.lora_b." in key), None)
+        if proj is not None:
+            out[key] = _unpermute_lora_b(value, heads[proj], head_dim)
+    return out
+
+
+def peft_layout(checkpointer: Any) -> dict[str, Any]:
+    """The arguments of :func:`load_peft_adapter` for a model loaded by the HF ``checkpointer``."""
+    hf = checkpointer._config
+    return {"num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"], "dim": hf["hidden_size"],
+            "head_dim": hf.get("head_dim"), "permuted_qk": qk_permuted(checkpointer)}  # fmt: skip
+
+
 def load_peft_adapter(
-    checkpoint_dir: str | Path, num_heads: int, num_kv_heads: int, dim: int, head_dim: int | None = None
+    checkpoint_dir: str | Path,
+    num_heads: int,
+    num_kv_heads: int,
+    dim: int,
+    head_dim: int | None = None,
+    permuted_qk: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Read a checkpoint's ``adapter/adapter_model.safetensors`` (PEFT layout) back into torchtune key names: the
-    inverse of torchtune's ``tune_to_peft_adapter_weights``, including the q/k ``lora_B`` permutation. (Older
-    checkpoints, with the adapter beside the model, are read too.)"""
+    inverse of the conversion in :func:`save_checkpoint_dir`, including the q/k ``lora_B`` permutation where the
+    family's q/k weights are permuted (``permuted_qk``; see :func:`peft_layout`). (Older checkpoints, with the
+    adapter beside the model, are read too.)"""
     head_dim = head_dim or dim // num_heads
+    if (Path(checkpoint_dir) / ADAPTER_DIR / TUNE_ADAPTER_FILE).is_file():
+        return load_file(Path(checkpoint_dir) / ADAPTER_DIR / TUNE_ADAPTER_FILE)
     path = Path(checkpoint_dir) / ADAPTER_DIR / PEFT_FILES[0]
     peft = load_file(path if path.is_file() else Path(checkpoint_dir) / PEFT_FILES[0])
     renames = [
@@ -413,9 +458,9 @@ def load_peft_adapter(
         new_key = key
         for pattern, replacement in renames:
             new_key = re.sub(pattern, replacement, new_key)
-        if new_key.endswith("lora_b.weight") and ".attn.q_proj." in new_key:
+        if permuted_qk and new_key.endswith("lora_b.weight") and ".attn.q_proj." in new_key:
             value = _unpermute_lora_b(value, num_heads, head_dim)
-        elif new_key.endswith("lora_b.weight") and ".attn.k_proj." in new_key:
+        elif permuted_qk and new_key.endswith("lora_b.weight") and ".attn.k_proj." in new_key:
             value = _unpermute_lora_b(value, num_kv_heads, head_dim)
         tune[new_key] = value
     return tune

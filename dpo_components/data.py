@@ -305,6 +305,16 @@ def stop_tokens(tokenizer: ModelTokenizer) -> list[int]:
     return stops
 
 
+def decode_text(tokenizer: ModelTokenizer, ids: list[int]) -> str:
+    """``tokenizer.decode(ids)`` as text for every family: torchtune 0.6.1's Phi-4 tokenizer returns its byte-level
+    BPE pieces (None for special tokens), joined and mapped back to UTF-8 here."""
+    text = tokenizer.decode(ids)
+    if isinstance(text, list):
+        byte_decoder = tokenizer.tokenizer_model.byte_decoder
+        text = bytes(byte_decoder[c] for c in "".join(p for p in text if p)).decode("utf-8", errors="replace")
+    return text
+
+
 def _tokenize(
     tokenizer: ModelTokenizer, prompt: list[Message], response: list[Message], header: list[int]
 ) -> tuple[list[int], list[int], list[bool]]:

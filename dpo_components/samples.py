@@ -36,7 +36,7 @@ from torchtune.modules import local_kv_cache
 from torchtune.modules.peft import disable_adapter
 from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, WandBLogger
 
-from dpo_components.data import stop_tokens
+from dpo_components.data import decode_text, stop_tokens
 from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def decode_response(tokenizer: Any, ids: list[int]) -> str:
     stops = set(stop_tokens(tokenizer))
     ids = [t for t in ids if t not in stops]
     try:
-        return tokenizer.decode(ids).strip()
+        return decode_text(tokenizer, ids).strip()
     except (KeyError, IndexError, ValueError):
         pass
     text, run = [], []  # decode the runs of known ids between the unknown ones
@@ -216,7 +216,7 @@ def decode_response(tokenizer: Any, ids: list[int]) -> str:
         if known:
             run.append(t)
             continue
-        text.append(tokenizer.decode(run) if run else "")
+        text.append(decode_text(tokenizer, run) if run else "")
         run = []
         if t is not None:
             text.append("\ufffd")
@@ -225,7 +225,7 @@ def decode_response(tokenizer: Any, ids: list[int]) -> str:
 
 def _decodes(tokenizer: Any, token: int) -> bool:
     try:
-        tokenizer.decode([token])
+        decode_text(tokenizer, [token])
     except (KeyError, IndexError, ValueError):
         return False
     return True

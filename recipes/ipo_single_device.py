@@ -50,6 +50,7 @@ from dpo_components.checkpointing import (
     checkpoint_fingerprint,
     claim_output_dir,
     load_peft_adapter,
+    peft_layout,
     lora_settings,
     remove_stale_temporaries,
     restore_training_state,
@@ -269,9 +270,7 @@ class IPORecipeSingleDevice:
 
     def _load_policy_weights(self, cfg: DictConfig, checkpoint_dir: Path) -> None:
         if self._is_lora:
-            hf = self._checkpointer._config
-            adapter = load_peft_adapter(checkpoint_dir, hf["num_attention_heads"], hf["num_key_value_heads"],
-                                        hf["hidden_size"], hf.get("head_dim"))  # fmt: skip
+            adapter = load_peft_adapter(checkpoint_dir, **peft_layout(self._checkpointer))
             _, unexpected = self._model.load_state_dict(adapter, strict=False)
         else:
             files = sorted(p.name for p in checkpoint_dir.glob("model-*.safetensors"))

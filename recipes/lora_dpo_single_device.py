@@ -54,6 +54,7 @@ from dpo_components.checkpointing import (
     checkpoint_fingerprint,
     claim_output_dir,
     load_peft_adapter,
+    peft_layout,
     lora_settings,
     remove_stale_temporaries,
     restore_training_state,
@@ -196,9 +197,7 @@ class LoRADPORecipeSingleDevice:
         base_missing, base_unexpected = model.load_state_dict(base_state, strict=False)
         lora_missing = lora_unexpected = None
         if resume_dir is not None:
-            hf = self._checkpointer._config
-            adapter = load_peft_adapter(resume_dir, hf["num_attention_heads"], hf["num_key_value_heads"],
-                                        hf["hidden_size"], hf.get("head_dim"))  # fmt: skip
+            adapter = load_peft_adapter(resume_dir, **peft_layout(self._checkpointer))
             lora_missing, lora_unexpected = model.load_state_dict(adapter, strict=False)
         elif self._lora["dora"]:
             for module in model.modules():

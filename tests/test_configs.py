@@ -50,7 +50,14 @@ def test_every_model_family_is_covered():
         "gemma2/2B_lora",
         "gemma2/9B_lora",
         "llama3_3/70B_lora",
-        "llama3_3/70B_qlora",
+        "llama3_3/70B_qlora_dpo_distributed",
+        "llama3_3/70B_qlora_dpo_single_device",
+        "phi4/14B_qlora",
+        "qwen3/0.6B_lora",
+        "qwen3/1.7B_lora",
+        "qwen3/4B_lora",
+        "qwen3/8B_lora",
+        "qwen3/8B_full_dpo_distributed",
     ):
         assert any(expected in name for name in names), expected
 
@@ -80,19 +87,24 @@ def test_components_resolve_and_accept_their_arguments(path):
 
 
 # The family of a shipped model builder -> its tiny stand-in (dpo_components.tiny.families) and tokenizer files.
-FAMILY_OF = {"torchtune.models.qwen2_5.": "qwen2_5", "dpo_components.models.mistral_": "mistral",
-             "dpo_components.models.lora_mistral_": "mistral",
-             "dpo_components.models.lora_gemma2_": "gemma2"}  # fmt: skip
+FAMILY_OF = {"torchtune.models.qwen2_5.": "qwen2_5", "dpo_components.qwen3.": "qwen3",
+             "dpo_components.models.mistral_": "mistral", "dpo_components.models.lora_mistral_": "mistral",
+             "dpo_components.models.lora_gemma2_": "gemma2", "dpo_components.models.phi4_": "phi4",
+             "dpo_components.models.lora_phi4_": "phi4"}  # fmt: skip
+_BPE_FILES = {"path": "vocab.json", "merges_file": "merges.txt", "special_tokens_path": "special_tokens.json"}
 TOKENIZER_FILES = {
-    "qwen2_5": {"path": "vocab.json", "merges_file": "merges.txt", "special_tokens_path": "special_tokens.json"},
+    "qwen2_5": _BPE_FILES,
+    "qwen3": _BPE_FILES,
     "mistral": {"path": "tokenizer.model"},
     "gemma2": {"path": "tokenizer.model"},
+    "phi4": {"vocab_path": "vocab.json", "merges_path": "merges.txt", "special_tokens_path": "special_tokens.json"},
 }
 
 
 def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
-    """Swap sizes and files only: a Qwen2.5, Mistral or Gemma 2 config keeps its builder family (torchtune's component
-    builders, tiny dimensions), tokenizer class (on tiny files of its own format) and checkpoint ``model_type``;
+    """Swap sizes and files only: a Qwen2.5, Qwen3, Mistral, Gemma 2 or Phi-4 config keeps its builder family (the
+    same component builder, tiny dimensions), tokenizer class (on tiny files of its own format) and checkpointer
+    class and ``model_type``;
     a Llama 3.x config gets the tiny Llama 3.2 (its tokenizer is ``llama3_tokenizer`` on a tiny tiktoken file).
     Returns the family of the stand-in (None for Llama)."""
     shipped = cfg.model._component_
@@ -123,6 +135,7 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
     family = swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family)
     if family is not None:  # what must stay as shipped
         assert cfg.tokenizer._component_ == shipped["tokenizer"]["_component_"]
+        assert cfg.checkpointer._component_ == shipped["checkpointer"]["_component_"]
         assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
     step = cfg.batch_size * cfg.gradient_accumulation_steps  # one step's pairs; fewer eval pairs: faster
     for key, file, rows in (("dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16)):
@@ -141,7 +154,8 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
     recipe.setup(cfg)
     recipe.train()
     assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
-    assert (tmp_path / "out" / "step_1" / "adapter" / "adapter_model.safetensors").exists() == lora
+    adapter = "adapter_model.torchtune.safetensors" if family == "phi4" else "adapter_model.safetensors"
+    assert (tmp_path / "out" / "step_1" / "adapter" / adapter).exists() == lora
     if family is not None:  # the merged output loads in transformers with the logits of our model
         assert_transformers_logits_equal(tmp_path / "out" / "step_1", family)
     if lora and not cfg.model.get("quantize_base", False):  # QLoRA's merged base is NF4-rounded: not base + adapter
@@ -153,13 +167,11 @@ def assert_transformers_logits_equal(checkpoint_dir, family):
     import transformers
     from torchtune import training
 
-    from dpo_components.tiny.families import FAMILIES, tiny_model
+    from dpo_components.tiny.families import FAMILIES, hf_checkpointer, tiny_model
 
     ours = tiny_model(family).eval()
-    checkpointer = training.FullModelHFCheckpointer(checkpoint_dir=str(checkpoint_dir),
-                                                    output_dir=str(checkpoint_dir.parent / "unused"),
-                                                    checkpoint_files=["model-00001-of-00001.safetensors"],
-                                                    model_type=FAMILIES[family]["model_type"])  # fmt: skip
+    checkpointer = hf_checkpointer(family, checkpoint_dir, ["model-00001-of-00001.safetensors"],
+                                   checkpoint_dir.parent / "unused")  # fmt: skip
     ours.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32,
                                                                attn_implementation="eager").eval()  # fmt: skip

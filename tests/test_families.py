@@ -64,7 +64,7 @@ def test_pairs_mask_the_prompt_and_train_the_response_and_its_end(family, turns)
     sequence = sample["prompt_ids"] + sample["chosen_response_ids"]
     if name in ("llama2", "mistral", "gemma", "phi3") and turns > 1:  # torchtune opens every exchange with <s>
         assert sequence.count(bos) == 2 and sequence[0] == bos
-    elif name in ("qwen2", "qwen2_5", "phi4"):  # ChatML formats have no BOS
+    elif name in ("qwen2", "qwen2_5", "qwen3", "phi4"):  # ChatML formats have no BOS
         assert bos not in sequence
     else:
         assert sequence.count(bos) == 1 and sequence[0] == bos
@@ -103,3 +103,26 @@ def test_gemma_chat_template_writes_gemmas_turns(tmp_path):
     trained = [t for t in labels if t != IGNORE_INDEX]
     assert end[0] in trained and trained[-1] == tokenizer.eos_id and end[0] in stop_tokens(tokenizer)
     assert text_of(tokenizer, trained[: trained.index(end[0])]) == CHOSEN
+
+
+def test_qwen3_turns_are_non_thinking(tmp_path):
+    """Qwen3's template with enable_thinking=False: the prompt ends with an empty <think> block (masked, so generation
+    starts after it), <think> blocks of earlier assistant turns are dropped, a response holding one is a bad row."""
+    tokenizer = family_tokenizer(write_family_tokenizer(tmp_path, "qwen3"), "qwen3")
+    think, end_think = tokenizer.special_tokens["<think>"], tokenizer.special_tokens["</think>"]
+    history = [{"role": "user", "content": "Write a review."},
+               {"role": "assistant", "content": "<think>\nthe user wants one\n</think>\n\nthe film ."},
+               {"role": "user", "content": "More ?"}]  # fmt: skip
+    sample = tokenize_rows([pair(history)], tokenizer, source="rows", max_length=256)[0]
+    prompt = sample["prompt_ids"]
+    empty_think = tokenizer.encode("<think>\n\n</think>\n\n", add_bos=False, add_eos=False)
+    assert prompt[-len(empty_think) :] == empty_think and prompt.count(think) == 1  # earlier block dropped
+    assert "the user wants one" not in text_of(tokenizer, prompt)
+    assert think not in sample["chosen_response_ids"] and end_think not in sample["chosen_response_ids"]
+    assert text_of(tokenizer, sample["chosen_response_ids"][:-1]) == CHOSEN
+
+    thinking = [{"role": "assistant", "content": "<think>x</think>ok"}]
+    rows = [pair(history[:1]), {**pair(history[:1]), "chosen": thinking}]
+    with pytest.raises(PreferenceDataError, match="rows row 1: Qwen3Tokenizer cannot format these messages: a response "
+                                                  "with a <think> block"):  # fmt: skip
+        tokenize_rows(rows, tokenizer, source="rows", max_length=256)

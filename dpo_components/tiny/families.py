@@ -1,7 +1,8 @@
 """Tiny model stand-ins of the model families the configs ship, built with torchtune's own component builders.
 
 Each family is its torchtune builder with tiny dimensions (Qwen2.5 keeps its QKV bias and tied embeddings, Gemma 2
-its soft-capping and sliding window), its
+its soft-capping and sliding window, Phi-3/Phi-4 their fused HF projections; Qwen3 is :mod:`dpo_components.qwen3`,
+with its q/k norms and ``head_dim`` wider than ``embed_dim / num_heads`` as in Qwen3-0.6B), its
 own tokenizer class on tiny files (:mod:`dpo_components.tiny.family_tokenizers`), and a checkpoint in the family's
 Hugging Face layout that torchtune's ``FullModelHFCheckpointer`` (with the family's ``model_type``) and
 ``transformers`` (``AutoModelForCausalLM``) both load. A shipped config runs on it with only sizes and files
@@ -29,11 +30,15 @@ from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.gemma2._component_builders import gemma2, lora_gemma2
 from torchtune.models.gemma2._convert_weights import gemma2_tune_to_hf
 from torchtune.models.mistral._component_builders import lora_mistral, mistral
+from torchtune.models.phi3._component_builders import lora_phi3, phi3
+from torchtune.models.phi3._convert_weights import phi3_tune_to_hf
 from torchtune.models.qwen2._component_builders import lora_qwen2, qwen2
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
-from torchtune.modules import TransformerDecoder
+from torchtune.modules import RMSNorm, TransformerDecoder
+from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.models import cap_logits_like_gemma2
+from dpo_components.qwen3 import Qwen3HFCheckpointer, lora_qwen3, qwen3, qwen3_tune_to_hf
 from dpo_components.tiny.family_tokenizers import write_family_tokenizer
 
 # Per family: torchtune builders, tiny builder arguments (every weight a multiple of 16384 elements, as NF4 (QLoRA)
@@ -68,6 +73,32 @@ FAMILIES: dict[str, dict[str, Any]] = {
                 final_logit_softcapping=30.0, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
                 bos_token_id=2),
     ),
+    "qwen3": dict(  # head_dim 128 > 256 / 4, as Qwen3-0.6B's 128 > 1024 / 16; tied, as 0.6B-4B
+        builder=qwen3, lora_builder=lora_qwen3, model_type="QWEN3",
+        args=dict(vocab_size=640, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=512,
+                  head_dim=128, max_seq_len=512, norm_eps=1e-6, rope_base=1_000_000.0, tie_word_embeddings=True),
+        to_hf=partial(qwen3_tune_to_hf, tie_word_embeddings=True),
+        hf=dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False, use_sliding_window=False,
+                sliding_window=None, tie_word_embeddings=True, bos_token="<|endoftext|>", eos_token="<|im_end|>"),
+    ),
+    "phi3": dict(  # Phi-3-mini: multi-head attention (kv heads = heads), SentencePiece vocabulary
+        builder=phi3, lora_builder=lora_phi3, model_type="PHI3_MINI",
+        args=dict(vocab_size=640, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=256, intermediate_dim=512,
+                  max_seq_len=512, norm_eps=1e-5, rope_base=10_000),
+        to_hf=lambda state, **_: phi3_tune_to_hf(state),  # fused qkv_proj and gate_up_proj
+        hf=dict(architectures=["Phi3ForCausalLM"], model_type="phi3", tie_word_embeddings=False, bos_token_id=1,
+                eos_token="<|endoftext|>", pad_token="<|endoftext|>", original_max_position_embeddings=512,
+                rope_scaling=None),
+    ),
+    "phi4": dict(  # Phi-4: Phi-3's architecture with grouped-query attention and a byte-level BPE vocabulary
+        builder=phi3, lora_builder=lora_phi3, model_type="PHI4",
+        args=dict(vocab_size=768, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=512,
+                  max_seq_len=512, norm_eps=1e-5, rope_base=250_000),
+        to_hf=lambda state, **_: phi3_tune_to_hf(state),
+        hf=dict(architectures=["Phi3ForCausalLM"], model_type="phi3", tie_word_embeddings=False,
+                bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|dummy_85|>",
+                original_max_position_embeddings=512, rope_scaling=None),
+    ),
 }  # fmt: skip
 
 
@@ -75,7 +106,18 @@ def tiny_model(family: str) -> TransformerDecoder:
     """``family``'s tiny model with fresh weights (embeddings at N(0, 0.02), as Hugging Face initialises them)."""
     model = FAMILIES[family]["builder"](**FAMILIES[family]["args"])
     nn.init.normal_(model.tok_embeddings.weight, mean=0.0, std=0.02)
+    for module in model.modules():  # norm scales away from 1, so a norm in the wrong place (Qwen3's q/k norms
+        if isinstance(module, RMSNorm):  # go before RoPE: a rotation commutes with a unit-scale RMSNorm) shows
+            nn.init.uniform_(module.scale, 0.5, 1.5)
     return model
+
+
+def hf_checkpointer(family: str, checkpoint_dir: str | Path, checkpoint_files: list[str],
+                    output_dir: str | Path) -> FullModelHFCheckpointer:  # fmt: skip
+    """The HF checkpointer a config of ``family`` names (Qwen3: :class:`dpo_components.qwen3.Qwen3HFCheckpointer`)."""
+    checkpointer = Qwen3HFCheckpointer if family == "qwen3" else FullModelHFCheckpointer
+    return checkpointer(checkpoint_dir=str(checkpoint_dir), checkpoint_files=checkpoint_files,
+                        output_dir=str(output_dir), model_type=FAMILIES[family]["model_type"])  # fmt: skip
 
 
 def lora_tiny_model(
@@ -102,7 +144,7 @@ def lora_tiny_model(
 def hf_config(family: str, special_tokens: dict[str, int]) -> dict[str, Any]:
     """``config.json`` in the family's transformers schema."""
     args, hf = FAMILIES[family]["args"], dict(FAMILIES[family]["hf"])
-    for key in ("bos_token", "eos_token"):  # named special tokens -> their ids in the tiny vocabulary
+    for key in ("bos_token", "eos_token", "pad_token"):  # named special tokens -> their ids in the tiny vocabulary
         if key in hf:
             hf[f"{key}_id"] = special_tokens[hf.pop(key)]
     return {

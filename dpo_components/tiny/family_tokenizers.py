@@ -5,7 +5,7 @@ files in the family's format, so a test exercises the real class and chat format
 
 - SentencePiece ``tokenizer.model`` (Llama 2, Mistral, Gemma, Phi-3), trained with the ``sentencepiece`` package,
   with the family's control tokens as user-defined symbols and its BOS/EOS/PAD/UNK ids;
-- byte-level BPE ``vocab.json`` + ``merges.txt`` (Qwen2, Qwen2.5, Phi-4), trained with ``tokenizers``;
+- byte-level BPE ``vocab.json`` + ``merges.txt`` (Qwen2, Qwen2.5, Qwen3, Phi-4), trained with ``tokenizers``;
 - the special tokens with small ids right after the vocabulary, in a ``tokenizer.json``-style file
   (``added_tokens``) that torchtune's ``special_tokens_path`` reads, in the order of the family's own table.
 
@@ -35,9 +35,10 @@ from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from dpo_components.qwen3 import QWEN3_SPECIAL_TOKENS, qwen3_tokenizer
 from dpo_components.synthetic import corpus_lines
 
-FAMILIES = ("llama2", "mistral", "gemma", "phi3", "qwen2", "qwen2_5", "phi4")
+FAMILIES = ("llama2", "mistral", "gemma", "phi3", "qwen2", "qwen2_5", "qwen3", "phi4")
 SENTENCEPIECE_VOCAB = 512
 BPE_VOCAB = 600
 CHAT_WORDS = "You are a helpful assistant. Write a review. Sure, here is one: the film was great ! ? , ."
@@ -61,7 +62,7 @@ _SENTENCEPIECE = {
     "phi3": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
 }
 _SPECIAL_TOKENS = {"phi3": PHI3_SPECIAL_TOKENS, "qwen2": QWEN2_SPECIAL_TOKENS, "qwen2_5": QWEN2_5_SPECIAL_TOKENS,
-                   "phi4": PHI4_SPECIAL_TOKENS}  # fmt: skip
+                   "qwen3": QWEN3_SPECIAL_TOKENS, "phi4": PHI4_SPECIAL_TOKENS}  # fmt: skip
 
 
 def _corpus() -> list[str]:
@@ -127,6 +128,9 @@ def family_tokenizer(files: str | Path, family: str, **kwargs: Any) -> ModelToke
     if family == "phi4":
         return phi4_tokenizer(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special,
                               **kwargs)  # fmt: skip
+    if family == "qwen3":  # dpo_components.qwen3 (torchtune 0.6.1 predates Qwen3)
+        return qwen3_tokenizer(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special,
+                               **kwargs)  # fmt: skip
     builder = qwen2_tokenizer if family == "qwen2" else qwen2_5_tokenizer
     return builder(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special, **kwargs)
 

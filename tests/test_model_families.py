@@ -1,0 +1,116 @@
+"""Every model family's tiny stand-in (dpo_components.tiny.families), through the same code paths as the real
+models: Hugging Face weights in and out (torchtune's checkpointer, Qwen3's own), logits against `transformers`, and
+LoRA adapters against `peft` with adapters far from zero (after one training step lora_B is so small that a wrong
+adapter layout hides under any tolerance: that is how Qwen's PEFT adapters shipped wrong)."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from test_configs import assert_peft_logits_equal
+from torchtune import training
+from torchtune.generation import generate
+from torchtune.modules import local_kv_cache
+from torchtune.modules.peft import get_adapter_params
+
+from dpo_components.checkpointing import (
+    TUNE_ADAPTER_FILE,
+    load_peft_adapter,
+    lora_settings,
+    peft_layout,
+    save_checkpoint_dir,
+    save_lora_checkpoint,
+)
+from dpo_components.tiny.families import FAMILIES, hf_checkpointer, lora_tiny_model, tiny_model
+
+PEFT_FAMILIES = ("qwen2_5", "qwen3", "mistral", "gemma2")  # Phi-3/Phi-4: fused HF projections, no PEFT conversion
+
+
+def load_base(family, files, out):
+    checkpointer = hf_checkpointer(family, files, ["model.safetensors"], out)
+    return checkpointer, checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+
+def transformers_model(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weights_round_trip_and_match_transformers(family, tiny_family, tmp_path):
+    files = tiny_family(family)
+    checkpointer, state = load_base(family, files, tmp_path)
+    ours = tiny_model(family).eval()
+    ours.load_state_dict(state)
+    theirs = transformers_model(files)
+    assert type(theirs).__name__ == FAMILIES[family]["hf"]["architectures"][0]
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+    # torchtune -> HF: the written checkpoint holds the source's tensors under the source's names
+    out = save_checkpoint_dir(checkpointer, tmp_path / "step_0", model_state=ours.state_dict())
+    source, written = load_file(files / "model.safetensors"), load_file(out / "model-00001-of-00001.safetensors")
+    assert written.keys() == source.keys()
+    for key in source:
+        torch.testing.assert_close(written[key], source[key], rtol=0, atol=0)
+
+
+def lora_model_far_from_zero(family, state):
+    model = lora_tiny_model(family, ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+                            lora_rank=4, lora_alpha=8)  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    torch.manual_seed(0)
+    for name, param in get_adapter_params(model).items():
+        if "lora_b" in name:
+            param.data.normal_(0.0, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_checkpoint_holds_merged_model_and_adapter(family, tiny_family, tmp_path):
+    files = tiny_family(family)
+    checkpointer, state = load_base(family, files, tmp_path)
+    model = lora_model_far_from_zero(family, state)
+    cfg = {"lora_rank": 4, "lora_alpha": 8, "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+           "apply_lora_to_mlp": True}  # fmt: skip
+    out = save_lora_checkpoint(
+        checkpointer, tmp_path / "step_1", model, lora_settings(OmegaConf.create(cfg)), torch.float32, {}
+    )
+
+    # the adapter reads back (resume) into the same tensors
+    adapter = load_peft_adapter(out, **peft_layout(checkpointer))
+    expected = get_adapter_params(model)
+    assert adapter.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(adapter[key], value.detach(), rtol=0, atol=0)
+
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = transformers_model(out)(ids).logits
+        torch.testing.assert_close(merged, model(ids), rtol=1e-4, atol=1e-4)  # merged = base + adapter, ours
+        assert (merged - transformers_model(files)(ids).logits).abs().max() > 0.1  # the adapter matters
+    if family in PEFT_FAMILIES:
+        assert_peft_logits_equal(out, files)  # the PEFT adapter on the base = the merged model
+    else:
+        assert (out / "adapter" / TUNE_ADAPTER_FILE).is_file() and not (
+            out / "adapter" / "adapter_config.json"
+        ).exists()
+
+
+def test_qwen3_kv_cached_generation_equals_full_forward(tiny_family, tmp_path):
+    """Qwen3Attention's decoding path (KV cache, q/k norms before RoPE at each new position) gives the greedy tokens
+    that full forwards over the growing sequence give."""
+    _, state = load_base("qwen3", tiny_family("qwen3"), tmp_path)
+    model = tiny_model("qwen3").eval()
+    model.load_state_dict(state)
+    prompt = torch.randint(0, 500, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), local_kv_cache(model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32):
+        cached, _ = generate(model, prompt, max_generated_tokens=8, temperature=0.0, top_k=None)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cached.tolist() == sequence.tolist()
