@@ -56,6 +56,7 @@ from datasets import ReadInstruction, concatenate_datasets, load_dataset
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from torchtune.data import Message
+from torchtune.models.gemma._tokenizer import GemmaTokenizer
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from dpo_components.logprobs import IGNORE_INDEX
@@ -298,7 +299,7 @@ def stop_tokens(tokenizer: ModelTokenizer) -> list[int]:
     special = getattr(tokenizer, "special_tokens", None) or {}
     for marker in _END_OF_TURN:
         ids = [special[marker]] if marker in special else []
-        if not ids and type(tokenizer).__name__ == "GemmaTokenizer":
+        if not ids and isinstance(tokenizer, GemmaTokenizer):
             ids = tokenizer.encode(marker, add_bos=False, add_eos=False)
         if len(ids) == 1 and ids[0] not in stops:
             stops.append(ids[0])

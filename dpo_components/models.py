@@ -1,7 +1,6 @@
-"""Model pieces torchtune 0.6.1 lacks, made from torchtune's own components (YAML: ``_component_``).
+"""Model pieces torchtune 0.6.1 lacks or gets wrong, made from torchtune's own components (YAML: ``_component_``).
+Tokenizers and chat formats: :mod:`dpo_components.chat_formats`; Qwen3: :mod:`dpo_components.qwen3`.
 
-- ``GemmaChatTemplate``: torchtune's Gemma tokenizer has no chat format at all (turns are concatenated without
-  markers); this is the Gemma Instruct models' turn format, for ``gemma_tokenizer(prompt_template=...)``.
 - Gemma 2 builders that soft-cap the logits: torchtune 0.6.1's Gemma 2 applies ``final_capping_value`` to the
   normalised hidden states (``Gemma2FinalNorm``) instead of to the logits as Gemma 2 (and ``transformers``) does,
   so its log-probs differ from the released model's; ``gemma2_2b``/``gemma2_9b`` and their ``lora_`` versions
@@ -20,33 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchtune.data import Message, PromptTemplate
 from torchtune.models import gemma2 as tt_gemma2
 from torchtune.models.mistral._component_builders import lora_mistral, mistral
 from torchtune.models.phi3._component_builders import lora_phi3, phi3
 from torchtune.modules import TransformerDecoder
-
-
-class GemmaChatTemplate(PromptTemplate):
-    """Gemma's instruction format, as the Instruct models' chat template writes it::
-
-        <bos><start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n{assistant}<end_of_turn>\n
-
-    The model header goes after the user turn, so it is masked with the prompt and ends the generation prompt.
-    ``<start_of_turn>``/``<end_of_turn>`` are user-defined pieces of Gemma's SentencePiece model, so they
-    tokenize from text to their ids. Gemma has no system role: a system turn is refused, as Hugging Face's
-    template refuses it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__({"user": ("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"),
-                          "assistant": ("", "<end_of_turn>\n")})  # fmt: skip
-
-    def __call__(self, messages: list[Message], inference: bool = False) -> list[Message]:
-        if any(message.role == "system" for message in messages):
-            raise ValueError("Gemma's chat format has no system role")
-        return super().__call__(messages, inference)
-
 
 # Mistral-7B(-Instruct)-v0.3's config.json
 MISTRAL_7B_V0_3 = dict(vocab_size=32_768, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,

@@ -14,13 +14,19 @@ CHOSEN, REJECTED = "the film was great !", "the film was bad ."
 EARLIER = [{"role": "user", "content": "Write a review."}, {"role": "assistant", "content": "the film ."}]
 
 
-@pytest.fixture(scope="module", params=("llama3", *FAMILIES))
+# The tokenizer each family's configs ship, and torchtune's own classes where ours replace them (their formats differ
+# from the released templates: dpo_components.chat_formats); the data builder must work with both.
+TORCHTUNE_VARIANTS = tuple(f"{name}:torchtune" for name in ("mistral", "qwen2_5", "phi4"))
+
+
+@pytest.fixture(scope="module", params=("llama3", *FAMILIES, *TORCHTUNE_VARIANTS))
 def family(request, tmp_path_factory):
-    name = request.param
-    if name == "llama3":
-        return name, tiny_tokenizer()
-    template = {"prompt_template": "dpo_components.models.GemmaChatTemplate"} if name == "gemma" else {}  # as shipped
-    return name, family_tokenizer(write_family_tokenizer(tmp_path_factory.mktemp(name), name), name, **template)
+    param = request.param
+    if param == "llama3":
+        return param, tiny_tokenizer()
+    name = param.split(":")[0]
+    files = write_family_tokenizer(tmp_path_factory.mktemp(name), name)
+    return param, family_tokenizer(files, name, torchtune_class=param.endswith(":torchtune"))
 
 
 def pair(prompt_turns):
@@ -62,9 +68,9 @@ def test_pairs_mask_the_prompt_and_train_the_response_and_its_end(family, turns)
         assert text_of(tokenizer, words) == text  # the whole response text is trained
     bos = getattr(tokenizer, "bos_id", None)
     sequence = sample["prompt_ids"] + sample["chosen_response_ids"]
-    if name in ("llama2", "mistral", "gemma", "phi3") and turns > 1:  # torchtune opens every exchange with <s>
+    if name in ("llama2", "phi3", "mistral:torchtune") and turns > 1:  # torchtune opens every exchange with <s>
         assert sequence.count(bos) == 2 and sequence[0] == bos
-    elif name in ("qwen2", "qwen2_5", "qwen3", "phi4"):  # ChatML formats have no BOS
+    elif name.split(":")[0] in ("qwen2", "qwen2_5", "qwen3", "phi4"):  # ChatML formats have no BOS
         assert bos not in sequence
     else:
         assert sequence.count(bos) == 1 and sequence[0] == bos
@@ -74,35 +80,17 @@ def test_a_system_turn_the_format_lacks_is_a_named_bad_row(family):
     name, tokenizer = family
     rows = [pair([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a review."}])]
     refused = {
-        "mistral": "MistralTokenizer cannot format these messages: System prompts are not supported",
-        "gemma": "GemmaTokenizer cannot format these messages: Gemma's chat format has no system role",
+        "mistral:torchtune": "MistralTokenizer cannot format these messages: System prompts are not supported",
+        "gemma": "Gemma2Tokenizer cannot format these messages: Gemma's chat format has no system role",
     }
     if name not in refused:
         with_system = tokenize_rows(rows, tokenizer, source="rows", max_length=256)[0]
         without = tokenize_rows([pair(rows[0]["prompt"][1:])], tokenizer, source="rows", max_length=256)[0]
-        assert len(with_system["prompt_ids"]) > len(without["prompt_ids"])
+        assert with_system["prompt_ids"] != without["prompt_ids"]  # the system turn is in the prompt
         assert with_system["chosen_response_ids"] == without["chosen_response_ids"]
         return
     with pytest.raises(PreferenceDataError, match=f"rows row 0: {refused[name]}"):
         tokenize_rows(rows, tokenizer, source="rows", max_length=256)
-
-
-def test_gemma_chat_template_writes_gemmas_turns(tmp_path):
-    """torchtune 0.6.1's Gemma tokenizer concatenates turns with no markers; with dpo_components.models'
-    GemmaChatTemplate the prompt is <bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n and the
-    response ends with <end_of_turn>, which also stops sampling."""
-    tokenizer = family_tokenizer(write_family_tokenizer(tmp_path, "gemma"), "gemma",
-                                 prompt_template="dpo_components.models.GemmaChatTemplate")  # fmt: skip
-    start, end = (tokenizer.encode(m, add_bos=False, add_eos=False) for m in ("<start_of_turn>", "<end_of_turn>"))
-    assert len(start) == len(end) == 1  # user-defined pieces: one token each
-    sample = tokenize_rows([pair([{"role": "user", "content": "Write a review."}])], tokenizer, source="rows",
-                           max_length=256)[0]  # fmt: skip
-    prompt, labels = sample["prompt_ids"], sample["chosen_labels"]
-    assert prompt[:2] == [tokenizer.bos_id, start[0]] and prompt.count(start[0]) == 2 and prompt.count(end[0]) == 1
-    assert text_of(tokenizer, prompt[prompt.index(start[0], 2) + 1 :]) == "model"  # the header ends the prompt
-    trained = [t for t in labels if t != IGNORE_INDEX]
-    assert end[0] in trained and trained[-1] == tokenizer.eos_id and end[0] in stop_tokens(tokenizer)
-    assert text_of(tokenizer, trained[: trained.index(end[0])]) == CHOSEN
 
 
 def test_qwen3_turns_are_non_thinking(tmp_path):

@@ -35,6 +35,8 @@ from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from dpo_components.chat_formats import gemma2_tokenizer, mistral_v0_3_tokenizer, qwen2_5_instruct_tokenizer
+from dpo_components.chat_formats import phi4_tokenizer as shipped_phi4_tokenizer
 from dpo_components.qwen3 import QWEN3_SPECIAL_TOKENS, qwen3_tokenizer
 from dpo_components.synthetic import corpus_lines
 
@@ -43,10 +45,13 @@ SENTENCEPIECE_VOCAB = 512
 BPE_VOCAB = 600
 CHAT_WORDS = "You are a helpful assistant. Write a review. Sure, here is one: the film was great ! ? , ."
 
-# SentencePiece families: (control tokens as single pieces, ids and normalizer settings), as in the released models.
+# SentencePiece families: (control tokens as single pieces, ids and normalizer settings), as in the released models
+# (Llama's: text kept as is but for a leading "▁"; "\n" falls back to its byte).
+_LLAMA_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                  remove_extra_whitespaces=False)  # fmt: skip
 _SENTENCEPIECE = {
-    "llama2": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
-    "mistral": (["[INST]", "[/INST]"], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
+    "llama2": ([], _LLAMA_IDS),
+    "mistral": (["[INST]", "[/INST]"], _LLAMA_IDS),
     "gemma": (
         ["<start_of_turn>", "<end_of_turn>"],
         dict(
@@ -54,12 +59,16 @@ _SENTENCEPIECE = {
             eos_id=1,
             bos_id=2,
             unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            unk_piece="<unk>",
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
             normalization_rule_name="identity",
         ),  # Gemma keeps text as is ("\n" is a piece, no leading "▁")
     ),
-    "phi3": ([], dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)),
+    "phi3": ([], _LLAMA_IDS),
 }
 _SPECIAL_TOKENS = {"phi3": PHI3_SPECIAL_TOKENS, "qwen2": QWEN2_SPECIAL_TOKENS, "qwen2_5": QWEN2_5_SPECIAL_TOKENS,
                    "qwen3": QWEN3_SPECIAL_TOKENS, "phi4": PHI4_SPECIAL_TOKENS}  # fmt: skip
@@ -112,27 +121,26 @@ def write_family_tokenizer(out_dir: str | Path, family: str) -> Path:
     return out
 
 
-def family_tokenizer(files: str | Path, family: str, **kwargs: Any) -> ModelTokenizer:
-    """torchtune's own builder for ``family`` on the files of :func:`write_family_tokenizer` (``kwargs``: e.g.
-    ``max_seq_len``, ``prompt_template``)."""
+# What the configs ship where torchtune's format differs from the released template (dpo_components.chat_formats)
+SHIPPED_BUILDERS = {"gemma": gemma2_tokenizer, "mistral": mistral_v0_3_tokenizer, "qwen2_5": qwen2_5_instruct_tokenizer,
+                    "phi4": shipped_phi4_tokenizer, "qwen3": qwen3_tokenizer}  # fmt: skip
+TORCHTUNE_BUILDERS = {"llama2": llama2_tokenizer, "mistral": mistral_tokenizer, "gemma": gemma_tokenizer,
+                      "phi3": phi3_mini_tokenizer, "qwen2": qwen2_tokenizer, "qwen2_5": qwen2_5_tokenizer,
+                      "phi4": phi4_tokenizer}  # fmt: skip
+
+
+def family_tokenizer(files: str | Path, family: str, torchtune_class: bool = False, **kwargs: Any) -> ModelTokenizer:
+    """The tokenizer the configs of ``family`` use, on the files of :func:`write_family_tokenizer`: torchtune's own
+    builder, or ours where torchtune's chat format differs from the model's (``torchtune_class`` forces torchtune's).
+    ``kwargs``: e.g. ``max_seq_len``."""
     files = Path(files)
-    special = str(files / "special_tokens.json")
-    if family == "llama2":
-        return llama2_tokenizer(str(files / "tokenizer.model"), **kwargs)
-    if family == "mistral":
-        return mistral_tokenizer(str(files / "tokenizer.model"), **kwargs)
-    if family == "gemma":
-        return gemma_tokenizer(str(files / "tokenizer.model"), **kwargs)
-    if family == "phi3":
-        return phi3_mini_tokenizer(str(files / "tokenizer.model"), special_tokens_path=special, **kwargs)
-    if family == "phi4":
-        return phi4_tokenizer(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special,
-                              **kwargs)  # fmt: skip
-    if family == "qwen3":  # dpo_components.qwen3 (torchtune 0.6.1 predates Qwen3)
-        return qwen3_tokenizer(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special,
-                               **kwargs)  # fmt: skip
-    builder = qwen2_tokenizer if family == "qwen2" else qwen2_5_tokenizer
-    return builder(str(files / "vocab.json"), str(files / "merges.txt"), special_tokens_path=special, **kwargs)
+    use_ours = family in SHIPPED_BUILDERS and not (torchtune_class and family in TORCHTUNE_BUILDERS)
+    builder = SHIPPED_BUILDERS[family] if use_ours else TORCHTUNE_BUILDERS[family]
+    if family in _SENTENCEPIECE:
+        special = {"special_tokens_path": str(files / "special_tokens.json")} if family == "phi3" else {}
+        return builder(str(files / "tokenizer.model"), **special, **kwargs)
+    return builder(str(files / "vocab.json"), str(files / "merges.txt"),
+                   special_tokens_path=str(files / "special_tokens.json"), **kwargs)  # fmt: skip
 
 
 def main() -> None:
