@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from dpo_components.data import preference_dataset  # noqa: E402
 from dpo_components.prefix_sharing import packed_lengths  # noqa: E402
-from dpo_components.synthetic import corpus_lines  # noqa: E402
-from dpo_components.tiny_model import save_hf_checkpoint  # noqa: E402
-from dpo_components.tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from dpo_components.tiny.model import save_hf_checkpoint  # noqa: E402
+from dpo_components.tiny.synthetic import corpus_lines  # noqa: E402
+from dpo_components.tiny.tokenizer import tiny_tokenizer  # noqa: E402
 from dpo_components.training import length_grouped_order  # noqa: E402
 
 PRESETS = {
@@ -138,7 +138,7 @@ def common_overrides(preset: dict, model_dir: Path, data_file: Path, out: Path) 
         "output_dir": str(out),
         "model": {"_component_": "torchtune.models.llama3_2.lora_llama3_2", **preset["model"], **LORA,
                   "apply_lora_to_output": False},  # fmt: skip
-        "tokenizer": {"_component_": "dpo_components.tiny_tokenizer.tiny_tokenizer", "max_seq_len": max_len},
+        "tokenizer": {"_component_": "dpo_components.tiny.tokenizer.tiny_tokenizer", "max_seq_len": max_len},
         "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
                          "checkpoint_dir": str(model_dir), "checkpoint_files": ["model.safetensors"],
                          "model_type": "LLAMA3_2", "output_dir": str(out)},  # fmt: skip

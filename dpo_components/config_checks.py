@@ -31,7 +31,7 @@ def check_checkpoint_paths(cfg_checkpointer: DictConfig, output_dir: str | Path,
 def prepare_missing_inputs(cfg: DictConfig) -> None:
     """Run the config's ``prepare`` step when the checkpoint directory or a data file it names is missing.
 
-    The tiny configs name ``dpo_components.prepare_tiny.prepare_tiny`` there, so they run on a fresh clone: the
+    The tiny configs name ``dpo_components.tiny.prepare.prepare_tiny`` there, so they run on a fresh clone: the
     first run builds the SFT'd tiny model and the synthetic data (about a minute), later runs reuse them.
     """
     node = optional_component(cfg, "prepare")

@@ -38,9 +38,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_components import synthetic
 from dpo_components.checkpointing import step_dirs
-from dpo_components.prepare_tiny import noisy_train_file, prepare_tiny
+from dpo_components.tiny import synthetic
+from dpo_components.tiny.prepare import noisy_train_file, prepare_tiny
 from dpo_components.tiny.task_eval import (
     heldout_preference,
     load_tiny_checkpoint,
@@ -273,7 +273,7 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.tiny_dir and not (args.tiny_dir / "manifest.json").exists():
-        parser.error(f"--tiny-dir {args.tiny_dir} is not a prepared directory (python -m dpo_components.prepare_tiny)")
+        parser.error(f"--tiny-dir {args.tiny_dir} is not a prepared directory (python -m dpo_components.tiny.prepare)")
     tiny = args.tiny_dir or prepare_tiny(repo_root / "outputs/tiny")  # a given directory is used as it is
     runs = sweep(args.quick, args.noise)
     settings = {

@@ -7,7 +7,7 @@ judged by reading it, not only by its numbers. Config keys (all recipes):
     eval_samples: 8             # prompts, the first N distinct ones of the eval dataset (0 or absent: off)
     max_new_tokens: 40
     temperature: 1.0            # the KL estimate assumes 1.0 (samples from the policy itself)
-    eval_reward_fn: dpo_components.synthetic.sentiment_reward   # optional: text -> float, the task's true reward
+    eval_reward_fn: dpo_components.tiny.synthetic.sentiment_reward   # optional: text -> float, the task's true reward
 
 Logged as ``eval/samples/reward`` (policy), ``eval/samples/reference_reward`` and ``eval/samples/kl``; the text
 goes to ``samples.jsonl`` beside a DiskLogger's log, a TensorBoard text summary, or a W&B table.

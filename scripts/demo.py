@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from dpo_components import plot
 from dpo_components.checkpointing import latest_checkpoint
-from dpo_components.prepare_tiny import prepare_tiny
+from dpo_components.tiny.prepare import prepare_tiny
 from dpo_components.tiny.task_eval import demo_failures, evaluate, load_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

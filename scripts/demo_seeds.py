@@ -134,7 +134,7 @@ def main() -> None:
 
 def prepare_in_subprocess(output_dir: Path, sft_seed: int) -> None:
     target = str(sft_dir(output_dir, sft_seed))
-    code = f"from dpo_components.prepare_tiny import prepare_tiny; prepare_tiny({target!r}, seed={sft_seed})"
+    code = f"from dpo_components.tiny.prepare import prepare_tiny; prepare_tiny({target!r}, seed={sft_seed})"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dpo_components.tiny_tokenizer import tiny_tokenizer
+    from dpo_components.tiny.tokenizer import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -22,7 +22,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
     """A small SFT'd tiny model and synthetic preference data (about 10 s), shared by the recipe tests."""
-    from dpo_components.prepare_tiny import prepare_tiny
+    from dpo_components.tiny.prepare import prepare_tiny
 
     return prepare_tiny(
         tmp_path_factory.mktemp("tiny"), sft_steps=60, sft_examples=2000, train_pairs=256, eval_pairs=64

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from dpo_components.data import PreferenceDataError, tokenize_rows
 from dpo_components.tiny.family_tokenizers import family_tokenizer, write_family_tokenizer
 from dpo_components.tiny.hf_tokenizers import HF_FAMILIES, write_hf_tokenizer
-from dpo_components.tiny_tokenizer import ASSET_DIR, tiny_tokenizer
+from dpo_components.tiny.tokenizer import ASSET_DIR, tiny_tokenizer
 
 RESPONSE = "the film was great (really) !"
 PROMPTS = {

@@ -119,9 +119,9 @@ def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
         cfg.checkpointer.update(checkpoint_dir=str(files), checkpoint_files=["model.safetensors"])
         return family
     assert shipped.startswith(tuple(f"torchtune.models.llama3_{minor}." for minor in (1, 2, 3))), shipped
-    cfg.model = {"_component_": "dpo_components.tiny_model." + ("lora_tiny_llama" if lora_args else "tiny_llama"),
+    cfg.model = {"_component_": "dpo_components.tiny.model." + ("lora_tiny_llama" if lora_args else "tiny_llama"),
                  **lora_args, **quantize}  # fmt: skip
-    cfg.tokenizer = {"_component_": "dpo_components.tiny_tokenizer.tiny_tokenizer"}
+    cfg.tokenizer = {"_component_": "dpo_components.tiny.tokenizer.tiny_tokenizer"}
     cfg.checkpointer.update(checkpoint_dir=str(tiny_setup / "sft_model"), checkpoint_files=["model.safetensors"],
                             model_type="LLAMA3_2")  # fmt: skip
     return None

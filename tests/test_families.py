@@ -8,7 +8,7 @@ from torchtune.data import Message
 from dpo_components.data import PreferenceDataError, generation_prompt, stop_tokens, tokenize_chat, tokenize_rows
 from dpo_components.logprobs import IGNORE_INDEX
 from dpo_components.tiny.family_tokenizers import FAMILIES, family_tokenizer, write_family_tokenizer
-from dpo_components.tiny_tokenizer import tiny_tokenizer
+from dpo_components.tiny.tokenizer import tiny_tokenizer
 
 CHOSEN, REJECTED = "the film was great !", "the film was bad ."
 EARLIER = [{"role": "user", "content": "Write a review."}, {"role": "assistant", "content": "the film ."}]

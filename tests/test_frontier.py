@@ -7,9 +7,9 @@ import sys
 
 from conftest import REPO_ROOT
 
-from dpo_components import synthetic
 from dpo_components.frontier import _overrides, sweep, win_rate
-from dpo_components.prepare_tiny import noisy_train_file
+from dpo_components.tiny import synthetic
+from dpo_components.tiny.prepare import noisy_train_file
 from dpo_components.tiny.task_eval import demo_failures, load_tiny_checkpoint, sampled_metrics, task_prompts
 
 

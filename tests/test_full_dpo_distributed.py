@@ -25,7 +25,7 @@ from test_lora_dpo_recipe import logged
 from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.checkpointing import checkpoint_fingerprint, write_manifest
-from dpo_components.tiny_model import tiny_llama
+from dpo_components.tiny.model import tiny_llama
 from recipes.full_dpo_distributed import FullDPORecipeDistributed
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
@@ -215,12 +215,12 @@ def test_eval_samples_with_sharded_models(tiny_setup, tmp_path):
     With lr = 0 the policy stays the reference, so the KL estimate must be exactly 0."""
     out = tmp_path / "samples"
     torchrun(overrides(tiny_setup, out, max_steps_per_epoch=1, eval_samples=3, max_new_tokens=12, **{
-        "optimizer.lr": 0.0, "eval_reward_fn": "dpo_components.synthetic.sentiment_reward"}))  # fmt: skip
+        "optimizer.lr": 0.0, "eval_reward_fn": "dpo_components.tiny.synthetic.sentiment_reward"}))  # fmt: skip
     rows = [json.loads(line) for line in (out / "logs/samples.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 1, 1] and all(row["reference"] for row in rows)
     from dpo_components.data import preference_dataset
     from dpo_components.samples import eval_prompts
-    from dpo_components.tiny_tokenizer import tiny_tokenizer
+    from dpo_components.tiny.tokenizer import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     eval_data = preference_dataset(tokenizer, source="json", data_files=str(tiny_setup / "data/eval.jsonl"),

@@ -8,7 +8,7 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from test_lora_dpo_recipe import logged
 
-from dpo_components.tiny_model import save_hf_checkpoint, tiny_llama
+from dpo_components.tiny.model import save_hf_checkpoint, tiny_llama
 from recipes.ipo_single_device import ConfigError, IPORecipeSingleDevice
 
 CONFIG = "recipe_configs/tiny/ipo_single_device.yaml"
@@ -90,7 +90,7 @@ def test_lora_mode_with_precomputed_reference(recipe_cfg):
         epochs=1,
         eval_dataset=None,
         **{
-            "model._component_": "dpo_components.tiny_model.lora_tiny_llama",
+            "model._component_": "dpo_components.tiny.model.lora_tiny_llama",
             "model.lora_attn_modules": "[q_proj,v_proj]",
             "model.lora_rank": 8,
             "model.lora_alpha": 16,

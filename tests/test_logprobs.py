@@ -5,7 +5,7 @@ import torch
 from torchtune.rlhf import get_batch_log_probs
 
 from dpo_components.logprobs import IGNORE_INDEX, full_logits_sequence_logprobs, scored_logprobs, sequence_logprobs
-from dpo_components.tiny_model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
+from dpo_components.tiny.model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
 
 
 def batch(seed=0, n=4, length=24, vocab=512):

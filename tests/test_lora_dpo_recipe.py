@@ -15,7 +15,7 @@ from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.checkpointing import load_peft_adapter
 from dpo_components.losses import DPOLoss
-from dpo_components.tiny_model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
+from dpo_components.tiny.model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
 from recipes.lora_dpo_single_device import ConfigError, LoRADPORecipeSingleDevice
 
 

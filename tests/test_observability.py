@@ -12,14 +12,15 @@ import torch
 from conftest import REPO_ROOT
 from test_lora_dpo_recipe import logged
 
-from dpo_components import plot, synthetic
+from dpo_components import plot
 from dpo_components.samples import SampleSettings, generate_padded, same_model, sample_and_score
-from dpo_components.tiny_model import tiny_llama
-from dpo_components.tiny_tokenizer import tiny_tokenizer
+from dpo_components.tiny import synthetic
+from dpo_components.tiny.model import tiny_llama
+from dpo_components.tiny.tokenizer import tiny_tokenizer
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
-SAMPLES = {"eval_samples": 6, "max_new_tokens": 24, "eval_reward_fn": "dpo_components.synthetic.sentiment_reward"}
+SAMPLES = {"eval_samples": 6, "max_new_tokens": 24, "eval_reward_fn": "dpo_components.tiny.synthetic.sentiment_reward"}
 TASK_WORDS = set(" ".join(synthetic.SUBJECTS + synthetic.VERBS + synthetic.POSITIVE + synthetic.NEGATIVE
                           + synthetic.NEUTRAL + synthetic.CONNECTORS).split())  # fmt: skip
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dpo_components import experiments
 from dpo_components.config_checks import ConfigError
 from dpo_components.quantization import float8, requirement_met
-from dpo_components.tiny_model import tiny_llama
+from dpo_components.tiny.model import tiny_llama
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
@@ -51,7 +51,7 @@ def test_model_transform_is_refused_for_lora(recipe_cfg):
     cfg = recipe_cfg(
         "recipe_configs/tiny/ipo_single_device.yaml",
         **{
-            "model._component_": "dpo_components.tiny_model.lora_tiny_llama",
+            "model._component_": "dpo_components.tiny.model.lora_tiny_llama",
             "model.lora_rank": 8,
             "model.lora_alpha": 16,
             "model.lora_attn_modules": "[q_proj]",

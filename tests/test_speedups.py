@@ -18,7 +18,7 @@ from dpo_components.prefix_sharing import (
     check_fits,
     collate_prefix_shared,
 )
-from dpo_components.tiny_model import TINY_LLAMA_ARGS, tiny_llama
+from dpo_components.tiny.model import TINY_LLAMA_ARGS, tiny_llama
 from dpo_components.training import batch_positions, concatenated_logprobs, epoch_order, length_grouped_order
 
 
@@ -157,7 +157,7 @@ def test_reference_cache_key_changes_with_the_variant(tiny_setup):
     from dpo_components.checkpointing import files_digest
     from dpo_components.data import preference_dataset
     from dpo_components.reference import reference_cache_key
-    from dpo_components.tiny_tokenizer import tiny_tokenizer
+    from dpo_components.tiny.tokenizer import tiny_tokenizer
 
     data = preference_dataset(tiny_tokenizer(), source="json", data_files=str(tiny_setup / "data/eval.jsonl"),
                               split="train", max_length=96, max_prompt_length=32)  # fmt: skip

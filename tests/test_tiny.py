@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components import synthetic
-from dpo_components.prepare_tiny import sample_responses, sft_train
-from dpo_components.tiny_model import TINY_LLAMA_ARGS, lora_tiny_llama, save_hf_checkpoint, tiny_llama
-from dpo_components.tiny_tokenizer import ASSET_DIR, TOKENIZER_FILES, tiny_tokenizer, train_tiny_tokenizer
+from dpo_components.tiny import synthetic
+from dpo_components.tiny.model import TINY_LLAMA_ARGS, lora_tiny_llama, save_hf_checkpoint, tiny_llama
+from dpo_components.tiny.prepare import sample_responses, sft_train
+from dpo_components.tiny.tokenizer import ASSET_DIR, TOKENIZER_FILES, tiny_tokenizer, train_tiny_tokenizer
 
 
 def test_shipped_tokenizer_is_reproduced_by_its_generator(tmp_path):

@@ -40,6 +40,7 @@ from torchtune.training import FullModelHFCheckpointer
 from dpo_components.models import cap_logits_like_gemma2
 from dpo_components.qwen3 import Qwen3HFCheckpointer, lora_qwen3, qwen3, qwen3_tune_to_hf
 from dpo_components.tiny.family_tokenizers import write_family_tokenizer
+from dpo_components.tiny.hf_tokenizers import HF_FAMILIES, write_hf_tokenizer
 
 # Per family: torchtune builders, tiny builder arguments (every weight a multiple of 16384 elements, as NF4 (QLoRA)
 # needs; vocab >= the tiny tokenizer's), the state-dict conversion to HF names and the HF config's own keys.
@@ -159,8 +160,12 @@ def hf_config(family: str, special_tokens: dict[str, int]) -> dict[str, Any]:
 
 
 def write_tiny_checkpoint(out_dir: str | Path, family: str, seed: int = 0) -> Path:
-    """The family's tokenizer files, ``config.json`` and ``model.safetensors`` (random weights from ``seed``)."""
-    out = write_family_tokenizer(out_dir, FAMILIES[family].get("tokenizer", family))
+    """The family's tokenizer files (torchtune's and Hugging Face's, with its chat template), ``config.json`` and
+    ``model.safetensors`` (random weights from ``seed``)."""
+    tokenizer_family = FAMILIES[family].get("tokenizer", family)
+    out = write_family_tokenizer(out_dir, tokenizer_family)
+    if tokenizer_family in HF_FAMILIES:  # tokenizer_config.json (+ tokenizer.json): AutoTokenizer loads it
+        write_hf_tokenizer(out, tokenizer_family)
     special_file = out / "special_tokens.json"
     added = json.loads(special_file.read_text())["added_tokens"] if special_file.exists() else []
     torch.manual_seed(seed)

@@ -38,7 +38,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from dpo_components.chat_formats import gemma2_tokenizer, mistral_v0_3_tokenizer, qwen2_5_instruct_tokenizer
 from dpo_components.chat_formats import phi4_tokenizer as shipped_phi4_tokenizer
 from dpo_components.qwen3 import QWEN3_SPECIAL_TOKENS, qwen3_tokenizer
-from dpo_components.synthetic import corpus_lines
+from dpo_components.tiny.synthetic import corpus_lines
 
 FAMILIES = ("llama2", "mistral", "gemma", "phi3", "qwen2", "qwen2_5", "qwen3", "phi4")
 SENTENCEPIECE_VOCAB = 512

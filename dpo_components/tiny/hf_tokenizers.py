@@ -8,7 +8,7 @@ builder makes of the same messages with torchtune's tokenizer class (``tests/tes
 
 The templates are the released models' ``chat_template`` (``tokenizer_config.json`` of the Instruct repos named
 below) without their tool-calling branches, which preference data does not use. Llama 3's is the tiny tokenizer's
-own (``dpo_components/assets/tiny_tokenizer``); Llama 2 and Phi-3 are left out: their configs are not shipped and
+own (``dpo_components/tiny/assets/tiny_tokenizer``); Llama 2 and Phi-3 are left out: their configs are not shipped and
 torchtune's formats for them are not their templates'.
 """
 

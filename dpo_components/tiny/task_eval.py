@@ -4,13 +4,13 @@ For a policy and its reference (the SFT model), on held-out pairs and on freshly
 
 - ``accuracy``, ``margin``: DPO's implicit reward ``beta * log(pi/ref)`` of chosen vs rejected on the held-out pairs
   (share of pairs ranked right, mean margin);
-- ``reward``, ``reference_reward``: the task's true reward (:func:`dpo_components.synthetic.sentiment_reward`) of
+- ``reward``, ``reference_reward``: the task's true reward (:func:`dpo_components.tiny.synthetic.sentiment_reward`) of
   responses sampled at temperature 1 from the policy and from the reference;
 - ``kl``: the sequence-level KL(pi || ref), estimated from the policy's samples as in
   :func:`dpo_components.samples.sample_and_score`, ``mean_i [log pi(y_i|x_i) - log ref(y_i|x_i)]``, y_i ~ pi;
 - ``words``, ``well_formed`` (and ``reference_*``): fluency: the share of sampled words that are words of the task
-  and the share of samples that follow its grammar (:func:`~dpo_components.synthetic.task_word_share`,
-  :func:`~dpo_components.synthetic.is_well_formed`).
+  and the share of samples that follow its grammar (:func:`~dpo_components.tiny.synthetic.task_word_share`,
+  :func:`~dpo_components.tiny.synthetic.is_well_formed`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from torchtune.data import Message
 from torchtune.modules import TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components import synthetic
 from dpo_components.data import collate_preference_batch, generation_prompt, preference_dataset
 from dpo_components.losses import DPOLoss
 from dpo_components.samples import SampleSettings, sample_and_score
-from dpo_components.tiny_model import tiny_llama
-from dpo_components.tiny_tokenizer import tiny_tokenizer
+from dpo_components.tiny import synthetic
+from dpo_components.tiny.model import tiny_llama
+from dpo_components.tiny.tokenizer import tiny_tokenizer
 from dpo_components.training import PreferenceMetrics, concatenated_logprobs
 
 

@@ -25,8 +25,8 @@ from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 
-from dpo_components.tiny_tokenizer import ASSET_DIR as TOKENIZER_DIR
-from dpo_components.tiny_tokenizer import TOKENIZER_FILES
+from dpo_components.tiny.tokenizer import ASSET_DIR as TOKENIZER_DIR
+from dpo_components.tiny.tokenizer import TOKENIZER_FILES
 
 # 4 layers, dim 256, GQA 4/2 heads, vocab 576 (>= the tiny tokenizer's 551 ids): 3.3M parameters, tied embeddings.
 # Every dimension is a multiple of 64 so that NF4 quantisation (QLoRA) applies to every linear layer.

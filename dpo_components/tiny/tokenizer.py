@@ -1,7 +1,7 @@
 """The tiny model's tokenizer: a byte-level BPE trained on the synthetic task, in Llama-3 format.
 
 No tokenizer can be downloaded here, so the project trains its own and ships the result in
-``dpo_components/assets/tiny_tokenizer/`` (regenerate with ``python -m dpo_components.tiny_tokenizer``).
+``dpo_components/tiny/assets/tiny_tokenizer/`` (regenerate with ``python -m dpo_components.tiny.tokenizer``).
 It is written twice, with identical token ids:
 
 - ``tokenizer.model``: tiktoken format (``base64(bytes) rank`` per line), read by torchtune's stock
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dpo_components.synthetic import corpus_lines
+from dpo_components.tiny.synthetic import corpus_lines
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")

@@ -1,6 +1,6 @@
 """Prepare the tiny demo/test setup: an SFT'd tiny model and the synthetic preference data, all from a seed.
 
-    python -m dpo_components.prepare_tiny --out-dir ~/.cache/dpo_recipes/tiny
+    python -m dpo_components.tiny.prepare --out-dir ~/.cache/dpo_recipes/tiny
 
 writes (and on later calls reuses, when the manifest matches):
 
@@ -32,12 +32,12 @@ from torchtune.data import Message
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from dpo_components import synthetic
 from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
 from dpo_components.samples import decode_response, generate_padded
-from dpo_components.tiny_model import TINY_LLAMA_ARGS, save_hf_checkpoint, tiny_llama
-from dpo_components.tiny_tokenizer import ASSET_DIR as TOKENIZER_DIR
-from dpo_components.tiny_tokenizer import tiny_tokenizer
+from dpo_components.tiny import synthetic
+from dpo_components.tiny.model import TINY_LLAMA_ARGS, save_hf_checkpoint, tiny_llama
+from dpo_components.tiny.tokenizer import ASSET_DIR as TOKENIZER_DIR
+from dpo_components.tiny.tokenizer import tiny_tokenizer
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0, "sft_examples": 8000, "sft_steps": 250, "sft_batch_size": 16, "sft_lr": 3e-3,
@@ -175,7 +175,7 @@ def _prepare_locked(out_dir: Path, force: bool, settings: dict[str, Any]) -> Pat
 
 def noisy_train_file(out_dir: str | Path, label_noise: float) -> Path:
     """The training pairs of a prepared ``out_dir`` with a share ``label_noise`` of them flipped (chosen and
-    rejected swapped; :func:`dpo_components.synthetic.preference_pairs`), written beside ``data/train.jsonl``."""
+    rejected swapped; :func:`dpo_components.tiny.synthetic.preference_pairs`), written beside ``data/train.jsonl``."""
     out_dir = Path(out_dir)
     settings = json.loads((out_dir / "manifest.json").read_text())["settings"]
     path = out_dir / f"data/train_noise{label_noise:g}.jsonl"
