@@ -255,11 +255,25 @@ _END_SWITCHES = ("add_end_tokens", "add_eos")  # Llama 2 / Llama 3; Qwen2/2.5, M
 _PROBES = ("the", "film", "?")  # responses whose first tokens differ in any vocabulary
 
 
+def check_tokenizer(tokenizer: Any) -> None:
+    """Refuse, naming its class, a tokenizer the data builder cannot drive: not a torchtune ``ModelTokenizer``, or one
+    whose ``tokenize_messages`` has no end-of-sequence switch of a known name (``_END_SWITCHES``)."""
+    method = getattr(tokenizer, "tokenize_messages", None)
+    parameters = inspect.signature(method).parameters if callable(method) else {}
+    if not any(name in parameters for name in _END_SWITCHES):
+        name = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+        raise TypeError(f"the preference data builder does not know tokenizer {name}: it needs a torchtune "
+                        f"ModelTokenizer whose tokenize_messages takes one of {', '.join(_END_SWITCHES)} (torchtune's "
+                        "tokenizers for Llama, Qwen, Mistral, Gemma, Phi; dpo_components' own)")  # fmt: skip
+
+
 def _tokenize_messages(tokenizer: ModelTokenizer, messages: list[Message], end: bool) -> tuple[list[int], list[bool]]:
     parameters = inspect.signature(tokenizer.tokenize_messages).parameters
     switch = next((name for name in _END_SWITCHES if name in parameters), None)
+    if switch is None:
+        check_tokenizer(tokenizer)  # raises, naming the tokenizer
     try:
-        return tokenizer.tokenize_messages(messages, **({switch: end} if switch else {}))
+        return tokenizer.tokenize_messages(messages, **{switch: end})
     except (ValueError, RuntimeError) as error:  # e.g. Mistral's template has no system turn
         raise _BadRow(f"{type(tokenizer).__name__} cannot format these messages: {error}") from None
 
@@ -498,6 +512,7 @@ def tokenize_rows(
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got '{on_bad_row}'")
+    check_tokenizer(tokenizer)
     if format not in (*FORMATS, "auto"):
         raise ValueError(f"unknown format '{format}'; expected one of {FORMATS} or 'auto'")
     column_map = dict(column_map or {})

@@ -137,6 +137,7 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
         assert cfg.tokenizer._component_ == shipped["tokenizer"]["_component_"]
         assert cfg.checkpointer._component_ == shipped["checkpointer"]["_component_"]
         assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
+    cfg.gradient_accumulation_steps = min(cfg.gradient_accumulation_steps, 2)  # a size: two micro-batches accumulate
     step = cfg.batch_size * cfg.gradient_accumulation_steps  # one step's pairs; fewer eval pairs: faster
     for key, file, rows in (("dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16)):
         cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split=f"train[:{rows}]",

@@ -114,3 +114,20 @@ def test_qwen3_turns_are_non_thinking(tmp_path):
     with pytest.raises(PreferenceDataError, match="rows row 1: Qwen3Tokenizer cannot format these messages: a response "
                                                   "with a <think> block"):  # fmt: skip
         tokenize_rows(rows, tokenizer, source="rows", max_length=256)
+
+
+class HomeMadeTokenizer:
+    def tokenize_messages(self, messages):  # no end-of-sequence switch: the builder cannot control the end
+        return [1, 2], [True, False]
+
+
+def test_a_tokenizer_the_builder_does_not_know_is_named():
+    from transformers import AutoTokenizer
+
+    from dpo_components.tiny.tokenizer import ASSET_DIR
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(ASSET_DIR)  # has no tokenize_messages at all
+    for tokenizer, name in ((HomeMadeTokenizer(), "test_families.HomeMadeTokenizer"),
+                            (hf_tokenizer, f"transformers[.a-z_]*.{type(hf_tokenizer).__name__}")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"does not know tokenizer .*{name}: it needs a torchtune ModelTokenizer"):
+            tokenize_rows([pair([{"role": "user", "content": "Write a review."}])], tokenizer, source="rows")

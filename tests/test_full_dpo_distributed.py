@@ -162,6 +162,7 @@ def test_real_configs_run_with_tiny_stand_ins(config, tiny_setup, tiny_family, t
         assert cfg.tokenizer._component_ == shipped["tokenizer"]["_component_"]
         assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
     ranks = 2 if "qlora" in config.name else 1  # NF4 under FSDP needs 2 (see test_qlora_on_one_rank_is_refused_clearly)
+    cfg.gradient_accumulation_steps = min(cfg.gradient_accumulation_steps, 2)  # a size: two micro-batches accumulate
     step = cfg.batch_size * ranks * cfg.gradient_accumulation_steps  # one step's pairs; fewer eval pairs
     for key, file, rows in (("dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16)):
         cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split=f"train[:{rows}]",

@@ -11,7 +11,7 @@ from test_configs import assert_peft_logits_equal
 from torchtune import training
 from torchtune.generation import generate
 from torchtune.modules import local_kv_cache
-from torchtune.modules.peft import get_adapter_params
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from dpo_components.checkpointing import (
     TUNE_ADAPTER_FILE,
@@ -114,3 +114,26 @@ def test_qwen3_kv_cached_generation_equals_full_forward(tiny_family, tmp_path):
         for _ in range(8):
             sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cached.tolist() == sequence.tolist()
+
+
+def test_qwen3_qlora_keeps_nf4_base_and_trains_the_adapters(tiny_family, tmp_path):
+    """dpo_components.qwen3's QLoRA variant: NF4 weights under the adapters, a state dict in the model's dtype (what
+    the checkpointer writes), logits near the bf16-free base's, gradients on the adapters only."""
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    _, state = load_base("qwen3", tiny_family("qwen3"), tmp_path)
+    base = tiny_model("qwen3").eval()
+    base.load_state_dict(state)
+    qlora = lora_tiny_model("qwen3", ["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=True)
+    qlora.load_state_dict(state, strict=False)
+    assert isinstance(qlora.layers[0].attn.q_proj.weight, NF4Tensor)
+    assert isinstance(qlora.layers[0].mlp.w1.weight, NF4Tensor)
+    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in qlora.state_dict().values())
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gap = (qlora(ids) - base(ids)).abs().max()
+    assert 0 < gap < 0.5  # NF4 rounding only (logits ~1.5): lora_B starts at zero
+    set_trainable_params(qlora, get_adapter_params(qlora))  # as the recipe does
+    qlora(ids).logsumexp(-1).mean().backward()
+    trained = {n for n, p in qlora.named_parameters() if p.grad is not None}
+    assert trained == set(get_adapter_params(qlora)) and qlora.layers[0].mlp.w1.lora_b.weight.grad.abs().sum() > 0

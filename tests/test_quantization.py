@@ -78,6 +78,7 @@ def test_sweep_runner_writes_results_with_deltas_and_skips(tiny_setup, tmp_path)
                                    "save_every_n_steps": None, "log_every_n_steps": 1, "batch_size": 4,
                                    "checkpointer.checkpoint_dir": str(tiny_setup / "sft_model"),
                                    "dataset.data_files": str(tiny_setup / "data/train.jsonl"),
+                                   "dataset.split": "train[:12]", "eval_dataset.split": "train[:16]",
                                    "eval_dataset.data_files": str(tiny_setup / "data/eval.jsonl")}},
         "variants": [{"name": "fp32", "baseline": True}, {"name": "bf16", "overrides": {"dtype": "bf16"}},
                      {"name": "needs sm89", "requires": "sm89"}],
