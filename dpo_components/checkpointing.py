@@ -56,10 +56,11 @@ PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TUNE_ADAPTER_FILE = "adapter_model.torchtune.safetensors"  # families torchtune cannot convert to PEFT (Phi)
 MANIFEST_FILE = "manifest.json"
 # torchtune model types whose RoPE uses Hugging Face's half-split layout, so their q/k weights are converted without
-# torchtune's interleaving permutation. torchtune 0.6.1 permutes the PEFT adapter's q/k ``lora_B`` for every family
-# anyway, which gives Qwen users an adapter that is wrong in ``peft`` (logits off by 0.16 on the tiny Qwen2.5 when
-# lora_B is not near zero); we undo that permutation before it runs.
-HALF_SPLIT_ROPE = ("QWEN2",)
+# torchtune's interleaving permutation. torchtune 0.6.1's PEFT export gets the q/k rows of adapters wrong both ways:
+# it permutes ``lora_B`` for every family (wrong for Qwen: logits 0.16 off in ``peft`` on the tiny Qwen2.5 when
+# lora_B is not near zero) and never the DoRA magnitude (wrong for the permuted families: 0.45 off on the tiny
+# Mistral). :func:`_rows_for_torchtune_peft_export` prepares the adapter so that its export comes out right.
+HALF_SPLIT_ROPE = ("QWEN2", "PHI3_MINI", "PHI4")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK = 8 << 20
 log = logging.getLogger(__name__)
@@ -348,11 +349,9 @@ def _write_checkpoint(
     adapter_config: dict[str, Any] | None,
     recipe_state: dict[str, Any] | None,
 ) -> None:
-    if adapter_state is not None and not qk_permuted(checkpointer):
-        adapter_state = _pre_undo_qk_permutation(adapter_state, checkpointer._config)
     state: dict[str, Any] = {training.MODEL_KEY: model_state or {}}
     if adapter_state is not None:
-        state[training.ADAPTER_KEY] = adapter_state
+        state[training.ADAPTER_KEY] = _rows_for_torchtune_peft_export(adapter_state, checkpointer)
         state[training.ADAPTER_CONFIG] = dict(adapter_config or {})
     saved_output_dir = checkpointer._output_dir
     checkpointer._output_dir = tmp_dir  # torchtune writes into <output_dir>/epoch_<n>/
@@ -375,7 +374,7 @@ def _write_checkpoint(
             for name in PEFT_FILES:
                 (tmp_dir / name).rename(tmp_dir / ADAPTER_DIR / name)
         else:  # torchtune has no PEFT conversion for Phi-3/Phi-4 (fused qkv_proj): torchtune's names, for resume
-            save_file(state[training.ADAPTER_KEY], tmp_dir / ADAPTER_DIR / TUNE_ADAPTER_FILE)
+            save_file(adapter_state, tmp_dir / ADAPTER_DIR / TUNE_ADAPTER_FILE)
     if recipe_state is not None:
         torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
     write_manifest(tmp_dir, run=(recipe_state or {}).get("run"))
@@ -394,10 +393,25 @@ def load_recipe_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return load_state_file(Path(checkpoint_dir) / RECIPE_STATE_FILE)
 
 
-def _unpermute_lora_b(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Undo torchtune's ``_permute_lora_matrix`` (HF's rotary layout -> torchtune's interleaved layout)."""
-    rank = t.shape[-1]
-    return t.view(n_heads, 2, head_dim // 2, rank).transpose(1, 2).reshape(head_dim * n_heads, rank)
+def _to_hf_rows(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows (dim 0) of a q/k projection from torchtune's interleaved RoPE layout to HF's half-split one (torchtune's
+    ``_permute_lora_matrix``); ``t`` is ``[rows]`` or ``[rows, k]``."""
+    return t.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+
+
+def _from_hf_rows(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The inverse of :func:`_to_hf_rows`."""
+    return t.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(t.shape)
+
+
+def _qk_rows(key: str, hf_config: dict[str, Any]) -> tuple[int, int] | None:
+    """(heads, head_dim) when ``key`` is a q or k projection's adapter tensor, else None."""
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    if ".q_proj." in key:
+        return hf_config["num_attention_heads"], head_dim
+    if ".k_proj." in key:
+        return hf_config["num_key_value_heads"], head_dim
+    return None
 
 
 def qk_permuted(checkpointer: Any) -> bool:
@@ -405,15 +419,16 @@ def qk_permuted(checkpointer: Any) -> bool:
     return checkpointer._model_type.name not in HALF_SPLIT_ROPE
 
 
-def _pre_undo_qk_permutation(adapter: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """q/k ``lora_B`` in the layout that torchtune's PEFT conversion permutes back to the unpermuted one."""
-    heads = {"q_proj": hf_config["num_attention_heads"], "k_proj": hf_config["num_key_value_heads"]}
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-    out = dict(adapter)
+def _rows_for_torchtune_peft_export(adapter: dict[str, torch.Tensor], checkpointer: Any) -> dict[str, torch.Tensor]:
+    """The adapter with its q/k rows arranged so that torchtune's PEFT export (which permutes every ``lora_B`` and
+    no magnitude) writes them in the HF model's row order."""
+    permuted, out = qk_permuted(checkpointer), dict(adapter)
     for key, value in adapter.items():
-        proj = next((name for name in heads if f".{name}.lora_b." in key), None)
-        if proj is not None:
-            out[key] = _unpermute_lora_b(value, heads[proj], head_dim)
+        rows = _qk_rows(key, checkpointer._config)
+        if rows is not None and not permuted and key.endswith("lora_b.weight"):
+            out[key] = _from_hf_rows(value, *rows)  # undone by the export's permutation
+        elif rows is not None and permuted and key.endswith("magnitude"):
+            out[key] = _to_hf_rows(value, *rows)  # the export leaves it as it is
     return out
 
 
@@ -436,7 +451,8 @@ def load_peft_adapter(
     inverse of the conversion in :func:`save_checkpoint_dir`, including the q/k ``lora_B`` permutation where the
     family's q/k weights are permuted (``permuted_qk``; see :func:`peft_layout`). (Older checkpoints, with the
     adapter beside the model, are read too.)"""
-    head_dim = head_dim or dim // num_heads
+    hf = {"num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "hidden_size": dim,
+          "head_dim": head_dim}  # fmt: skip
     if (Path(checkpoint_dir) / ADAPTER_DIR / TUNE_ADAPTER_FILE).is_file():
         return load_file(Path(checkpoint_dir) / ADAPTER_DIR / TUNE_ADAPTER_FILE)
     path = Path(checkpoint_dir) / ADAPTER_DIR / PEFT_FILES[0]
@@ -458,10 +474,9 @@ def load_peft_adapter(
         new_key = key
         for pattern, replacement in renames:
             new_key = re.sub(pattern, replacement, new_key)
-        if permuted_qk and new_key.endswith("lora_b.weight") and ".attn.q_proj." in new_key:
-            value = _unpermute_lora_b(value, num_heads, head_dim)
-        elif permuted_qk and new_key.endswith("lora_b.weight") and ".attn.k_proj." in new_key:
-            value = _unpermute_lora_b(value, num_kv_heads, head_dim)
+        rows = _qk_rows(new_key, hf)
+        if permuted_qk and rows is not None and new_key.endswith(("lora_b.weight", "magnitude")):
+            value = _from_hf_rows(value, *rows)
         tune[new_key] = value
     return tune
 

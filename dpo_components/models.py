@@ -8,6 +8,10 @@ Tokenizers and chat formats: :mod:`dpo_components.chat_formats`; Qwen3: :mod:`dp
 - Phi-4 14B: torchtune's ``phi4_14b`` keeps Phi-3's RoPE base of 10,000; Phi-4 was trained with 250,000 (its
   ``config.json``: ``rope_theta``; the technical report's context extension to 16k), so torchtune's Phi-4 computes
   other log-probs than the released model from the same weights. ``phi4_14b``/``lora_phi4_14b`` here use 250,000.
+- DoRA on layers with a bias (Qwen2/2.5's q/k/v): torchtune's ``DoRALinear`` scales the bias with the magnitude,
+  while DoRA (and PEFT, and the merged weights every checkpoint exports) leaves it out:
+  ``y = m (W + s BA) x / ||W + s BA|| + b``. Trained that way, the exported model computed something else (logits
+  0.12 off on the tiny Qwen2.5). :func:`unscale_dora_bias` gives such layers DoRA's forward; the recipes call it.
 - Mistral 7B v0.3 (and its Instruct): torchtune's ``mistral_7b`` is v0.1 (vocabulary 32,000, RoPE base 10,000);
   v0.3 has a 32,768-token vocabulary, RoPE base 1e6 and a 32k context, so its weights do not load into v0.1's
   builder. Same architecture otherwise (``model_type: MISTRAL`` in the HF checkpointer).
@@ -15,14 +19,18 @@ Tokenizers and chat formats: :mod:`dpo_components.chat_formats`; Qwen3: :mod:`dp
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchao.dtypes.nf4tensor import linear_nf4
 from torchtune.models import gemma2 as tt_gemma2
 from torchtune.models.mistral._component_builders import lora_mistral, mistral
 from torchtune.models.phi3._component_builders import lora_phi3, phi3
 from torchtune.modules import TransformerDecoder
+from torchtune.modules.peft import DoRALinear
 
 # Mistral-7B(-Instruct)-v0.3's config.json
 MISTRAL_7B_V0_3 = dict(vocab_size=32_768, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
@@ -125,3 +133,24 @@ def lora_phi4_14b(
         apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, use_dora=use_dora, quantize_base=quantize_base, **PHI4_14B,
     )  # fmt: skip
+
+
+def _dora_forward_with_plain_bias(self: DoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """torchtune 0.6.1's ``DoRALinear.forward`` with the bias added after the magnitude scaling, not scaled by it."""
+    base_out = linear_nf4(input=x, weight=self.weight) if self._quantize_base else F.linear(x, self.weight)
+    if not self.disabled:
+        lora_out = self.lora_b(self.lora_a(self.dropout(x)))
+        x_eye = torch.eye(self.lora_a.weight.shape[1], device=self.lora_a.weight.device, dtype=x.dtype)
+        lora_weight = self.lora_b(self.lora_a(x_eye)).T  # through the modules, so FSDP's hooks run
+        weight_norm = self._get_weight_norm(self.weight.to(x.dtype), lora_weight.detach()).detach()
+        scale = (self.magnitude / weight_norm).view(1, -1)
+        base_out = scale * base_out + scale * lora_out * self.scaling
+    return base_out + self.bias
+
+
+def unscale_dora_bias(model: nn.Module) -> nn.Module:
+    """Give every ``DoRALinear`` with a bias DoRA's own forward (bias outside the magnitude scaling), in place."""
+    for module in model.modules():
+        if isinstance(module, DoRALinear) and module.use_bias:
+            module.forward = types.MethodType(_dora_forward_with_plain_bias, module)
+    return model

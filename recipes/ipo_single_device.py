@@ -70,6 +70,7 @@ from dpo_components.config_checks import (
     optional_component,
     prepare_missing_inputs,
 )
+from dpo_components.models import unscale_dora_bias
 from dpo_components.quantization import plain_state_dict
 from dpo_components.reference import (
     compute_reference_logprobs,
@@ -203,7 +204,7 @@ class IPORecipeSingleDevice:
 
     def _build_model(self, cfg_model: DictConfig, state: dict[str, Any]) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg_model)
+            model = unscale_dora_bias(config.instantiate(cfg_model))  # DoRA as exported
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lora_" not in k and "magnitude" not in k]:
             raise ConfigError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

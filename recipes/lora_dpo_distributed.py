@@ -86,6 +86,7 @@ from dpo_components.distributed import (
     rank_slice,
     shard_and_load,
 )
+from dpo_components.models import unscale_dora_bias
 from dpo_components.reference import (
     compute_reference_logprobs,
     reference_cache_key,
@@ -214,7 +215,7 @@ class LoRADPORecipeDistributed:
         """Build on the meta device, make only the adapters trainable, shard (FSDP2), load base + starting adapters.
         (A resume loads its adapters from the checkpoint afterwards.)"""
         with training.set_default_dtype(self._dtype), torch.device("meta"):
-            model = config.instantiate(cfg.model)
+            model = unscale_dora_bias(config.instantiate(cfg.model))  # DoRA as exported
         self._lora = lora_settings(cfg.model)
         set_trainable_params(model, get_adapter_params(model))
         adapters = initial_adapter_state(model, base_state, self.seed)  # before checkpoint wrappers rename modules

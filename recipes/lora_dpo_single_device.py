@@ -73,6 +73,7 @@ from dpo_components.config_checks import (
     optional_component,
     prepare_missing_inputs,
 )
+from dpo_components.models import unscale_dora_bias
 from dpo_components.reference import (
     compute_reference_logprobs,
     load_or_compute,
@@ -188,7 +189,7 @@ class LoRADPORecipeSingleDevice:
 
     def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any], resume_dir: Path | None) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg.model)
+            model = unscale_dora_bias(config.instantiate(cfg.model))  # DoRA as exported
         self._lora = lora_settings(cfg.model)
         set_trainable_params(model, get_adapter_params(model))
         if cfg.get("enable_activation_checkpointing", False):
