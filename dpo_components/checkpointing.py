@@ -8,8 +8,8 @@ A checkpoint is one directory, ``<output_dir>/step_<N>/``:
         the LoRA adapter in PEFT layout (``PeftModel.from_pretrained(base, "step_<N>/adapter")``). In a folder of
         its own: ``transformers`` with ``peft`` installed loads an adapter it finds beside a model's weights on top
         of them, so next to the merged model it would be applied twice. Phi-3/Phi-4, whose HF q/k/v (and gate/up)
-        projections are fused, get ``adapter/adapter_model.torchtune.safetensors`` in torchtune's names instead
-        (for resume; torchtune has no PEFT conversion for them);
+        projections are fused and which torchtune cannot export, get our export (:func:`fused_peft_adapter`; LoRA
+        only, not DoRA) and ``adapter/adapter_model.torchtune.safetensors`` in torchtune's names, for resume;
     recipe_state.pt
         what an exact resume needs: optimizer, LR schedule, step, data position, RNG (tensors and plain
         Python values only, read back with ``torch.load(weights_only=True)``), and the run's fingerprint;
@@ -373,8 +373,14 @@ def _write_checkpoint(
         if (tmp_dir / PEFT_FILES[0]).exists():
             for name in PEFT_FILES:
                 (tmp_dir / name).rename(tmp_dir / ADAPTER_DIR / name)
-        else:  # torchtune has no PEFT conversion for Phi-3/Phi-4 (fused qkv_proj): torchtune's names, for resume
+        else:  # Phi-3/Phi-4: torchtune has no PEFT export (fused qkv_proj, gate_up_proj). torchtune's names, for resume
             save_file(adapter_state, tmp_dir / ADAPTER_DIR / TUNE_ADAPTER_FILE)
+            if not (adapter_config or {}).get("use_dora"):  # and ours, for peft (LoRA; DoRA is not exported)
+                weights, peft_config = fused_peft_adapter(
+                    adapter_state, dict(adapter_config or {}), checkpointer._config
+                )
+                save_file(weights, tmp_dir / ADAPTER_DIR / PEFT_FILES[0], metadata={"format": "pt"})
+                (tmp_dir / ADAPTER_DIR / PEFT_FILES[1]).write_text(json.dumps(peft_config, indent=2) + "\n")
     if recipe_state is not None:
         torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
     write_manifest(tmp_dir, run=(recipe_state or {}).get("run"))
@@ -430,6 +436,56 @@ def _rows_for_torchtune_peft_export(adapter: dict[str, torch.Tensor], checkpoint
         elif rows is not None and permuted and key.endswith("magnitude"):
             out[key] = _to_hf_rows(value, *rows)  # the export leaves it as it is
     return out
+
+
+# Phi-3/Phi-4's fused Hugging Face projections: (HF module, its torchtune parts in row order)
+_FUSED = {"self_attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "mlp.gate_up_proj": ("mlp.w1", "mlp.w3")}
+_UNFUSED = {"attn.output_proj": "self_attn.o_proj", "mlp.w2": "mlp.down_proj"}
+
+
+def fused_peft_adapter(
+    adapter: dict[str, torch.Tensor], config: dict[str, Any], hf_config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A LoRA adapter in torchtune's names as a PEFT adapter of a model with fused q/k/v and gate/up projections
+    (Phi-3, Phi-4), exactly: LoRA on k of the parts, each of rank r, is one LoRA of rank k r on the fused projection
+    with A the parts' A stacked and B block-diagonal (zero rows for a part without LoRA); its alpha is k alpha so
+    that alpha / rank stays alpha / r (``rank_pattern``/``alpha_pattern`` in ``adapter_config.json``)."""
+    r, alpha = config["r"], config["lora_alpha"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    rows = {"attn.q_proj": hf_config["num_attention_heads"] * head_dim, "attn.k_proj": hf_config["num_key_value_heads"]
+            * head_dim, "attn.v_proj": hf_config["num_key_value_heads"] * head_dim,
+            "mlp.w1": hf_config["intermediate_size"], "mlp.w3": hf_config["intermediate_size"]}  # fmt: skip
+    out, ranks = {}, {}
+    for layer in range(hf_config["num_hidden_layers"]):
+        for fused, parts in _FUSED.items():
+            present = [p for p in parts if f"layers.{layer}.{p}.lora_a.weight" in adapter]
+            if not present:
+                continue
+            dtype = adapter[f"layers.{layer}.{present[0]}.lora_b.weight"].dtype
+            lora_b = torch.zeros(sum(rows[p] for p in parts), r * len(present), dtype=dtype)
+            for i, part in enumerate(present):
+                start = sum(rows[p] for p in parts[: parts.index(part)])
+                lora_b[start : start + rows[part], i * r : (i + 1) * r] = adapter[
+                    f"layers.{layer}.{part}.lora_b.weight"
+                ]
+            stacked_a = [adapter[f"layers.{layer}.{p}.lora_a.weight"] for p in present]
+            out[f"base_model.model.model.layers.{layer}.{fused}.lora_A.weight"] = torch.cat(stacked_a)
+            out[f"base_model.model.model.layers.{layer}.{fused}.lora_B.weight"] = lora_b
+            ranks[fused.split(".")[-1]] = len(present)
+        for part, hf_name in _UNFUSED.items():
+            for matrix in ("a", "b"):
+                key = f"layers.{layer}.{part}.lora_{matrix}.weight"
+                if key in adapter:
+                    out[f"base_model.model.model.layers.{layer}.{hf_name}.lora_{matrix.upper()}.weight"] = adapter[key]
+    for matrix in ("a", "b"):
+        if f"output.lora_{matrix}.weight" in adapter:
+            out[f"base_model.model.lm_head.lora_{matrix.upper()}.weight"] = adapter[f"output.lora_{matrix}.weight"]
+    targets = sorted({key.split(".")[-3] for key in out})
+    peft_config = {"r": r, "lora_alpha": alpha, "peft_type": "LORA", "task_type": "CAUSAL_LM", "use_dora": False,
+                   "bias": "none", "target_modules": targets,
+                   "rank_pattern": {name: k * r for name, k in ranks.items()},
+                   "alpha_pattern": {name: k * alpha for name, k in ranks.items()}}  # fmt: skip
+    return {k: v.contiguous() for k, v in out.items()}, peft_config
 
 
 def peft_layout(checkpointer: Any) -> dict[str, Any]:
