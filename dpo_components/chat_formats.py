@@ -68,12 +68,12 @@ class MistralV3Tokenizer(MistralTokenizer):
     def tokenize_messages(self, messages: list[Message], *, add_eos: bool = True) -> tuple[list[int], list[bool]]:
         system = [m.text_content for m in messages[:1] if m.role == "system"]
         turns = messages[len(system) :]
-        users = [i for i, m in enumerate(turns) if m.role == "user"]
+        last_user = max((i for i, m in enumerate(turns) if m.role == "user"), default=-1)
         inst, end_inst = (self._spm_model.spm_model.piece_to_id(piece) for piece in ("[INST]", "[/INST]"))
         tokens, mask = [self.bos_id], [True]
         for i, message in enumerate(turns):
             if message.role == "user":
-                text = "\n\n".join([*system, message.text_content]) if i == users[-1] else message.text_content
+                text = "\n\n".join([*system, message.text_content]) if i == last_user else message.text_content
                 ids = [inst, *self.encode(text, add_bos=False, add_eos=False), end_inst]
             elif message.role == "assistant":
                 ids = self.encode(message.text_content.strip(), add_bos=False, add_eos=False)
@@ -87,7 +87,12 @@ class MistralV3Tokenizer(MistralTokenizer):
 
 def mistral_v0_3_tokenizer(path: str, max_seq_len: int | None = None) -> MistralV3Tokenizer:
     """Mistral 7B v0.3's tokenizer (``tokenizer.model``) with the v0.3 Instruct chat format."""
-    return MistralV3Tokenizer(path=path, max_seq_len=max_seq_len, prompt_template=None)
+    tokenizer = MistralV3Tokenizer(path=path, max_seq_len=max_seq_len, prompt_template=None)
+    pieces = tokenizer._spm_model.spm_model
+    if any(pieces.id_to_piece(pieces.piece_to_id(piece)) != piece for piece in ("[INST]", "[/INST]")):
+        raise ValueError(f"{path} has no [INST]/[/INST] pieces: not a Mistral v0.3 tokenizer.model (v0.1/v0.2 "
+                         "write them as text: use torchtune.models.mistral.mistral_tokenizer)")  # fmt: skip
+    return tokenizer
 
 
 class Qwen2_5InstructTokenizer(Qwen2_5Tokenizer):  # noqa: N801 (torchtune's naming)

@@ -131,3 +131,11 @@ def test_a_tokenizer_the_builder_does_not_know_is_named():
                             (hf_tokenizer, f"transformers[.a-z_]*.{type(hf_tokenizer).__name__}")):  # fmt: skip
         with pytest.raises(TypeError, match=f"does not know tokenizer .*{name}: it needs a torchtune ModelTokenizer"):
             tokenize_rows([pair([{"role": "user", "content": "Write a review."}])], tokenizer, source="rows")
+
+
+def test_the_mistral_v0_3_format_refuses_a_tokenizer_without_its_control_tokens(tmp_path):
+    from dpo_components.chat_formats import mistral_v0_3_tokenizer
+
+    files = write_family_tokenizer(tmp_path, "llama2")  # a SentencePiece model with no [INST] piece (as v0.1's)
+    with pytest.raises(ValueError, match="tokenizer.model has no \\[INST\\]/\\[/INST\\] pieces: not a Mistral v0.3"):
+        mistral_v0_3_tokenizer(str(files / "tokenizer.model"))
