@@ -5,7 +5,14 @@ crashed in the data builder (`add_end_tokens` is Llama's name for the switch the
 import pytest
 from torchtune.data import Message
 
-from dpo_components.data import PreferenceDataError, generation_prompt, stop_tokens, tokenize_chat, tokenize_rows
+from dpo_components.data import (
+    PreferenceDataError,
+    decode_text,
+    generation_prompt,
+    stop_tokens,
+    tokenize_chat,
+    tokenize_rows,
+)
 from dpo_components.logprobs import IGNORE_INDEX
 from dpo_components.tiny.family_tokenizers import FAMILIES, family_tokenizer, write_family_tokenizer
 from dpo_components.tiny.tokenizer import tiny_tokenizer
@@ -35,12 +42,8 @@ def pair(prompt_turns):
 
 
 def text_of(tokenizer, ids):
-    """Decoded text. torchtune 0.6.1's Phi-4 tokenizer returns a list of byte-level pieces (None for special
-    tokens, 'Ġ' for a space)."""
-    text = tokenizer.decode(ids)
-    if isinstance(text, list):
-        text = "".join(piece for piece in text if piece).replace("Ġ", " ")
-    return text.strip()
+    """Decoded text (``data.decode_text`` also reads torchtune 0.6.1's Phi-4 list of byte-level pieces)."""
+    return decode_text(tokenizer, ids).strip()
 
 
 def end_of_response(name, tokenizer):
