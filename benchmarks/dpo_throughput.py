@@ -37,11 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from dpo_components.data import preference_dataset  # noqa: E402
-from dpo_components.prefix_sharing import packed_lengths  # noqa: E402
+from dpo_components.data.order import length_grouped_order  # noqa: E402
+from dpo_components.data.prefix_sharing import packed_lengths  # noqa: E402
 from dpo_components.tiny.model import save_hf_checkpoint  # noqa: E402
 from dpo_components.tiny.synthetic import corpus_lines  # noqa: E402
 from dpo_components.tiny.tokenizer import tiny_tokenizer  # noqa: E402
-from dpo_components.training import length_grouped_order  # noqa: E402
 
 PRESETS = {
     "cpu": {

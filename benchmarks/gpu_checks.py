@@ -16,10 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_components.data import collate_preference_batch  # noqa: E402
+from dpo_components.data.prefix_sharing import collate_prefix_shared  # noqa: E402
+from dpo_components.logprobs import concatenated_logprobs  # noqa: E402
 from dpo_components.losses import DPOLoss  # noqa: E402
-from dpo_components.prefix_sharing import collate_prefix_shared  # noqa: E402
 from dpo_components.tiny.model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama  # noqa: E402
-from dpo_components.training import concatenated_logprobs  # noqa: E402
 
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu" only to try the script out (SDPA, no flex)
 

@@ -7,8 +7,7 @@ Every function here is a collective where it says so: all ranks must call it, in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,9 +17,8 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune import modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
-from dpo_components.config_checks import ConfigError
-from dpo_components.reference import load_or_compute
-from dpo_components.training import PreferenceMetrics
+from dpo_components.metrics import PreferenceMetrics
+from dpo_components.settings import ConfigError
 
 
 def from_rank_zero(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -37,27 +35,6 @@ def from_rank_zero(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     if error is not None:
         raise error
     return value
-
-
-def all_ranks_have(paths: Iterable[str | Path], device: torch.device) -> bool:
-    """True when every rank sees every file (collective)."""
-    have = torch.tensor(int(all(Path(p).is_file() for p in paths)), device=device)
-    dist.all_reduce(have, op=dist.ReduceOp.MIN)
-    return bool(have.item())
-
-
-def load_or_compute_together(cache_file: Path, compute: Callable[[], dict], device: torch.device) -> tuple[dict, bool]:
-    """The reference log-prob table in ``cache_file``, or ``compute()`` run on every rank (sharded forwards need all
-    of them) and written by rank 0. Returns (table, reused) (collective)."""
-    reused = all_ranks_have([cache_file], device)
-    if reused:
-        values = load_or_compute(cache_file, None)
-    else:
-        values = compute()
-        if dist.get_rank() == 0:
-            load_or_compute(cache_file, lambda: values)
-    dist.barrier()
-    return values, reused
 
 
 def rank_slice(order: list[int], batch_size: int) -> list[int]:

@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from dpo_components.data.dataset import IGNORE_INDEX
+from dpo_components.data.prefix_sharing import attention_mask
+from dpo_components.losses import SequenceLogProbs
 
 
 def _target_logprobs(hidden: Tensor, targets: Tensor, output: Callable[[Tensor], Tensor]) -> Tensor:
@@ -109,3 +111,20 @@ def full_logits_sequence_logprobs(
     targets[~keep] = 0
     token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (token_logps * keep).sum(-1), keep.sum(-1)
+
+
+def concatenated_logprobs(
+    model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256, flex_attention: bool = True
+) -> SequenceLogProbs:
+    """One forward over the batch -> per-pair log-prob sums and counts. The batch is either the standard [2B, L]
+    one (chosen rows, then rejected) or, with prefix sharing, B shared rows (``dpo_components.data.prefix_sharing``;
+    ``flex_attention`` False masks them for SDPA instead of FlexAttention on CUDA)."""
+    if "segments" in batch:
+        logps, tokens = scored_logprobs(
+            model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
+            num_sequences=2 * batch["input_ids"].shape[0], chunk_size=chunk_size,
+            mask=attention_mask(batch["segments"], flex_attention), input_pos=batch["input_pos"],
+        )  # fmt: skip
+    else:
+        logps, tokens = sequence_logprobs(model, batch["input_ids"], batch["labels"], chunk_size=chunk_size)
+    return SequenceLogProbs.from_concatenated(logps, tokens)

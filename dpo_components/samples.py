@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +33,10 @@ from torch.nn.utils.rnn import pad_sequence
 from torchtune.config._utils import _get_component_from_path
 from torchtune.generation import generate
 from torchtune.modules import local_kv_cache
-from torchtune.modules.peft import disable_adapter
 from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, WandBLogger
 
-from dpo_components.data import decode_text, stop_tokens
-from dpo_components.logprobs import IGNORE_INDEX, sequence_logprobs
+from dpo_components.data import IGNORE_INDEX, decode_text, stop_tokens
+from dpo_components.logprobs import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +152,9 @@ def sample_and_score(
         KL(pi || ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log ref(y|x)]  ~  mean_i [log pi(y_i|x_i) - log ref(y_i|x_i)]
 
     with y_i sampled from the policy: unbiased at temperature 1 (responses cut at ``max_new_tokens`` are scored
-    as the prefixes they are). ``reference`` opens a context that yields the reference model (e.g. the policy
-    with its adapters off); None (a precomputed reference without a model) skips the reference and the KL.
+    as the prefixes they are). ``reference`` opens a context that yields the reference model
+    (``Reference.sampling_context``: the frozen copy, or the policy with its adapters off); None (a precomputed
+    reference of a full fine-tune keeps no model) skips the reference and the KL.
     Under torch.distributed each rank takes every world-th prompt; sums are all-reduced and text gathered.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -233,19 +233,6 @@ def _decodes(tokenizer: Any, token: int) -> bool:
 
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def same_model(model: nn.Module) -> Iterator[nn.Module]:
-    """A ``ReferenceContext`` for a separate reference model: ``partial(same_model, reference_model)``."""
-    yield model
-
-
-@contextlib.contextmanager
-def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
-    """A ``ReferenceContext`` for LoRA, whose reference is the policy with its adapters disabled."""
-    with disable_adapter(model):
-        yield model
 
 
 def log_samples(metric_logger: Any, rows: list[dict[str, str]], step: int) -> None:

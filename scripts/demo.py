@@ -8,7 +8,7 @@
    (``dpo_components.tiny.task_eval``): held-out preference accuracy and mean reward margin (implicit DPO reward
    against the SFT reference), and for responses sampled from the SFT and the DPO policy the task's true
    sentiment reward, the KL from the SFT policy and two fluency figures; exits 1 if DPO did not clearly work;
-4. plots the run's metrics to outputs/tiny_lora_dpo/metrics.png (``python -m dpo_components.plot``).
+4. plots the run's metrics to outputs/tiny_lora_dpo/metrics.png (``python -m dpo_components.tools.plot``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpo_components import plot
 from dpo_components.checkpointing import latest_checkpoint
 from dpo_components.tiny.prepare import prepare_tiny
 from dpo_components.tiny.task_eval import demo_failures, evaluate, load_tiny_checkpoint
+from dpo_components.tools import plot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "recipe_configs/tiny/lora_dpo_single_device.yaml"

@@ -87,10 +87,9 @@ def test_components_resolve_and_accept_their_arguments(path):
 
 
 # The family of a shipped model builder -> its tiny stand-in (dpo_components.tiny.families) and tokenizer files.
-FAMILY_OF = {"torchtune.models.qwen2_5.": "qwen2_5", "dpo_components.qwen3.": "qwen3",
-             "dpo_components.models.mistral_": "mistral", "dpo_components.models.lora_mistral_": "mistral",
-             "dpo_components.models.lora_gemma2_": "gemma2", "dpo_components.models.phi4_": "phi4",
-             "dpo_components.models.lora_phi4_": "phi4"}  # fmt: skip
+FAMILY_OF = {"torchtune.models.qwen2_5.": "qwen2_5", "dpo_components.models.qwen3.": "qwen3",
+             "dpo_components.models.mistral.": "mistral", "dpo_components.models.gemma2.": "gemma2",
+             "dpo_components.models.phi4.": "phi4"}  # fmt: skip
 _BPE_FILES = {"path": "vocab.json", "merges_file": "merges.txt", "special_tokens_path": "special_tokens.json"}
 TOKENIZER_FILES = {
     "qwen2_5": _BPE_FILES,

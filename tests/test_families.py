@@ -22,7 +22,7 @@ EARLIER = [{"role": "user", "content": "Write a review."}, {"role": "assistant",
 
 
 # The tokenizer each family's configs ship, and torchtune's own classes where ours replace them (their formats differ
-# from the released templates: dpo_components.chat_formats); the data builder must work with both.
+# from the released templates: dpo_components.models.chat_formats); the data builder must work with both.
 TORCHTUNE_VARIANTS = tuple(f"{name}:torchtune" for name in ("mistral", "qwen2_5", "phi4"))
 
 
@@ -137,7 +137,7 @@ def test_a_tokenizer_the_builder_does_not_know_is_named():
 
 
 def test_the_mistral_v0_3_format_refuses_a_tokenizer_without_its_control_tokens(tmp_path):
-    from dpo_components.chat_formats import mistral_v0_3_tokenizer
+    from dpo_components.models.chat_formats import mistral_v0_3_tokenizer
 
     files = write_family_tokenizer(tmp_path, "llama2")  # a SentencePiece model with no [INST] piece (as v0.1's)
     with pytest.raises(ValueError, match="tokenizer.model has no \\[INST\\]/\\[/INST\\] pieces: not a Mistral v0.3"):

@@ -7,10 +7,10 @@ import sys
 
 from conftest import REPO_ROOT
 
-from dpo_components.frontier import _overrides, sweep, win_rate
 from dpo_components.tiny import synthetic
 from dpo_components.tiny.prepare import noisy_train_file
 from dpo_components.tiny.task_eval import demo_failures, load_tiny_checkpoint, sampled_metrics, task_prompts
+from dpo_components.tools.frontier import _overrides, sweep, win_rate
 
 
 def test_demo_fails_on_each_shortfall_and_names_it():
@@ -56,7 +56,7 @@ def test_a_model_ties_its_own_samples(tiny_setup):
 
 def test_quick_frontier_trains_each_method_from_yaml_and_plots(tiny_setup, tmp_path):
     out = tmp_path / "frontier"
-    command = [sys.executable, "-m", "dpo_components.frontier", "--quick", "--noise", "0", "--jobs", "2",
+    command = [sys.executable, "-m", "dpo_components.tools.frontier", "--quick", "--noise", "0", "--jobs", "2",
                "--tiny-dir", str(tiny_setup), "--output-dir", str(out)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

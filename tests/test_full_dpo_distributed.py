@@ -102,12 +102,13 @@ def test_precomputed_reference_matches_the_live_reference(tiny_setup, tmp_path, 
     torchrun(overrides(tiny_setup, live, max_steps_per_epoch=2, eval_dataset="null"))
     output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=2, eval_dataset="null",
                                 **{"reference.mode": "precomputed"}))  # fmt: skip
-    assert "reference log-probs: computed" in output
+    assert "reference log-probs for train: computed" in output
     caplog.set_level(logging.INFO)
     in_process(overrides(tiny_setup, tmp_path / "again", max_steps_per_epoch=1, eval_dataset="null",
                          **{"reference.mode": "precomputed", "reference.cache_dir": cached / "reference_cache"}),
                tmp_path)  # fmt: skip
-    assert "reference log-probs: reused" in caplog.text  # a later run reuses the cache (and builds no reference model)
+    # a later run reuses the cache (and builds no reference model)
+    assert "reference log-probs for train: reused" in caplog.text
     for step in (1, 2):
         assert logged(Cfg(cached))[step]["loss"] == pytest.approx(logged(Cfg(live))[step]["loss"], rel=1e-5)
     a, b = weights(live, 2), weights(cached, 2)

@@ -8,8 +8,9 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from test_lora_dpo_recipe import logged
 
+from dpo_components.settings import ConfigError
 from dpo_components.tiny.model import save_hf_checkpoint, tiny_llama
-from recipes.ipo_single_device import ConfigError, IPORecipeSingleDevice
+from recipes.ipo_single_device import IPORecipeSingleDevice
 
 CONFIG = "recipe_configs/tiny/ipo_single_device.yaml"
 
@@ -44,7 +45,7 @@ def test_precomputed_reference_matches_live_reference(recipe_cfg, tmp_path):
     live = recipe_cfg(CONFIG, **settings, **{"reference.mode": "model"})
     cached = recipe_cfg(CONFIG, **settings, output_dir=str(tmp_path / "cached"))
     live_recipe, cached_recipe = run(live), run(cached)
-    assert cached_recipe._reference_model is None  # no reference weights kept
+    assert cached_recipe._reference.model is None  # no reference weights kept
     for step in (1, 2, 3):
         assert logged(cached)[step]["loss"] == pytest.approx(logged(live)[step]["loss"], rel=1e-5)
     for (name, a), b in zip(live_recipe._model.named_parameters(), cached_recipe._model.parameters()):
@@ -98,7 +99,7 @@ def test_lora_mode_with_precomputed_reference(recipe_cfg):
         },
     )
     recipe = run(cfg)
-    assert recipe._is_lora and recipe._reference_model is None
+    assert recipe._is_lora and recipe._reference.model is None
     step = REPO_ROOT / cfg.output_dir / "step_2"
     assert (step / "adapter/adapter_model.safetensors").exists()
     assert (step / "model-00001-of-00001.safetensors").exists()

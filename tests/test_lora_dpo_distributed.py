@@ -18,7 +18,7 @@ from test_lora_dpo_recipe import logged
 from torchao.dtypes.nf4tensor import to_nf4
 
 from dpo_components.checkpointing import load_peft_adapter
-from dpo_components.config_checks import ConfigError
+from dpo_components.settings import ConfigError
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
 RECIPE = {"recipe": "recipes/lora_dpo_distributed.py", "config": "recipe_configs/tiny/lora_dpo_distributed.yaml"}

@@ -15,8 +15,9 @@ from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.checkpointing import load_peft_adapter
 from dpo_components.losses import DPOLoss
+from dpo_components.settings import ConfigError
 from dpo_components.tiny.model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
-from recipes.lora_dpo_single_device import ConfigError, LoRADPORecipeSingleDevice
+from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
 
 def run(cfg, train=True):

@@ -21,7 +21,7 @@ from dpo_components.checkpointing import (
     save_checkpoint_dir,
     save_lora_checkpoint,
 )
-from dpo_components.models import unscale_dora_bias
+from dpo_components.models.dora import unscale_dora_bias
 from dpo_components.tiny.families import FAMILIES, hf_checkpointer, lora_tiny_model, tiny_model
 
 PEFT_FAMILIES = ("qwen2_5", "qwen3", "mistral", "gemma2")  # torchtune exports these; Phi-3/Phi-4 (fused) are ours
@@ -127,8 +127,8 @@ def test_qwen3_kv_cached_generation_equals_full_forward(tiny_family, tmp_path):
 
 
 def test_qwen3_qlora_keeps_nf4_base_and_trains_the_adapters(tiny_family, tmp_path):
-    """dpo_components.qwen3's QLoRA variant: NF4 weights under the adapters, a state dict in the model's dtype (what
-    the checkpointer writes), logits near the bf16-free base's, gradients on the adapters only."""
+    """dpo_components.models.qwen3's QLoRA variant: NF4 weights under the adapters, a state dict in the model's dtype
+    (what the checkpointer writes), logits near the bf16-free base's, gradients on the adapters only."""
     from torchao.dtypes.nf4tensor import NF4Tensor
 
     _, state = load_base("qwen3", tiny_family("qwen3"), tmp_path)

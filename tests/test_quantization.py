@@ -8,10 +8,10 @@ from conftest import REPO_ROOT
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from dpo_components import experiments
-from dpo_components.config_checks import ConfigError
-from dpo_components.quantization import float8, requirement_met
+from dpo_components.models.quantization import float8, requirement_met
+from dpo_components.settings import ConfigError
 from dpo_components.tiny.model import tiny_llama
+from dpo_components.tools import experiments
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
@@ -55,7 +55,7 @@ def test_model_transform_is_refused_for_lora(recipe_cfg):
             "model.lora_rank": 8,
             "model.lora_alpha": 16,
             "model.lora_attn_modules": "[q_proj]",
-            "model_transform._component_": "dpo_components.quantization.int8_mixed_precision",
+            "model_transform._component_": "dpo_components.models.quantization.int8_mixed_precision",
         },
     )
     with pytest.raises(ConfigError, match="full-parameter training only"):
@@ -101,7 +101,7 @@ def test_int8_mixed_precision_really_runs_int8_matmuls():
     """Outputs must differ from fp32 (quantisation error) but stay close, and gradients must flow."""
     import copy
 
-    from dpo_components.quantization import int8_mixed_precision
+    from dpo_components.models.quantization import int8_mixed_precision
 
     torch.manual_seed(0)
     model = tiny_llama()

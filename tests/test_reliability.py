@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from dpo_components.checkpointing import CheckpointError, checkpoint_problem, files_digest
 from dpo_components.losses import IPOLoss, SPPOHardLoss
 from dpo_components.reference import reference_cache_key
+from dpo_components.settings import ConfigError
 from dpo_components.tiny import synthetic
 from recipes.ipo_single_device import IPORecipeSingleDevice
-from recipes.lora_dpo_single_device import ConfigError, LoRADPORecipeSingleDevice
+from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
 
 @pytest.mark.parametrize(

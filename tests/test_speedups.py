@@ -9,7 +9,9 @@ from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from dpo_components.data import collate_preference_batch
-from dpo_components.prefix_sharing import (
+from dpo_components.data.collate import batch_positions
+from dpo_components.data.order import epoch_order, length_grouped_order
+from dpo_components.data.prefix_sharing import (
     CHOSEN,
     PADDING,
     PROMPT,
@@ -18,8 +20,8 @@ from dpo_components.prefix_sharing import (
     check_fits,
     collate_prefix_shared,
 )
+from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.tiny.model import TINY_LLAMA_ARGS, tiny_llama
-from dpo_components.training import batch_positions, concatenated_logprobs, epoch_order, length_grouped_order
 
 
 def random_pairs(n=5, seed=0):
@@ -131,7 +133,7 @@ def test_recipe_speedups_leave_losses_unchanged(recipe_cfg, tmp_path):
                       **{"reference.mode": "precomputed", "reference.cache_dir": str(tmp_path / "cache")})  # fmt: skip
     run(base)
     recipe = run(fast)
-    assert recipe._reference_cache and list((tmp_path / "cache").glob("reference_logps_*.safetensors"))
+    assert recipe._reference.cache and list((tmp_path / "cache").glob("reference_logps_*.safetensors"))
     base_rows, fast_rows = logged(base), logged(fast)
     assert sorted(base_rows) == sorted(fast_rows) == [1, 2, 3, 4]
     for step in base_rows:
@@ -183,7 +185,8 @@ def test_ipo_recipe_prefix_sharing_leaves_losses_unchanged(recipe_cfg, tmp_path)
 
 
 def test_group_by_length_needs_shuffle(recipe_cfg):
-    from recipes.lora_dpo_single_device import ConfigError, LoRADPORecipeSingleDevice
+    from dpo_components.settings import ConfigError
+    from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
     with pytest.raises(ConfigError, match="group_by_length: true needs shuffle: true"):
         LoRADPORecipeSingleDevice(recipe_cfg(group_by_length=True, shuffle=False))

@@ -1,9 +1,9 @@
 """Tiny model stand-ins of the model families the configs ship, built with torchtune's own component builders.
 
-Each family is its torchtune builder with tiny dimensions (Qwen2.5 keeps its QKV bias and tied embeddings, Gemma 2
-its soft-capping and sliding window, Phi-3/Phi-4 their fused HF projections; Qwen3 is :mod:`dpo_components.qwen3`,
-with its q/k norms and ``head_dim`` wider than ``embed_dim / num_heads`` as in Qwen3-0.6B), its
-own tokenizer class on tiny files (:mod:`dpo_components.tiny.family_tokenizers`), and a checkpoint in the family's
+Each family is its torchtune builder with tiny dimensions (Qwen2.5 keeps its QKV bias and tied embeddings, Gemma 2 its
+soft-capping and sliding window, Phi-3/Phi-4 their fused HF projections; Qwen3 is :mod:`dpo_components.models.qwen3`,
+with its q/k norms and ``head_dim`` wider than ``embed_dim / num_heads`` as in Qwen3-0.6B), its own tokenizer class on
+tiny files (:mod:`dpo_components.tiny.family_tokenizers`), and a checkpoint in the family's
 Hugging Face layout that torchtune's ``FullModelHFCheckpointer`` (with the family's ``model_type``) and
 ``transformers`` (``AutoModelForCausalLM``) both load. A shipped config runs on it with only sizes and files
 swapped:
@@ -37,8 +37,8 @@ from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 from torchtune.modules import RMSNorm, TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components.models import cap_logits_like_gemma2
-from dpo_components.qwen3 import Qwen3HFCheckpointer, lora_qwen3, qwen3, qwen3_tune_to_hf
+from dpo_components.models.gemma2 import cap_logits_like_gemma2
+from dpo_components.models.qwen3 import Qwen3HFCheckpointer, lora_qwen3, qwen3, qwen3_tune_to_hf
 from dpo_components.tiny.family_tokenizers import write_family_tokenizer
 from dpo_components.tiny.hf_tokenizers import HF_FAMILIES, write_hf_tokenizer
 
@@ -62,7 +62,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     ),
     "gemma2": dict(  # soft-capping, and a sliding window shorter than the test sequences
-        builder=lambda **args: cap_logits_like_gemma2(gemma2(**args)),  # as dpo_components.models' Gemma 2
+        builder=lambda **args: cap_logits_like_gemma2(gemma2(**args)),  # as dpo_components.models.gemma2
         lora_builder=lambda **args: cap_logits_like_gemma2(lora_gemma2(**args)),
         model_type="GEMMA2", tokenizer="gemma",
         args=dict(vocab_size=512, num_layers=2, num_heads=4, head_dim=64, num_kv_heads=2, embed_dim=256,
@@ -115,7 +115,7 @@ def tiny_model(family: str) -> TransformerDecoder:
 
 def hf_checkpointer(family: str, checkpoint_dir: str | Path, checkpoint_files: list[str],
                     output_dir: str | Path) -> FullModelHFCheckpointer:  # fmt: skip
-    """The HF checkpointer a config of ``family`` names (Qwen3: :class:`dpo_components.qwen3.Qwen3HFCheckpointer`)."""
+    """The HF checkpointer a config of ``family`` names (Qwen3: ``models.qwen3.Qwen3HFCheckpointer``)."""
     checkpointer = Qwen3HFCheckpointer if family == "qwen3" else FullModelHFCheckpointer
     return checkpointer(checkpoint_dir=str(checkpoint_dir), checkpoint_files=checkpoint_files,
                         output_dir=str(output_dir), model_type=FAMILIES[family]["model_type"])  # fmt: skip

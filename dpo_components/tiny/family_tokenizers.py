@@ -35,9 +35,9 @@ from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from dpo_components.chat_formats import gemma2_tokenizer, mistral_v0_3_tokenizer, qwen2_5_instruct_tokenizer
-from dpo_components.chat_formats import phi4_tokenizer as shipped_phi4_tokenizer
-from dpo_components.qwen3 import QWEN3_SPECIAL_TOKENS, qwen3_tokenizer
+from dpo_components.models.chat_formats import gemma2_tokenizer, mistral_v0_3_tokenizer, qwen2_5_instruct_tokenizer
+from dpo_components.models.chat_formats import phi4_tokenizer as shipped_phi4_tokenizer
+from dpo_components.models.qwen3 import QWEN3_SPECIAL_TOKENS, qwen3_tokenizer
 from dpo_components.tiny.synthetic import corpus_lines
 
 FAMILIES = ("llama2", "mistral", "gemma", "phi3", "qwen2", "qwen2_5", "qwen3", "phi4")
@@ -121,7 +121,7 @@ def write_family_tokenizer(out_dir: str | Path, family: str) -> Path:
     return out
 
 
-# What the configs ship where torchtune's format differs from the released template (dpo_components.chat_formats)
+# What the configs ship where torchtune's format differs from the released template (dpo_components.models.chat_formats)
 SHIPPED_BUILDERS = {"gemma": gemma2_tokenizer, "mistral": mistral_v0_3_tokenizer, "qwen2_5": qwen2_5_instruct_tokenizer,
                     "phi4": shipped_phi4_tokenizer, "qwen3": qwen3_tokenizer}  # fmt: skip
 TORCHTUNE_BUILDERS = {"llama2": llama2_tokenizer, "mistral": mistral_tokenizer, "gemma": gemma_tokenizer,

@@ -28,12 +28,13 @@ from torchtune.modules import TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.data import collate_preference_batch, generation_prompt, preference_dataset
+from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.losses import DPOLoss
+from dpo_components.metrics import PreferenceMetrics
 from dpo_components.samples import SampleSettings, sample_and_score
 from dpo_components.tiny import synthetic
 from dpo_components.tiny.model import tiny_llama
 from dpo_components.tiny.tokenizer import tiny_tokenizer
-from dpo_components.training import PreferenceMetrics, concatenated_logprobs
 
 
 def load_tiny_checkpoint(checkpoint_dir: str | Path, scratch_dir: str | Path) -> TransformerDecoder:

@@ -1,8 +1,8 @@
 """Plot DPO runs from their metric logs.
 
-    python -m dpo_components.plot outputs/tiny_lora_dpo                      # -> outputs/tiny_lora_dpo/metrics.png
-    python -m dpo_components.plot RUN_A RUN_B --out compare.png              # one figure, the runs overlaid
-    python -m dpo_components.plot RUN --metrics loss rewards/accuracies eval/samples/kl
+    python -m dpo_components.tools.plot outputs/tiny_lora_dpo                # -> outputs/tiny_lora_dpo/metrics.png
+    python -m dpo_components.tools.plot RUN_A RUN_B --out compare.png        # one figure, the runs overlaid
+    python -m dpo_components.tools.plot RUN --metrics loss rewards/accuracies eval/samples/kl
 
 A run directory is a recipe's ``output_dir`` (or any folder above its logs). The metrics come from torchtune's
 ``DiskLogger`` files (``log_*.txt``: ``Step N | name:value ...``) and, when ``tensorboard`` is installed, from

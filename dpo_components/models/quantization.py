@@ -7,10 +7,10 @@ Module paths used (torchao 0.15):
   int8_weight_only_quantized_training}`` applied with ``torchao.quantization.quantize_``;
 - float8 training: ``torchao.float8.convert_to_float8_training`` (needs an SM89+ GPU: Ada, Hopper or newer).
 
-The ``model_transform`` functions take the full-parameter policy after its weights are loaded and return it; the
-recipes call them as ``model_transform: {_component_: dpo_components.quantization.int8_mixed_precision}``. Only the
-linear layers inside the transformer blocks are converted: embeddings and the (often tied) output projection stay
-in the training dtype. ``plain_state_dict`` turns the training subclasses back into ordinary tensors for saving.
+The ``model_transform`` functions take the full-parameter policy after its weights are loaded and return it; the recipes
+call them as ``model_transform: {_component_: dpo_components.models.quantization.int8_mixed_precision}``. Only the
+linear layers inside the transformer blocks are converted: embeddings and the (often tied) output projection stay in the
+training dtype. ``plain_state_dict`` turns the training subclasses back into ordinary tensors for saving.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpo_components.config_checks import ConfigError
+from dpo_components.settings import ConfigError
 
 
 def _transformer_linears(module: nn.Module, fqn: str) -> bool:

@@ -1,7 +1,7 @@
 """The DPO paper's Figure 2 in miniature: true reward against KL from the reference, per method, on the tiny task.
 
-    OMP_NUM_THREADS=1 python -m dpo_components.frontier                 # the default sweep, about 30 min on 2 cores
-    OMP_NUM_THREADS=1 python -m dpo_components.frontier --quick         # a smoke run, about 2 minutes
+    OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier           # the default sweep, about 30 min on 2 cores
+    OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier --quick   # a smoke run, about 2 minutes
 
 Every run is the LoRA recipe from the tiny YAML config (``tune run recipes/lora_dpo_single_device.py --config
 recipe_configs/tiny/lora_dpo_single_device.yaml`` + overrides), started from the demo's SFT model on its data, in a
@@ -177,7 +177,7 @@ def _worker(index: int, settings_file: Path) -> list[dict[str, Any]]:
     result = Path(settings["output_dir"]) / f"{Run(**settings['runs'][index]).name}.json"
     if result.exists() and (done := json.loads(result.read_text()))["judged_by"] == _judged_by(settings):
         return done["points"]
-    command = [sys.executable, "-m", "dpo_components.frontier", "--worker", str(index), str(settings_file)]
+    command = [sys.executable, "-m", "dpo_components.tools.frontier", "--worker", str(index), str(settings_file)]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=settings["repo_root"])
     return json.loads(result.read_text())["points"]
 
@@ -268,7 +268,7 @@ def main() -> None:
         (Path(settings["output_dir"]) / f"{run.name}.json").write_text(json.dumps(result) + "\n")
         return
 
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     output_dir = (
         args.output_dir or repo_root / ("outputs/frontier_quick" if args.quick else "outputs/frontier")
     ).resolve()
@@ -284,7 +284,7 @@ def main() -> None:
         "checkpoint_every": 4 if args.quick else 20,
         "prompts": 32 if args.quick else 256, "temperatures": [0.5, 1.0] if args.quick else [0.25, 0.5, 0.75, 1.0],
         "kl_bound": args.kl_bound, "runs": [asdict(r) for r in runs],
-        "command": "python -m dpo_components.frontier " + " ".join(sys.argv[1:]),
+        "command": "python -m dpo_components.tools.frontier " + " ".join(sys.argv[1:]),
     }  # fmt: skip
     settings_file = output_dir / "settings.json"
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")

@@ -1,22 +1,7 @@
-"""Preference data: one builder over ``datasets.load_dataset`` for the formats people have, and the collator.
+"""Preference data: one builder over ``datasets.load_dataset`` for the formats people have.
 
-Row formats (``format=``, or ``"auto"`` to detect per row; ``column_map`` maps our column names to the data's,
-e.g. ``{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}``; a mapped column wins over a
-column that already has our name):
-
-- ``explicit``: ``prompt``, ``chosen``, ``rejected`` are strings (stack-exchange-paired, orca_dpo_pairs, the
-  synthetic task). A prompt already in HH-RLHF form (``"\\n\\nHuman: ...\\n\\nAssistant:"``, Dahoas/full-hh-rlhf)
-  is split into its turns;
-- ``conversational``: all three are lists of messages (TRL's conversational format); ``chosen`` / ``rejected``
-  hold the assistant turn(s) only, or one message (LLaMA-Factory's ShareGPT preference format);
-- ``implicit``: ``chosen`` and ``rejected`` are whole conversations that share their first turns, which are
-  the prompt (UltraFeedback-binarized, torchtune's ``preference_dataset``); a ``prompt`` column is ignored;
-- ``hh``: Anthropic HH-RLHF raw strings, ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, split into turns and then
-  treated as ``implicit``.
-
-A message is ``{"role", "content"}`` or ShareGPT's ``{"from", "value"}`` (roles human/gpt/system); its content a
-string or an OpenAI-style list of text parts ``[{"type": "text", "text": ...}]`` (joined). A ``system`` column
-(or ``column_map["system"]``) becomes a system message at the start of the prompt.
+Rows come in the formats of :mod:`dpo_components.data.formats` (``format=`` explicit, conversational, implicit,
+hh, or ``"auto"`` to detect per row; ``column_map`` renames the data's columns).
 
 Each row is tokenized with the model tokenizer's chat format (``tokenize_messages``); the prompt (with the
 assistant header that opens the response, i.e. the generation prompt) is masked out of the labels (-100).
@@ -40,294 +25,36 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from datasets import Dataset as HFDataset
 from datasets import ReadInstruction, concatenate_datasets, load_dataset
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from torchtune.data import Message
-from torchtune.models.gemma._tokenizer import GemmaTokenizer
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from dpo_components.logprobs import IGNORE_INDEX
+from dpo_components.data.chat import check_tokenizer, generation_prompt, tokenize_chat
+from dpo_components.data.formats import (
+    COLUMNS,
+    FORMATS,
+    BadRow,
+    PreferenceDataError,
+    detect_format,
+    map_columns,
+    parse_row,
+)
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("explicit", "conversational", "implicit", "hh")
-COLUMNS = ("prompt", "chosen", "rejected", "system")  # the names column_map maps from
-_ROLES = {
-    "system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython",
-    "human": "user", "gpt": "assistant", "model": "assistant",  # ShareGPT, Gemma
-}  # fmt: skip
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
-
-
-class PreferenceDataError(ValueError):
-    """A malformed preference row or source; the message names the source and the row."""
-
-
-class _BadRow(Exception):
-    """Internal: why one row is unusable (turned into PreferenceDataError or a skip count).
-
-    ``summary`` is the reason without row-specific details, the bucket rows are counted in when skipped.
-    """
-
-    def __init__(self, why: str, summary: str | None = None) -> None:
-        super().__init__(why)
-        self.summary = summary or why
-
-
-# ----------------------------------------------------------------------------------------------- row parsing
-
-
-def detect_format(row: dict[str, Any]) -> str | None:
-    """Guess the format of one (already column-mapped) row from its chosen (or, if null, rejected) value."""
-    response = row.get("chosen") if row.get("chosen") is not None else row.get("rejected")
-    if isinstance(response, (list, dict)):
-        return "conversational" if isinstance(row.get("prompt"), list) else "implicit"
-    if isinstance(response, str):
-        if "prompt" in row:
-            return "explicit"
-        if response.lstrip("\n").startswith("Human:"):
-            return "hh"
-    return None
-
-
-def _field(row: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if row.get(key) is None:  # datasets fills a key missing from some rows with None
-        raise _BadRow(f"missing '{key}' (no such column, or a null value)")
-    value = row[key]
-    if not isinstance(value, kind):
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        expected = " or ".join(k.__name__ for k in kinds)
-        raise _BadRow(f"'{key}' must be a {expected}, got {type(value).__name__}")
-    return value
-
-
-def _content(value: Any, where: str) -> str:
-    """A message's content: a string, or OpenAI-style text parts joined (as chat templates render them)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _BadRow(f"{where} has a content part of type '{kind}'; only text parts are supported",
-                              "a message has a non-text content part")  # fmt: skip
-        return "".join(texts)
-    raise _BadRow(f"{where} content must be a string or a list of text parts, got {type(value).__name__}",
-                  "a message has malformed content")  # fmt: skip
-
-
-def _messages(value: list[Any] | dict[str, Any], key: str) -> list[Message]:
-    """Messages in {"role", "content"} or ShareGPT {"from", "value"} form; one message alone is a list of one."""
-    messages = []
-    for i, m in enumerate([value] if isinstance(value, dict) else value):
-        where = f"'{key}'[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role", m.get("from")), str):
-            raise _BadRow(f"{where} must be a {{'role', 'content'}} (or {{'from', 'value'}}) message, got {m!r:.80}",
-                          f"'{key}' holds a malformed message")  # fmt: skip
-        role = m.get("role", m.get("from"))
-        if role not in _ROLES:
-            raise _BadRow(f"{where} has unknown role '{role}' (expected one of {sorted(_ROLES)})")
-        messages.append(Message(role=_ROLES[role], content=_content(m.get("content", m.get("value")), where)))
-    return messages
-
-
-def _split_hh(text: str, key: str) -> list[Message]:
-    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
-    if parts[0].strip() or len(parts) < 3:
-        raise _BadRow(f"'{key}' is not in HH-RLHF form ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [Message(role=roles[who], content=said) for who, said in zip(parts[1::2], parts[2::2])]
-
-
-def _hh_prompt(text: str) -> list[Message] | None:
-    """The turns of an explicit prompt written in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), else None."""
-    if not (text.lstrip("\n").startswith("Human:") and text.rstrip().endswith("\n\nAssistant:")):
-        return None
-    turns = _split_hh(text.rstrip(), "prompt")
-    if turns[-1].role != "assistant" or turns[-1].text_content.strip():
-        return None
-    return turns[:-1]  # the empty last Assistant turn is the generation prompt
-
-
-def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list, list, list]:
-    shared = 0
-    for a, b in zip(chosen, rejected):
-        if (a.role, a.text_content) != (b.role, b.text_content):
-            break
-        shared += 1
-    if shared == len(chosen) == len(rejected):
-        raise _BadRow("chosen and rejected are identical")
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
-def _explicit(row: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
-    prompt_text = _field(row, "prompt", str)
-    chosen, rejected = _field(row, "chosen", str), _field(row, "rejected", str)
-    prompt = _hh_prompt(prompt_text)
-    if prompt is None:
-        prompt = [Message(role="user", content=prompt_text)]
-    else:  # the responses continue "Assistant:" and so start with the space _split_hh drops
-        chosen, rejected = chosen.removeprefix(" "), rejected.removeprefix(" ")
-    return prompt, [Message(role="assistant", content=chosen)], [Message(role="assistant", content=rejected)]
-
-
-def _with_system(prompt: list[Message], row: dict[str, Any]) -> list[Message]:
-    """Put the row's ``system`` column (if any, non-empty) in front of the prompt as a system message."""
-    system = row.get("system")
-    if system is None:
-        return prompt
-    if not isinstance(system, str):
-        raise _BadRow(f"'system' must be a str, got {type(system).__name__}")
-    if not system.strip():
-        return prompt
-    if prompt and prompt[0].role == "system":
-        raise _BadRow("the row has both a 'system' column and a system turn in its prompt")
-    return [Message(role="system", content=system), *prompt]
-
-
-def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Message], list[Message]]:
-    """(prompt messages, chosen response messages, rejected response messages) of one row; raises _BadRow."""
-    if fmt == "explicit":
-        prompt, chosen, rejected = _explicit(row)
-    elif fmt == "conversational":
-        prompt = _messages(_field(row, "prompt", list), "prompt")
-        chosen = _messages(_field(row, "chosen", (list, dict)), "chosen")
-        rejected = _messages(_field(row, "rejected", (list, dict)), "rejected")
-    elif fmt in ("implicit", "hh"):
-        if fmt == "implicit":
-            full_chosen = _messages(_field(row, "chosen", list), "chosen")
-            full_rejected = _messages(_field(row, "rejected", list), "rejected")
-        else:
-            full_chosen = _split_hh(_field(row, "chosen", str), "chosen")
-            full_rejected = _split_hh(_field(row, "rejected", str), "rejected")
-        prompt, chosen, rejected = _split_shared_prefix(full_chosen, full_rejected)
-        if not prompt:
-            raise _BadRow("chosen and rejected share no prompt turn")
-    else:
-        raise ValueError(f"unknown format '{fmt}'; expected one of {FORMATS} or 'auto'")
-    prompt = _with_system(prompt, row)
-
-    for name, response in (("chosen", chosen), ("rejected", rejected)):
-        if not response:
-            raise _BadRow(f"{name} response is empty")
-        if response[-1].role != "assistant":
-            raise _BadRow(f"{name} response must end with an assistant turn, got '{response[-1].role}'")
-        if not "".join(m.text_content for m in response).strip():
-            raise _BadRow(f"{name} response is empty")
-    if [m.text_content for m in chosen] == [m.text_content for m in rejected]:
-        raise _BadRow("chosen and rejected are identical")
-    return prompt, chosen, rejected
-
-
-def _map_columns(raw: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
-    """The row under our column names: a mapped column replaces a column that already has our name."""
-    row = {k: v for k, v in raw.items() if k not in column_map and k not in column_map.values()}
-    for ours, theirs in column_map.items():
-        if theirs not in raw:
-            raise _BadRow(f"column_map['{ours}'] names column '{theirs}', which this row does not have")
-        row[ours] = raw[theirs]
-    return row
+IGNORE_INDEX = -100  # the label of a position that is not scored (prompt, padding), as torch's cross-entropy
 
 
 # ------------------------------------------------------------------------------------- tokenize and truncate
-
-
-# torchtune 0.6.1 names the end-of-sequence switch of ``tokenize_messages`` per family.
-_END_SWITCHES = ("add_end_tokens", "add_eos")  # Llama 2 / Llama 3; Qwen2/2.5, Mistral, Gemma, Phi-3, Phi-4
-_PROBES = ("the", "film", "?")  # responses whose first tokens differ in any vocabulary
-
-
-def check_tokenizer(tokenizer: Any) -> None:
-    """Refuse, naming its class, a tokenizer the data builder cannot drive: not a torchtune ``ModelTokenizer``, or one
-    whose ``tokenize_messages`` has no end-of-sequence switch of a known name (``_END_SWITCHES``)."""
-    method = getattr(tokenizer, "tokenize_messages", None)
-    parameters = inspect.signature(method).parameters if callable(method) else {}
-    if not any(name in parameters for name in _END_SWITCHES):
-        name = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
-        raise TypeError(f"the preference data builder does not know tokenizer {name}: it needs a torchtune "
-                        f"ModelTokenizer whose tokenize_messages takes one of {', '.join(_END_SWITCHES)} (torchtune's "
-                        "tokenizers for Llama, Qwen, Mistral, Gemma, Phi; dpo_components' own)")  # fmt: skip
-
-
-def _tokenize_messages(tokenizer: ModelTokenizer, messages: list[Message], end: bool) -> tuple[list[int], list[bool]]:
-    parameters = inspect.signature(tokenizer.tokenize_messages).parameters
-    switch = next((name for name in _END_SWITCHES if name in parameters), None)
-    if switch is None:
-        check_tokenizer(tokenizer)  # raises, naming the tokenizer
-    try:
-        return tokenizer.tokenize_messages(messages, **{switch: end})
-    except (ValueError, RuntimeError) as error:  # e.g. Mistral's template has no system turn
-        raise _BadRow(f"{type(tokenizer).__name__} cannot format these messages: {error}") from None
-
-
-def tokenize_chat(tokenizer: ModelTokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
-    """``messages`` (ending with the assistant's response) in the tokenizer's chat format with the family's end
-    tokens on: (token ids, masked flags), whatever the family calls the switch and whatever its default (Phi-3
-    and Phi-4 default to off, which leaves a response without its end of turn).
-
-    The response then ends as the family trains it: Llama 3 <|eot_id|> (and a masked <|end_of_text|>), Qwen2/2.5
-    and Phi-4 <|im_end|>, Phi-3 <|end|> + <|endoftext|>, Llama 2, Mistral and Gemma </s>.
-    """
-    return _tokenize_messages(tokenizer, messages, end=True)
-
-
-def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[int]:
-    """The prompt in chat format followed by the assistant header: what a model is given at generation time.
-
-    Found as the common start of the prompt followed by different assistant responses, so it holds for every
-    family's format (an empty assistant turn would leave Phi-3's <|end|> in it).
-    """
-    messages = [Message(m.role, m.content, masked=True) for m in prompt]
-    probes = [tokenize_chat(tokenizer, messages + [Message("assistant", text)])[0] for text in _PROBES]
-    common = 0
-    while all(len(p) > common for p in probes) and len({p[common] for p in probes}) == 1:
-        common += 1
-    return probes[0][:common]
-
-
-_END_OF_TURN = ("<|end|>", "<end_of_turn>")  # Phi-3; Gemma (a user-defined SentencePiece piece)
-
-
-def stop_tokens(tokenizer: ModelTokenizer) -> list[int]:
-    """Token ids that end a sampled response: the tokenizer's ``stop_tokens`` and the family's end of turn where
-    torchtune leaves it out (Phi-3's ``<|end|>``, Gemma's ``<end_of_turn>``)."""
-    stops = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
-    special = getattr(tokenizer, "special_tokens", None) or {}
-    for marker in _END_OF_TURN:
-        ids = [special[marker]] if marker in special else []
-        if not ids and isinstance(tokenizer, GemmaTokenizer):
-            ids = tokenizer.encode(marker, add_bos=False, add_eos=False)
-        if len(ids) == 1 and ids[0] not in stops:
-            stops.append(ids[0])
-    return stops
-
-
-def decode_text(tokenizer: ModelTokenizer, ids: list[int]) -> str:
-    """``tokenizer.decode(ids)`` as text for every family: torchtune 0.6.1's Phi-4 tokenizer returns its byte-level
-    BPE pieces (None for special tokens), joined and mapped back to UTF-8 here."""
-    text = tokenizer.decode(ids)
-    if isinstance(text, list):
-        byte_decoder = tokenizer.tokenizer_model.byte_decoder
-        text = bytes(byte_decoder[c] for c in "".join(p for p in text if p)).decode("utf-8", errors="replace")
-    return text
 
 
 def _tokenize(
@@ -377,7 +104,7 @@ def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt
     cut = lambda offset: [Message(turn.role, text[offset:])] + rest
     if length(cut(len(text))) > max_prompt_length:
         what = "chat format and system turn" if system else "chat format"
-        raise _BadRow(
+        raise BadRow(
             f"the prompt needs {length(cut(len(text)))} tokens for its {what} alone, more than "
             f"max_prompt_length={max_prompt_length}; raise max_prompt_length",
             f"the prompt's {what} alone exceed max_prompt_length={max_prompt_length}",
@@ -459,7 +186,7 @@ def _tokenize_pair(
         prompt_ids, chosen_ids, chosen_masked = _tokenize(tokenizer, prompt, chosen, header)
         prompt_ids_r, rejected_ids, rejected_masked = _tokenize(tokenizer, prompt, rejected, header)
         if prompt_ids != prompt_ids_r:
-            raise _BadRow("chosen and rejected tokenize to different prompts")
+            raise BadRow("chosen and rejected tokenize to different prompts")
         return prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked
 
     prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked = tokenize(prompt)
@@ -470,7 +197,7 @@ def _tokenize_pair(
             prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked = tokenize(prompt)
         budget = max_length - len(prompt_ids)
         if budget < 1:
-            raise _BadRow(
+            raise BadRow(
                 f"prompt of {len(prompt_ids)} tokens leaves no room for a response within max_length={max_length}; "
                 "set max_prompt_length to truncate long prompts",
                 f"prompt leaves no room for a response within max_length={max_length}",
@@ -479,8 +206,8 @@ def _tokenize_pair(
         rejected_ids, rejected_masked = rejected_ids[:budget], rejected_masked[:budget]
     if chosen_ids == rejected_ids:
         if truncated:
-            raise _BadRow(f"chosen and rejected are identical after truncation to {max_length} tokens")
-        raise _BadRow("chosen and rejected tokenize identically (their texts differ only in what the chat format "
+            raise BadRow(f"chosen and rejected are identical after truncation to {max_length} tokens")
+        raise BadRow("chosen and rejected tokenize identically (their texts differ only in what the chat format "
                       "drops, e.g. surrounding whitespace)")  # fmt: skip
     return {
         "prompt_ids": prompt_ids,
@@ -538,10 +265,10 @@ def tokenize_rows(
     try:
         for number, raw in zip(row_numbers, rows):
             try:
-                row = _map_columns(raw, column_map)
+                row = map_columns(raw, column_map)
                 fmt = detect_format(row) if format == "auto" else format
                 if fmt is None:
-                    raise _BadRow(
+                    raise BadRow(
                         f"cannot detect the preference format from columns {sorted(row)} (chosen: "
                         f"{type(row.get('chosen')).__name__}); set format to one of {FORMATS}, and column_map "
                         "if the columns are named differently",
@@ -549,7 +276,7 @@ def tokenize_rows(
                     )
                 samples.append(_tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length))
                 kept_rows.append(number)
-            except _BadRow as bad:
+            except BadRow as bad:
                 if on_bad_row == "error":
                     raise PreferenceDataError(
                         f"{source} {describe_row(number)}: {bad} (set on_bad_row: skip to skip such rows)"
@@ -739,36 +466,3 @@ def preference_dataset(
         max_prompt_length=max_prompt_length,
         on_bad_row=on_bad_row,
     )
-
-
-# ----------------------------------------------------------------------------------------------- collator
-
-
-def collate_preference_batch(
-    batch: list[dict[str, Any]],
-    padding_idx: int = 0,
-    ignore_idx: int = IGNORE_INDEX,
-    pad_to_multiple_of: int = 1,
-) -> dict[str, torch.Tensor]:
-    """Pad B pairs into one [2B, L] batch for a single concatenated forward: chosen rows first, then rejected.
-
-    Returns ``input_ids`` and ``labels`` (right-padded with ``padding_idx`` / ``ignore_idx``; prompt positions
-    are ``ignore_idx`` in ``labels``), ``lengths`` [2B] (tokens before padding) and ``index`` [B], the samples'
-    dataset indices.
-    ``pad_to_multiple_of`` rounds L up (fewer distinct shapes for ``torch.compile``).
-    """
-    inputs, labels = [], []
-    for side in ("chosen", "rejected"):
-        for sample in batch:
-            prompt = sample["prompt_ids"]
-            inputs.append(torch.tensor(prompt + sample[f"{side}_response_ids"]))
-            labels.append(torch.tensor([ignore_idx] * len(prompt) + sample[f"{side}_labels"]))
-    input_ids = pad_sequence(inputs, batch_first=True, padding_value=padding_idx)
-    label_ids = pad_sequence(labels, batch_first=True, padding_value=ignore_idx)
-    extra = -input_ids.shape[1] % pad_to_multiple_of
-    if extra:
-        input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=padding_idx)
-        label_ids = torch.nn.functional.pad(label_ids, (0, extra), value=ignore_idx)
-    index = torch.tensor([sample["index"] for sample in batch])
-    lengths = torch.tensor([len(row) for row in inputs])
-    return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index}

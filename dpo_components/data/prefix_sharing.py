@@ -21,7 +21,7 @@ so tokens are scored from explicit (position, target) lists instead of a shift b
 The saving is the prompt's share of the tokens: with prompts as long as each response a third of the
 computed tokens go. The mask is a dense [B, L, L] boolean for SDPA on CPU (torch 2.13's flex_attention has no
 CPU backward) and a FlexAttention ``BlockMask`` on CUDA, which skips the fully masked blocks
-(``use_flex_attention(False)`` gives SDPA with the dense mask there too).
+(``prefix_sharing_attention: sdpa`` gives SDPA with the dense mask there too: ``flex_attention=False``).
 
 torchtune compiles flex_attention with ``dynamic=False``, made for packed rows of one fixed length: every new
 row length recompiles it, and past dynamo's recompile limit it runs uncompiled, materialising the scores. Our
@@ -34,14 +34,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch._dynamo.exc import TorchDynamoException
 from torchtune.utils import get_logger
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
-from dpo_components.data import PreferenceDataset
-from dpo_components.logprobs import IGNORE_INDEX, scored_logprobs
-from dpo_components.losses import SequenceLogProbs
+from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
 log = get_logger("INFO")
@@ -126,12 +124,10 @@ def _allowed(segments: Tensor, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
     return (k <= q) & ((segment_k == segment_q) | ((segment_k == PROMPT) & (segment_q != PADDING)))
 
 
-_FLEX = {"enabled": True, "dynamic": False}
-
-
-def use_flex_attention(enabled: bool) -> None:
-    """Choose FlexAttention (default) or SDPA with a dense mask for shared rows on CUDA."""
-    _FLEX["enabled"] = enabled
+# A torchtune patch (listed in dpo_components/models/__init__.py): whether torchtune's flex_attention compile has been
+# swapped for a dynamic one: False not yet, True swapped, None swapped and failed (torchtune's static compile is used
+# again)
+_FLEX = {"dynamic": False}
 
 
 def _compile_flex_dynamic() -> None:
@@ -157,11 +153,11 @@ def _compile_flex_dynamic() -> None:
     _FLEX["dynamic"] = True
 
 
-def attention_mask(segments: Tensor):
-    """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex), else a dense
-    [B, L, L] boolean for SDPA (True = may attend)."""
+def attention_mask(segments: Tensor, flex_attention: bool = True):
+    """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex) unless
+    ``flex_attention`` is False, else a dense [B, L, L] boolean for SDPA (True = may attend)."""
     n, length = segments.shape
-    if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION and _FLEX["enabled"]:
+    if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION and flex_attention:
         from torch.nn.attention.flex_attention import create_block_mask
 
         _compile_flex_dynamic()
@@ -173,14 +169,3 @@ def attention_mask(segments: Tensor):
     idx = torch.arange(length, device=segments.device)
     return _allowed(segments, torch.arange(n, device=segments.device)[:, None, None], idx[None, :, None],
                     idx[None, None, :])  # fmt: skip
-
-
-def prefix_shared_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> SequenceLogProbs:
-    """Policy or reference log-probs of a :func:`collate_prefix_shared` batch: one forward over B shared rows."""
-    n = batch["input_ids"].shape[0]
-    logps, tokens = scored_logprobs(
-        model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
-        num_sequences=2 * n, chunk_size=chunk_size, mask=attention_mask(batch["segments"]),
-        input_pos=batch["input_pos"],
-    )  # fmt: skip
-    return SequenceLogProbs.from_concatenated(logps, tokens)

@@ -43,7 +43,7 @@ from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.modules.transforms.tokenizers import parse_hf_tokenizer_json
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components.config_checks import ConfigError
+from dpo_components.settings import ConfigError
 
 # ---------------------------------------------------------------------------------------------------- the model
 

@@ -1,6 +1,6 @@
 """Run a sweep of recipe variants and report what each costs and whether it still learns.
 
-    python -m dpo_components.experiments recipe_configs/experiments/quant_sweep.yaml [--output-dir DIR]
+    python -m dpo_components.tools.experiments recipe_configs/experiments/quant_sweep.yaml [--output-dir DIR]
 
 A sweep file names a recipe and config per variant (``defaults`` apply to all) and the ``overrides`` that make
 each variant (any ``key=value`` the recipe takes). Every variant runs in its own process, for the same steps on
@@ -27,8 +27,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dpo_components import plot
-from dpo_components.quantization import requirement_met
+from dpo_components.models.quantization import requirement_met
+from dpo_components.tools import plot
 
 METRICS = ("peak_memory_gib", "tokens_per_second", "train_loss", "eval_accuracy", "eval_margin")
 

@@ -1,0 +1,88 @@
+"""Batches of preference pairs: the standard [2B, L] layout (chosen rows, then rejected), the recipe's collator
+(standard or prefix-shared rows), and the check that every row fits the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset
+from dpo_components.data.prefix_sharing import PADDING, check_fits, collate_prefix_shared
+
+
+def collate_preference_batch(
+    batch: list[dict[str, Any]],
+    padding_idx: int = 0,
+    ignore_idx: int = IGNORE_INDEX,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Pad B pairs into one [2B, L] batch for a single concatenated forward: chosen rows first, then rejected.
+
+    Returns ``input_ids`` and ``labels`` (right-padded with ``padding_idx`` / ``ignore_idx``; prompt positions
+    are ``ignore_idx`` in ``labels``), ``lengths`` [2B] (tokens before padding) and ``index`` [B], the samples'
+    dataset indices.
+    ``pad_to_multiple_of`` rounds L up (fewer distinct shapes for ``torch.compile``).
+    """
+    inputs, labels = [], []
+    for side in ("chosen", "rejected"):
+        for sample in batch:
+            prompt = sample["prompt_ids"]
+            inputs.append(torch.tensor(prompt + sample[f"{side}_response_ids"]))
+            labels.append(torch.tensor([ignore_idx] * len(prompt) + sample[f"{side}_labels"]))
+    input_ids = pad_sequence(inputs, batch_first=True, padding_value=padding_idx)
+    label_ids = pad_sequence(labels, batch_first=True, padding_value=ignore_idx)
+    extra = -input_ids.shape[1] % pad_to_multiple_of
+    if extra:
+        input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=padding_idx)
+        label_ids = torch.nn.functional.pad(label_ids, (0, extra), value=ignore_idx)
+    index = torch.tensor([sample["index"] for sample in batch])
+    lengths = torch.tensor([len(row) for row in inputs])
+    return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index}
+
+
+def preference_collator(padding_idx: int, pad_to_multiple_of: int = 1, prefix_sharing: bool = False) -> Callable:
+    """The batch collator a recipe uses: standard [2B, L] rows, or shared [prompt | chosen | rejected] rows."""
+    collate = collate_prefix_shared if prefix_sharing else collate_preference_batch
+    return partial(collate, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def make_collator(
+    padding_idx: int,
+    max_seq_len: int,
+    pad_to_multiple_of: int = 1,
+    prefix_sharing: bool = False,
+    datasets: dict[str, PreferenceDataset | None] | None = None,
+) -> Callable:
+    """A recipe's collator (:func:`preference_collator`), after checking that every row of ``datasets`` (by config
+    key; None is skipped) fits the model's ``max_seq_len`` in that layout, padding included: a pair too long is
+    named at setup instead of crashing the step that draws it."""
+    check = check_fits if prefix_sharing else check_rows_fit
+    check(max_seq_len, pad_to_multiple_of, **(datasets or {}))
+    return preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing)
+
+
+def check_rows_fit(max_seq_len: int, pad_to_multiple_of: int = 1, **datasets: PreferenceDataset | None) -> None:
+    """Refuse a dataset (by name; None is skipped) with a pair whose row, prompt + longer response padded up to
+    ``pad_to_multiple_of``, is longer than the model's ``max_seq_len``: at setup, naming the first such pair,
+    instead of a crash at the step that draws it."""
+    for where, dataset in datasets.items():
+        for i, length in enumerate(dataset.sample_lengths() if dataset is not None else []):
+            padded = length + (-length % pad_to_multiple_of)
+            if padded > max_seq_len:
+                raise ValueError(
+                    f"{where}: pair {i} ({dataset.source} row {dataset.row_numbers[i]}) needs {padded} tokens "
+                    f"(prompt + longer response{', padded' if padded > length else ''}), more than the model's "
+                    f"max_seq_len {max_seq_len}; lower {where}.max_length or raise the model's max_seq_len"
+                )
+
+
+def batch_positions(batch: dict[str, Tensor]) -> tuple[int, int]:
+    """(token positions that hold data, positions computed) of a batch; the difference is padding."""
+    if "segments" in batch:
+        return int((batch["segments"] != PADDING).sum()), batch["segments"].numel()
+    return int(batch["lengths"].sum()), batch["input_ids"].numel()

@@ -1,0 +1,210 @@
+"""Preference row formats: a dataset row turned into (prompt, chosen, rejected) messages.
+
+Row formats (``format=``, or ``"auto"`` to detect per row; ``column_map`` maps our column names to the data's,
+e.g. ``{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}``; a mapped column wins over a
+column that already has our name):
+
+- ``explicit``: ``prompt``, ``chosen``, ``rejected`` are strings (stack-exchange-paired, orca_dpo_pairs, the
+  synthetic task). A prompt already in HH-RLHF form (``"\\n\\nHuman: ...\\n\\nAssistant:"``, Dahoas/full-hh-rlhf)
+  is split into its turns;
+- ``conversational``: all three are lists of messages (TRL's conversational format); ``chosen`` / ``rejected``
+  hold the assistant turn(s) only, or one message (LLaMA-Factory's ShareGPT preference format);
+- ``implicit``: ``chosen`` and ``rejected`` are whole conversations that share their first turns, which are
+  the prompt (UltraFeedback-binarized, torchtune's ``preference_dataset``); a ``prompt`` column is ignored;
+- ``hh``: Anthropic HH-RLHF raw strings, ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, split into turns and then
+  treated as ``implicit``.
+
+A message is ``{"role", "content"}`` or ShareGPT's ``{"from", "value"}`` (roles human/gpt/system); its content a
+string or an OpenAI-style list of text parts ``[{"type": "text", "text": ...}]`` (joined). A ``system`` column
+(or ``column_map["system"]``) becomes a system message at the start of the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torchtune.data import Message
+
+FORMATS = ("explicit", "conversational", "implicit", "hh")
+COLUMNS = ("prompt", "chosen", "rejected", "system")  # the names column_map maps from
+_ROLES = {
+    "system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython",
+    "human": "user", "gpt": "assistant", "model": "assistant",  # ShareGPT, Gemma
+}  # fmt: skip
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+class PreferenceDataError(ValueError):
+    """A malformed preference row or source; the message names the source and the row."""
+
+
+class BadRow(Exception):
+    """Why one row is unusable (turned into PreferenceDataError or a skip count).
+
+    ``summary`` is the reason without row-specific details, the bucket rows are counted in when skipped.
+    """
+
+    def __init__(self, why: str, summary: str | None = None) -> None:
+        super().__init__(why)
+        self.summary = summary or why
+
+
+# ----------------------------------------------------------------------------------------------- row parsing
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    """Guess the format of one (already column-mapped) row from its chosen (or, if null, rejected) value."""
+    response = row.get("chosen") if row.get("chosen") is not None else row.get("rejected")
+    if isinstance(response, (list, dict)):
+        return "conversational" if isinstance(row.get("prompt"), list) else "implicit"
+    if isinstance(response, str):
+        if "prompt" in row:
+            return "explicit"
+        if response.lstrip("\n").startswith("Human:"):
+            return "hh"
+    return None
+
+
+def _field(row: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if row.get(key) is None:  # datasets fills a key missing from some rows with None
+        raise BadRow(f"missing '{key}' (no such column, or a null value)")
+    value = row[key]
+    if not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise BadRow(f"'{key}' must be a {expected}, got {type(value).__name__}")
+    return value
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI-style text parts joined (as chat templates render them)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRow(f"{where} has a content part of type '{kind}'; only text parts are supported",
+                              "a message has a non-text content part")  # fmt: skip
+        return "".join(texts)
+    raise BadRow(f"{where} content must be a string or a list of text parts, got {type(value).__name__}",
+                  "a message has malformed content")  # fmt: skip
+
+
+def _messages(value: list[Any] | dict[str, Any], key: str) -> list[Message]:
+    """Messages in {"role", "content"} or ShareGPT {"from", "value"} form; one message alone is a list of one."""
+    messages = []
+    for i, m in enumerate([value] if isinstance(value, dict) else value):
+        where = f"'{key}'[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role", m.get("from")), str):
+            raise BadRow(f"{where} must be a {{'role', 'content'}} (or {{'from', 'value'}}) message, got {m!r:.80}",
+                          f"'{key}' holds a malformed message")  # fmt: skip
+        role = m.get("role", m.get("from"))
+        if role not in _ROLES:
+            raise BadRow(f"{where} has unknown role '{role}' (expected one of {sorted(_ROLES)})")
+        messages.append(Message(role=_ROLES[role], content=_content(m.get("content", m.get("value")), where)))
+    return messages
+
+
+def _split_hh(text: str, key: str) -> list[Message]:
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if parts[0].strip() or len(parts) < 3:
+        raise BadRow(f"'{key}' is not in HH-RLHF form ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [Message(role=roles[who], content=said) for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_prompt(text: str) -> list[Message] | None:
+    """The turns of an explicit prompt written in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), else None."""
+    if not (text.lstrip("\n").startswith("Human:") and text.rstrip().endswith("\n\nAssistant:")):
+        return None
+    turns = _split_hh(text.rstrip(), "prompt")
+    if turns[-1].role != "assistant" or turns[-1].text_content.strip():
+        return None
+    return turns[:-1]  # the empty last Assistant turn is the generation prompt
+
+
+def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list, list, list]:
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if (a.role, a.text_content) != (b.role, b.text_content):
+            break
+        shared += 1
+    if shared == len(chosen) == len(rejected):
+        raise BadRow("chosen and rejected are identical")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _explicit(row: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+    prompt_text = _field(row, "prompt", str)
+    chosen, rejected = _field(row, "chosen", str), _field(row, "rejected", str)
+    prompt = _hh_prompt(prompt_text)
+    if prompt is None:
+        prompt = [Message(role="user", content=prompt_text)]
+    else:  # the responses continue "Assistant:" and so start with the space _split_hh drops
+        chosen, rejected = chosen.removeprefix(" "), rejected.removeprefix(" ")
+    return prompt, [Message(role="assistant", content=chosen)], [Message(role="assistant", content=rejected)]
+
+
+def _with_system(prompt: list[Message], row: dict[str, Any]) -> list[Message]:
+    """Put the row's ``system`` column (if any, non-empty) in front of the prompt as a system message."""
+    system = row.get("system")
+    if system is None:
+        return prompt
+    if not isinstance(system, str):
+        raise BadRow(f"'system' must be a str, got {type(system).__name__}")
+    if not system.strip():
+        return prompt
+    if prompt and prompt[0].role == "system":
+        raise BadRow("the row has both a 'system' column and a system turn in its prompt")
+    return [Message(role="system", content=system), *prompt]
+
+
+def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Message], list[Message]]:
+    """(prompt messages, chosen response messages, rejected response messages) of one row; raises BadRow."""
+    if fmt == "explicit":
+        prompt, chosen, rejected = _explicit(row)
+    elif fmt == "conversational":
+        prompt = _messages(_field(row, "prompt", list), "prompt")
+        chosen = _messages(_field(row, "chosen", (list, dict)), "chosen")
+        rejected = _messages(_field(row, "rejected", (list, dict)), "rejected")
+    elif fmt in ("implicit", "hh"):
+        if fmt == "implicit":
+            full_chosen = _messages(_field(row, "chosen", list), "chosen")
+            full_rejected = _messages(_field(row, "rejected", list), "rejected")
+        else:
+            full_chosen = _split_hh(_field(row, "chosen", str), "chosen")
+            full_rejected = _split_hh(_field(row, "rejected", str), "rejected")
+        prompt, chosen, rejected = _split_shared_prefix(full_chosen, full_rejected)
+        if not prompt:
+            raise BadRow("chosen and rejected share no prompt turn")
+    else:
+        raise ValueError(f"unknown format '{fmt}'; expected one of {FORMATS} or 'auto'")
+    prompt = _with_system(prompt, row)
+
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response:
+            raise BadRow(f"{name} response is empty")
+        if response[-1].role != "assistant":
+            raise BadRow(f"{name} response must end with an assistant turn, got '{response[-1].role}'")
+        if not "".join(m.text_content for m in response).strip():
+            raise BadRow(f"{name} response is empty")
+    if [m.text_content for m in chosen] == [m.text_content for m in rejected]:
+        raise BadRow("chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+def map_columns(raw: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:
+    """The row under our column names: a mapped column replaces a column that already has our name."""
+    row = {k: v for k, v in raw.items() if k not in column_map and k not in column_map.values()}
+    for ours, theirs in column_map.items():
+        if theirs not in raw:
+            raise BadRow(f"column_map['{ours}'] names column '{theirs}', which this row does not have")
+        row[ours] = raw[theirs]
+    return row

@@ -1,0 +1,41 @@
+"""Everything that fixes or extends torchtune 0.6.1's model families, each in the module named (YAML
+``_component_`` paths point at them):
+
+    mistral.py       Mistral 7B v0.3 builders (torchtune's ``mistral_7b`` is v0.1)
+    gemma2.py        Gemma 2 with the final soft-capping on the logits, as released
+    phi4.py          Phi-4 14B with its released RoPE base
+    qwen3.py         Qwen3 dense 0.6B-8B: builders, HF checkpointer, non-thinking chat format
+    chat_formats.py  tokenizers whose chat format equals the released templates (Gemma 2, Mistral v0.3,
+                     Qwen2.5 Instruct, Phi-4)
+    dora.py          DoRA with the bias outside the magnitude scaling
+    quantization.py  int8 / float8 training transforms, CPU-offloaded AdamW, plain state dicts for saving
+
+Every torchtune internal this project patches or works around, and where (fixes live on our side, never in
+site-packages; torchtune's own code is subclassed or wrapped, not edited):
+
+- ``torchtune.models.gemma2``: ``Gemma2FinalNorm`` caps the hidden states, not the logits -> the output projection
+  is wrapped in a soft-capping module (``gemma2.cap_logits_like_gemma2``).
+- ``torchtune.models.phi3`` builders with Phi-3's RoPE base for Phi-4 -> ``phi4.phi4_14b`` passes 250,000.
+- ``torchtune.modules.peft.DoRALinear.forward`` scales a bias by the magnitude -> replaced per instance on layers
+  with a bias (``dora.unscale_dora_bias``, called by every recipe).
+- ``torchtune.modules.MultiHeadAttention`` applies q/k norms after RoPE -> ``qwen3.Qwen3Attention``;
+  ``torchtune.models.qwen2._convert_weights._FROM_HF`` lacks Qwen3's q/k norm keys -> extended only while a Qwen3
+  state dict is converted (``qwen3._qwen2_table_with_qk_norms``).
+- Tokenizers (``GemmaTokenizer``, ``MistralTokenizer``, ``Qwen2_5Tokenizer``, ``Phi4Tokenizer``'s pre-tokenizer)
+  -> subclasses in ``chat_formats``; the end-of-sequence switch named ``add_end_tokens`` or ``add_eos`` per
+  family, Phi-4's list-returning ``decode`` and the end-of-turn stop tokens torchtune leaves out ->
+  ``dpo_components.data.chat``.
+- ``torchtune.modules.attention_utils.flex_attention_compiled`` (compiled with ``dynamic=False``: a recompile per
+  row length) -> swapped for a ``dynamic=True`` compile the first time a prefix-sharing ``BlockMask`` is built
+  on CUDA, falling back to torchtune's on a compiler error (``dpo_components.data.prefix_sharing``).
+- ``torchtune.training.FullModelHFCheckpointer``: its ``_output_dir`` is pointed at a temporary directory during a
+  save and its log level lowered, its pickled ``adapter_model.pt`` deleted (``dpo_components.checkpointing.hf``);
+  its PEFT export permutes every q/k ``lora_B`` and no DoRA magnitude, and has no export for Phi's fused
+  projections -> ``dpo_components.checkpointing.peft`` arranges the rows before it and writes Phi's adapter.
+- ``torchtune.modules.peft.get_merged_lora_ckpt`` merges in place -> fed CPU copies
+  (``checkpointing.peft.merge_lora_state``; torchtune's recipes merge into the live weights on CPU).
+- torchtune's distributed LoRA init draws each rank's shard from that rank's RNG -> ``dpo_components.distributed
+  .initial_adapter_state`` gives every world size the same start; NF4 under FSDP2 on one rank is refused there.
+- ``tune run recipes/x.py`` imports the ``recipes`` package of torchtune's wheel -> ``dpo_components._tune_hook``
+  (a meta-path finder for this project's ``recipes/``), which also drops torchao 0.15's C++-extension skip line.
+"""
