@@ -214,6 +214,7 @@ class IPORecipeSingleDevice:
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float(s.clip_grad_norm or math.inf))
                 if not torch.isfinite(grad_norm):
                     self._stop_on_nonfinite("gradient norm", grad_norm.item())
+                lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
@@ -222,7 +223,7 @@ class IPORecipeSingleDevice:
 
                 if self.global_step % s.log_every_n_steps == 0:
                     logged = metrics.compute()
-                    logged.update(lr=self._optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                    logged.update(lr=lr, grad_norm=grad_norm.item(),
                                   tokens_per_second=metrics.tokens / (time.perf_counter() - interval_start),
                                   peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
                     self._metric_logger.log_dict(logged, step=self.global_step)

@@ -191,6 +191,7 @@ class LoRADPORecipeDistributed:
                 logged = all_reduce_metrics(metrics, self.settings.device)
                 if not (math.isfinite(logged["loss"]) and torch.isfinite(grad_norm)):
                     self._stop_on_nonfinite(logged["loss"], grad_norm.item())
+                lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
@@ -199,7 +200,7 @@ class LoRADPORecipeDistributed:
 
                 if self.global_step % s.log_every_n_steps == 0:
                     seconds = time.perf_counter() - interval_start
-                    logged.update(lr=self._optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                    logged.update(lr=lr, grad_norm=grad_norm.item(),
                                   tokens_per_second=logged.pop("tokens") / seconds,
                                   peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
                     if self._metric_logger is not None:

@@ -287,9 +287,24 @@ def tokenize_rows(
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
         if not samples:
-            raise PreferenceDataError(f"{source}: all {len(rows)} rows were skipped as bad: {reasons}")
+            raise PreferenceDataError(f"{source}: all {len(rows)} rows were skipped as bad: {reasons}"
+                                      + _format_hint(rows, format, column_map))  # fmt: skip
         log.warning("%s: skipped %d of %d rows: %s", source, sum(skipped.values()), len(rows), reasons)
     return PreferenceDataset(samples, source, skipped, kept_rows)
+
+
+def _format_hint(rows: Any, fmt: str, column_map: dict[str, str] | None) -> str:
+    """When every row was bad under a given ``format``: the format the first row looks like, if another one."""
+    if fmt == "auto" or not len(rows):
+        return ""
+    try:
+        looks_like = detect_format(map_columns(dict(rows[0]), column_map or {}))
+    except BadRow:
+        return ""
+    if looks_like is None or looks_like == fmt:
+        return ""
+    return (f". The rows look like format '{looks_like}', not '{fmt}': set format={looks_like} (dataset.format="
+            f"{looks_like} on the command line) or format=auto")
 
 
 def _labels(ids: list[int], masked: list[bool]) -> list[int]:
@@ -436,6 +451,11 @@ def preference_dataset(
         empty = [f for f in _files(data_files) if _is_empty(f)]
         if empty:
             raise PreferenceDataError(f"{', '.join(empty)}: the file holds no rows") from error
+        if isinstance(error, ValueError) and str(error).startswith("Unknown split"):  # a hub split on a local file
+            raise PreferenceDataError(
+                f"{where}: {error} Set the split to one of those (a local JSON/CSV/Parquet file has one split, "
+                "'train'; a slice such as 'train[:500]' or 'train[90%:]' takes part of it), e.g. dataset.split=train"
+            ) from None
         raise
     if not numbers:
         raise PreferenceDataError(f"{where}: no rows")
