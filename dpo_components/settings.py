@@ -76,9 +76,6 @@ class RecipeSettings:
     def from_config(cls, cfg: DictConfig, reference_checkpointer: bool = True) -> RecipeSettings:
         """Read and check the shared keys of ``cfg``. ``reference_checkpointer`` False: the recipe's reference is
         the base model with adapters off, and a ``reference.checkpointer`` is refused rather than ignored."""
-        if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device: {cfg.device} is set but this machine has no CUDA GPU: set device=cpu "
-                              "(bf16 runs on CPU too; fp32 is faster on CPUs without AMX/AVX-512 bf16)")  # fmt: skip
         device = utils.get_device(cfg.device)  # cuda: this process's LOCAL_RANK, as torchtune's recipes
         dtype = training.get_dtype(cfg.dtype, device=device)  # refuses bf16 where unsupported
         if dtype == torch.float16:

@@ -9,18 +9,10 @@ from test_lora_dpo_recipe import logged, run
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
 from dpo_components.data import PreferenceDataError, preference_dataset
-from dpo_components.settings import ConfigError
-from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
 CONVERSATIONAL = {"prompt": [{"role": "user", "content": "the plot was"}],
                   "chosen": [{"role": "assistant", "content": "great ."}],
                   "rejected": [{"role": "assistant", "content": "dull ."}]}  # fmt: skip
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a CUDA GPU")
-def test_cuda_config_on_a_machine_without_a_gpu_names_device_cpu(recipe_cfg):
-    with pytest.raises(ConfigError, match=r"device: cuda is set but this machine has no CUDA GPU: set device=cpu"):
-        LoRADPORecipeSingleDevice(recipe_cfg(device="cuda", dtype="bf16"))
 
 
 def test_a_hub_split_on_a_local_file_names_its_splits_and_the_key(tmp_path, tokenizer):
