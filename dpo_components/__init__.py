@@ -5,6 +5,7 @@
     reference.py     the reference, decided once per recipe: adapters off, frozen copy, precomputed cache, none
     settings.py      the recipes' shared config keys: parsed, defaulted and checked once
     metrics.py       what a step logs (TRL's names) and peak memory
+    precision.py     fp32 master weights under bf16 compute (one device; FSDP2's policy), the lost-update guard
     samples.py       eval-time samples of policy and reference: text, true reward, KL
     distributed.py   what the FSDP2 recipes share: rank-0 work, rank slices, metric all-reduce, sharded loading
     data/            preference data: row formats, chat formats, the dataset builder, collators, batch order

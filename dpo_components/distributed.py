@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune import modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
@@ -73,10 +74,17 @@ def all_reduce_metrics(metrics: PreferenceMetrics, device: torch.device) -> dict
 
 
 def shard_and_load(
-    model: nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, reshard: bool = True
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    reshard: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
 ) -> None:
     """Shard a model built on the meta device (FSDP2 ``fully_shard`` per transformer layer, then the root), compute
-    its RoPE buffers and load the full ``state`` (every key, strictly) into the shards."""
+    its RoPE buffers and load the full ``state`` (every key, strictly) into the shards, cast to each parameter's
+    dtype. ``mp_policy``: FSDP2's mixed precision (fp32 sharded parameters, bf16 compute:
+    :func:`~dpo_components.precision.fsdp_mixed_precision`)."""
     if dist.get_world_size() == 1 and any(isinstance(p, NF4Tensor) for p in model.parameters()):
         # torch 2.13's FSDP2 skips the all-gather on one rank and copies only the first of the three tensors NF4
         # all-gathers (ValueError: not enough values to unpack, in torchao's fsdp_post_all_gather)
@@ -84,12 +92,14 @@ def shard_and_load(
             "QLoRA (an NF4 base) under FSDP needs 2 or more ranks: PyTorch's FSDP2 cannot run NF4 weights on one "
             "rank. On one GPU use recipes/lora_dpo_single_device.py, which takes the same config keys."
         )
-    training.shard_model(
-        model,
-        [lambda name, module: isinstance(module, modules.TransformerSelfAttentionLayer)],
-        cpu_offload=False,
-        reshard_after_forward=reshard,
-    )
+    # torchtune's training.shard_model, with FSDP2's mixed-precision policy (torchtune 0.6.1 does not pass one)
+    fsdp_kwargs: dict[str, Any] = {"reshard_after_forward": reshard}
+    if mp_policy is not None:
+        fsdp_kwargs["mp_policy"] = mp_policy
+    for module in reversed(list(model.modules())):
+        if isinstance(module, modules.TransformerSelfAttentionLayer):
+            fully_shard(module, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
     with training.set_default_dtype(dtype), device:
         for module in model.modules():
             if hasattr(module, "rope_init"):  # buffers the meta device could not compute

@@ -37,6 +37,7 @@ from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, Wan
 
 from dpo_components.data import IGNORE_INDEX, decode_text, stop_tokens
 from dpo_components.logprobs import sequence_logprobs
+from dpo_components.precision import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def generate_padded(
     batch = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     was_training = model.training
     model.eval()
-    with local_kv_cache(model, batch_size=len(prompts), device=device, dtype=next(model.parameters()).dtype,
+    with local_kv_cache(model, batch_size=len(prompts), device=device, dtype=compute_dtype(model),
                         decoder_max_seq_len=width + max_new_tokens):  # fmt: skip
         output, _ = generate(model, batch, max_generated_tokens=max_new_tokens, pad_id=pad_id,
                              temperature=temperature, stop_tokens=stop_tokens if stop_early else None,

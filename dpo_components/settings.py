@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 
 
 REFERENCE_MODES = ("model", "precomputed")
+# the dtype the optimizer steps the trainable weights in (fp32 master copies under bf16 compute): see precision.py
+DEFAULT_MASTER_DTYPE = "fp32"
 ATTENTION_KERNELS = ("flex", "sdpa")  # prefix_sharing_attention: the kernel for shared rows on CUDA
 
 
@@ -45,7 +47,7 @@ class RecipeSettings:
     """The keys every recipe shares, with their defaults. Built by :meth:`from_config`, which checks them."""
 
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the compute dtype (and the dtype of the saved weights)
     output_dir: Path
     seed: int | None
     batch_size: int  # pairs per micro-batch (per rank in the FSDP2 recipes)
@@ -67,6 +69,7 @@ class RecipeSettings:
     resume: bool = False  # resume_from_checkpoint
     overwrite_output_dir: bool = False
     reference: ReferenceSettings = ReferenceSettings()
+    master_dtype: torch.dtype = torch.float32  # what the optimizer steps: fp32 master weights for bf16 compute
     # the FSDP2 recipes
     consolidate_every_save: bool = False
     fsdp_reshard_after_forward: bool = True
@@ -77,9 +80,17 @@ class RecipeSettings:
         """Read and check the shared keys of ``cfg``. ``reference_checkpointer`` False: the recipe's reference is
         the base model with adapters off, and a ``reference.checkpointer`` is refused rather than ignored."""
         device = utils.get_device(cfg.device)  # cuda: this process's LOCAL_RANK, as torchtune's recipes
+        if str(cfg.device).startswith("cuda") and device.type != "cuda":  # torchtune falls back to the CPU silently
+            raise ConfigError(f"device: {cfg.device}, but this machine has no CUDA GPU (torch {torch.__version__}: "
+                              "torch.cuda.is_available() is False). Set device=cpu to run on the CPU (bf16 works "
+                              "there too), or install a CUDA build of torch")  # fmt: skip
         dtype = training.get_dtype(cfg.dtype, device=device)  # refuses bf16 where unsupported
         if dtype == torch.float16:
             raise ConfigError("dtype fp16 is not supported (no loss scaling); use bf16 or fp32")
+        master_dtype = training.get_dtype(cfg.get("master_dtype") or DEFAULT_MASTER_DTYPE, device=device)
+        if master_dtype not in (torch.float32, dtype):
+            raise ConfigError(f"master_dtype must be fp32 (fp32 master weights, the default) or the dtype "
+                              f"({cfg.dtype}: the weights stepped in place), got {cfg.master_dtype}")  # fmt: skip
         check_positive(cfg, "batch_size", "gradient_accumulation_steps", "epochs")
         check_step_counts(cfg)
         if cfg.get("group_by_length", False) and not cfg.get("shuffle", True):
@@ -99,7 +110,7 @@ class RecipeSettings:
             activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
             resume=cfg.get("resume_from_checkpoint", False),
             overwrite_output_dir=cfg.get("overwrite_output_dir", False),
-            reference=_reference_settings(cfg, reference_checkpointer),
+            reference=_reference_settings(cfg, reference_checkpointer), master_dtype=master_dtype,
             consolidate_every_save=cfg.get("consolidate_every_save", False),
             fsdp_reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
             collective_timeout_seconds=cfg.get("collective_timeout_seconds", 1800),

@@ -59,6 +59,8 @@ from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.distributed import all_reduce_metrics, eval_batch_starts, from_rank_zero, rank_slice, shard_and_load
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
+from dpo_components.models import apply_model_fixes
+from dpo_components.precision import MasterWeights, fsdp_mixed_precision, peak_lr
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import RecipeSettings, instantiate_loss, prepare_and_check_inputs
@@ -112,25 +114,34 @@ class FullDPORecipeDistributed:
 
         self._steps_per_epoch = s.steps_per_epoch(len(self._data.train), self._world_size)
         self._total_steps = self._steps_per_epoch * s.epochs
-        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        # the sharded parameters are the master weights (fp32 with dtype bf16, see _sharded_model): stepped in place
+        self._master = MasterWeights(self._model.named_parameters(), s.master_dtype, seed=self.seed + self._rank)
+        self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
+        if self._is_rank_zero:
+            self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if self._is_rank_zero:
             log.info(
                 f"{self._world_size} ranks ({dist.get_backend()}), {len(self._data.train)} pairs, global batch "
                 f"{self._global_batch} x {s.gradient_accumulation_steps} micro-batches, {self._steps_per_epoch} "
-                f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}"
+                f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}; "
+                f"the optimizer steps {self._master.describe()} (compute in {str(s.dtype).removeprefix('torch.')})"
             )
 
     def _sharded_model(self, cfg: DictConfig, state: dict[str, Any], trainable: bool) -> torch.nn.Module:
-        """Build on the meta device, shard per transformer layer and the root (FSDP2), load the full weights."""
+        """Build on the meta device, shard per transformer layer and the root (FSDP2), load the full weights.
+
+        The policy's shards are ``master_dtype`` (fp32 master weights, stepped by the optimizer and saved by DCP)
+        and FSDP computes in ``dtype`` (bf16); the frozen reference is ``dtype`` throughout."""
         s = self.settings
-        with training.set_default_dtype(s.dtype), torch.device("meta"):
-            model = config.instantiate(cfg.model)
+        with training.set_default_dtype(s.master_dtype if trainable else s.dtype), torch.device("meta"):
+            model = apply_model_fixes(config.instantiate(cfg.model))  # fused RMSNorm under bf16
         if trainable and s.activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        shard_and_load(model, state, s.device, s.dtype, reshard=s.fsdp_reshard_after_forward)
+        shard_and_load(model, state, s.device, s.dtype, reshard=s.fsdp_reshard_after_forward,
+                       mp_policy=fsdp_mixed_precision(s.dtype, s.master_dtype) if trainable else None)  # fmt: skip
         if not trainable:
             model.eval()
             for param in model.parameters():
@@ -185,7 +196,7 @@ class FullDPORecipeDistributed:
                     continue
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self._model.parameters(), max_norm=float(s.clip_grad_norm or math.inf)
+                    self._master.params, max_norm=float(s.clip_grad_norm or math.inf)
                 )
                 if isinstance(grad_norm, DTensor):
                     grad_norm = grad_norm.full_tensor()
@@ -193,7 +204,9 @@ class FullDPORecipeDistributed:
                 if not (math.isfinite(logged["loss"]) and torch.isfinite(grad_norm)):
                     self._stop_on_nonfinite(logged["loss"], grad_norm.item())
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
-                self._optimizer.step()
+                logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
+                # optimizer.step(); on logging steps also the share of sampled weights the step left unchanged
+                unchanged = self._master.step(self._optimizer, measure=logging_step)  # (a collective then)
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
                 self.global_step += 1
@@ -201,7 +214,7 @@ class FullDPORecipeDistributed:
 
                 if self.global_step % s.log_every_n_steps == 0:
                     seconds = time.perf_counter() - interval_start
-                    logged.update(lr=lr, grad_norm=grad_norm.item(),
+                    logged.update(lr=lr, grad_norm=grad_norm.item(), unchanged_weight_share=unchanged,
                                   tokens_per_second=logged.pop("tokens") / seconds,
                                   peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
                     if self._metric_logger is not None:
@@ -268,7 +281,10 @@ class FullDPORecipeDistributed:
 
         def consolidated() -> dict[str, Any] | None:  # every rank takes part in the gather; rank 0 gets the weights
             full = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self.settings.device)
-            return {"model_state": full} if self._is_rank_zero else None
+            if not self._is_rank_zero:
+                return None  # the HF weights in the run's dtype (the fp32 master weights are in the DCP shards)
+            return {"model_state": {k: v.to(self.settings.dtype) if v.is_floating_point() else v
+                                    for k, v in full.items()}}  # fmt: skip
 
         try:
             save_sharded_checkpoint(path, self._model, self._optimizer, state, checkpointer=self._checkpointer,

@@ -62,8 +62,9 @@ from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
-from dpo_components.models.dora import unscale_dora_bias
+from dpo_components.models import apply_model_fixes
 from dpo_components.models.quantization import plain_state_dict
+from dpo_components.precision import MasterWeights, peak_lr
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import (
@@ -137,20 +138,22 @@ class IPORecipeSingleDevice:
 
         self._steps_per_epoch = s.steps_per_epoch(len(self._data.train))
         self._total_steps = self._steps_per_epoch * s.epochs
-        trainable = [p for p in self._model.parameters() if p.requires_grad]
-        self._optimizer = config.instantiate(cfg.optimizer, trainable)
+        # what the optimizer steps: fp32 master copies of bf16 weights (master_dtype), or the weights themselves
+        self._master = MasterWeights(self._model.named_parameters(), s.master_dtype, seed=self.seed)
+        self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
+        self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
         log.info(
-            f"{'LoRA' if self._is_lora else 'full-parameter'} training of {sum(p.numel() for p in trainable):,} "
-            f"parameters; {len(self._data.train)} pairs, {self._steps_per_epoch} steps/epoch x {s.epochs} epochs; "
-            f"loss {self._loss_fn}; reference {self._reference.describe()}"
+            f"{'LoRA' if self._is_lora else 'full-parameter'} training of {len(self._master):,} parameters "
+            f"({self._master.describe()}); {len(self._data.train)} pairs, {self._steps_per_epoch} steps/epoch x "
+            f"{s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}"
         )
 
     def _build_model(self, cfg_model: DictConfig, state: dict[str, Any]) -> torch.nn.Module:
         with training.set_default_dtype(self.settings.dtype), self.settings.device:
-            model = unscale_dora_bias(config.instantiate(cfg_model))  # DoRA as exported
+            model = apply_model_fixes(config.instantiate(cfg_model))  # DoRA as exported, fused RMSNorm
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lora_" not in k and "magnitude" not in k]:
             raise ConfigError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -188,7 +191,6 @@ class IPORecipeSingleDevice:
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
-        trainable = [p for p in self._model.parameters() if p.requires_grad]
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="IPO", dynamic_ncols=True)
         s = self.settings
         for epoch in range(self.epochs_run, s.epochs):
@@ -206,16 +208,21 @@ class IPORecipeSingleDevice:
                 if not torch.isfinite(loss):
                     self._stop_on_nonfinite("loss", loss.item())
                 (loss / s.gradient_accumulation_steps).backward()
+                self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
                 metrics.update(out, policy, batch)
                 self._batches_done_in_epoch += 1
                 if self._batches_done_in_epoch % s.gradient_accumulation_steps:
                     continue
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float(s.clip_grad_norm or math.inf))
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
+                                                           max_norm=float(s.clip_grad_norm or math.inf))
                 if not torch.isfinite(grad_norm):
                     self._stop_on_nonfinite("gradient norm", grad_norm.item())
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
-                self._optimizer.step()
+                logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
+                # optimizer.step() on the master weights, then into the model; on logging steps also the share of
+                # sampled weights the step left unchanged (bf16 rounding eating updates shows here)
+                unchanged = self._master.step(self._optimizer, measure=logging_step)
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
                 self.global_step += 1
@@ -223,7 +230,7 @@ class IPORecipeSingleDevice:
 
                 if self.global_step % s.log_every_n_steps == 0:
                     logged = metrics.compute()
-                    logged.update(lr=lr, grad_norm=grad_norm.item(),
+                    logged.update(lr=lr, grad_norm=grad_norm.item(), unchanged_weight_share=unchanged,
                                   tokens_per_second=metrics.tokens / (time.perf_counter() - interval_start),
                                   peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
                     self._metric_logger.log_dict(logged, step=self.global_step)
@@ -276,7 +283,8 @@ class IPORecipeSingleDevice:
 
     def save_checkpoint(self) -> Path:
         """``<output_dir>/step_<N>/``: HF-layout weights (merged + PEFT adapter for LoRA) and the resume state."""
-        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint)
+        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint,
+                               master_weights=self._master)  # fmt: skip
         path = self.settings.output_dir / f"step_{self.global_step}"
         try:
             if self._is_lora:
@@ -295,7 +303,8 @@ class IPORecipeSingleDevice:
                 "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint)
+        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint,
+                                          master_weights=self._master)  # fmt: skip
         self.global_step = progress["global_step"]
         self.epochs_run = progress["epochs_run"]
         self._batches_done_in_epoch = progress["batches_done_in_epoch"]

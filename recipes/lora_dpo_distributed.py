@@ -72,7 +72,8 @@ from dpo_components.distributed import (
 )
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
-from dpo_components.models.dora import unscale_dora_bias
+from dpo_components.models import apply_model_fixes
+from dpo_components.precision import MasterWeights, fsdp_mixed_precision, peak_lr, trainable_to
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import RecipeSettings, instantiate_loss, prepare_and_check_inputs
@@ -124,15 +125,20 @@ class LoRADPORecipeDistributed:
 
         self._steps_per_epoch = s.steps_per_epoch(len(self._data.train), self._world_size)
         self._total_steps = self._steps_per_epoch * s.epochs
-        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
+        # the sharded adapters are the master weights (fp32 with dtype bf16, see _setup_model): stepped in place
+        self._master = MasterWeights(self._model.named_parameters(), s.master_dtype, seed=self.seed + self._rank)
+        self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
+        if self._is_rank_zero:
+            self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if self._is_rank_zero:
             log.info(
                 f"{self._world_size} ranks ({dist.get_backend()}), {len(self._data.train)} pairs, global batch "
                 f"{self._global_batch} x {s.gradient_accumulation_steps} micro-batches, {self._steps_per_epoch} "
-                f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}"
+                f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}; "
+                f"the optimizer steps {self._master.describe()} (compute in {str(s.dtype).removeprefix('torch.')})"
             )
 
     def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any]) -> torch.nn.Module:
@@ -140,13 +146,15 @@ class LoRADPORecipeDistributed:
         (A resume loads its adapters from the checkpoint afterwards.)"""
         s = self.settings
         with training.set_default_dtype(s.dtype), torch.device("meta"):
-            model = unscale_dora_bias(config.instantiate(cfg.model))  # DoRA as exported
+            model = apply_model_fixes(config.instantiate(cfg.model))  # DoRA as exported, fused RMSNorm
         self._lora = lora_settings(cfg.model)
         set_trainable_params(model, get_adapter_params(model))
+        trainable_to(model, s.master_dtype)  # fp32 adapter shards (master weights); FSDP computes in s.dtype
         adapters = initial_adapter_state(model, base_state, self.seed)  # before checkpoint wrappers rename modules
         if s.activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        shard_and_load(model, {**base_state, **adapters}, s.device, s.dtype, reshard=s.fsdp_reshard_after_forward)
+        shard_and_load(model, {**base_state, **adapters}, s.device, s.dtype, reshard=s.fsdp_reshard_after_forward,
+                       mp_policy=fsdp_mixed_precision(s.dtype, s.master_dtype))  # fmt: skip
         if s.compile:
             training.compile_model(model)
         return model
@@ -164,7 +172,6 @@ class LoRADPORecipeDistributed:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True,
                         disable=not self._is_rank_zero)  # fmt: skip
-        trainable = [p for p in self._model.parameters() if p.requires_grad]
         s = self.settings
         for epoch in range(self.epochs_run, s.epochs):
             # the same order on every rank; with group_by_length each global batch holds pairs of similar length
@@ -185,14 +192,17 @@ class LoRADPORecipeDistributed:
                 if self._batches_done_in_epoch % s.gradient_accumulation_steps:
                     continue
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float(s.clip_grad_norm or math.inf))
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
+                                                           max_norm=float(s.clip_grad_norm or math.inf))
                 if isinstance(grad_norm, DTensor):
                     grad_norm = grad_norm.full_tensor()
                 logged = all_reduce_metrics(metrics, self.settings.device)
                 if not (math.isfinite(logged["loss"]) and torch.isfinite(grad_norm)):
                     self._stop_on_nonfinite(logged["loss"], grad_norm.item())
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
-                self._optimizer.step()
+                logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
+                # optimizer.step(); on logging steps also the share of sampled weights the step left unchanged
+                unchanged = self._master.step(self._optimizer, measure=logging_step)  # (a collective then)
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
                 self.global_step += 1
@@ -200,7 +210,7 @@ class LoRADPORecipeDistributed:
 
                 if self.global_step % s.log_every_n_steps == 0:
                     seconds = time.perf_counter() - interval_start
-                    logged.update(lr=lr, grad_norm=grad_norm.item(),
+                    logged.update(lr=lr, grad_norm=grad_norm.item(), unchanged_weight_share=unchanged,
                                   tokens_per_second=logged.pop("tokens") / seconds,
                                   peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
                     if self._metric_logger is not None:
@@ -275,6 +285,7 @@ class LoRADPORecipeDistributed:
                            for k, v in self._model.state_dict().items() if "lora" in k or "magnitude" in k}  # fmt: skip
             if not self._is_rank_zero:
                 return None
+            adapter = {k: v.to(self.settings.dtype) for k, v in adapter.items()}  # the PEFT file in the run's dtype
             merged = None  # with consolidate: base (dequantized for QLoRA) + LoRA, in the run's dtype
             if consolidate:
                 merged = merge_lora_state(full, self._lora["rank"], self._lora["alpha"], self.settings.dtype)

@@ -60,7 +60,9 @@ from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
-from dpo_components.models.dora import unscale_dora_bias
+from dpo_components.models import apply_model_fixes
+from dpo_components.models.quantization import nf4_estimate
+from dpo_components.precision import MasterWeights, peak_lr
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import RecipeSettings, instantiate_loss, prepare_and_check_inputs
@@ -108,18 +110,25 @@ class LoRADPORecipeSingleDevice:
 
         self._steps_per_epoch = s.steps_per_epoch(len(self._data.train))
         self._total_steps = self._steps_per_epoch * s.epochs
-        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
+        # what the optimizer steps: fp32 master copies of bf16 adapters (master_dtype), or the adapters themselves
+        self._master = MasterWeights(self._model.named_parameters(), s.master_dtype, seed=self.seed)
+        self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
+        self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
         log.info(
             f"{len(self._data.train)} train pairs, {self._steps_per_epoch} steps/epoch x {s.epochs} epochs, "
-            f"loss {self._loss_fn}, reference {self._reference.describe()}"
+            f"loss {self._loss_fn}, reference {self._reference.describe()}; the optimizer steps "
+            f"{self._master.describe()}"
         )
 
     def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any], resume_dir: Path | None) -> torch.nn.Module:
+        start, qlora = time.perf_counter(), cfg.model.get("quantize_base", False)
+        if qlora:  # torchtune quantizes each base linear twice: at build (the random init) and when the weights load
+            log.info(f"QLoRA: quantizing the base linears to NF4 {nf4_estimate(base_state, self.settings.device)} ...")
         with training.set_default_dtype(self.settings.dtype), self.settings.device:
-            model = unscale_dora_bias(config.instantiate(cfg.model))  # DoRA as exported
+            model = apply_model_fixes(config.instantiate(cfg.model))  # DoRA as exported, fused RMSNorm
         self._lora = lora_settings(cfg.model)
         set_trainable_params(model, get_adapter_params(model))
         if self.settings.activation_checkpointing:
@@ -139,6 +148,8 @@ class LoRADPORecipeSingleDevice:
             apply_lora_to_output=self._lora["output"], base_missing=base_missing, base_unexpected=base_unexpected,
             lora_missing=lora_missing, lora_unexpected=lora_unexpected,
         )  # fmt: skip
+        if qlora:
+            log.info(f"QLoRA: NF4 base ready in {time.perf_counter() - start:.0f} s")
         if self.settings.compile:
             training.compile_model(model)  # per layer; padded lengths vary, see pad_to_multiple_of
         return model
@@ -176,19 +187,21 @@ class LoRADPORecipeSingleDevice:
                 if not torch.isfinite(loss):
                     self._stop_on_nonfinite("loss", loss.item())
                 (loss / s.gradient_accumulation_steps).backward()
+                self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
                 metrics.update(out, policy, batch)
                 self._batches_done_in_epoch += 1
                 if self._batches_done_in_epoch % s.gradient_accumulation_steps:
                     continue
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self._model.parameters() if p.requires_grad],
-                    max_norm=float(s.clip_grad_norm or math.inf),
-                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
+                                                           max_norm=float(s.clip_grad_norm or math.inf))
                 if not torch.isfinite(grad_norm):
                     self._stop_on_nonfinite("gradient norm", grad_norm.item())
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
-                self._optimizer.step()
+                logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
+                # optimizer.step() on the master weights, then into the model; on logging steps also the share of
+                # sampled weights the step left unchanged (bf16 rounding eating updates shows here)
+                unchanged = self._master.step(self._optimizer, measure=logging_step)
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
                 self.global_step += 1
@@ -197,7 +210,7 @@ class LoRADPORecipeSingleDevice:
                 if self.global_step % s.log_every_n_steps == 0:
                     seconds = time.perf_counter() - interval_start
                     logged = metrics.compute()
-                    logged.update(lr=lr, grad_norm=grad_norm.item(),
+                    logged.update(lr=lr, grad_norm=grad_norm.item(), unchanged_weight_share=unchanged,
                                   tokens_per_second=metrics.tokens / seconds,
                                   peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
                     self._metric_logger.log_dict(logged, step=self.global_step)
@@ -251,7 +264,8 @@ class LoRADPORecipeSingleDevice:
 
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/step_<N>/``: merged HF model, PEFT adapter, and the state for an exact resume."""
-        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint)
+        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint,
+                               master_weights=self._master)  # fmt: skip
         path = self.settings.output_dir / f"step_{self.global_step}"
         try:
             save_lora_checkpoint(self._checkpointer, path, self._model, self._lora, self.settings.dtype, state)
@@ -266,7 +280,8 @@ class LoRADPORecipeSingleDevice:
                 "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint)
+        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint,
+                                          master_weights=self._master)  # fmt: skip
         self.global_step = progress["global_step"]
         self.epochs_run = progress["epochs_run"]
         self._batches_done_in_epoch = progress["batches_done_in_epoch"]

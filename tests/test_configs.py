@@ -8,6 +8,7 @@ from conftest import REPO_ROOT
 from omegaconf import OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
+from dpo_components.tiny.tokenizer import ASSET_DIR
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
 
@@ -104,7 +105,7 @@ def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
     """Swap sizes and files only: a Qwen2.5, Qwen3, Mistral, Gemma 2 or Phi-4 config keeps its builder family (the
     same component builder, tiny dimensions), tokenizer class (on tiny files of its own format) and checkpointer
     class and ``model_type``;
-    a Llama 3.x config gets the tiny Llama 3.2 (its tokenizer is ``llama3_tokenizer`` on a tiny tiktoken file).
+    a Llama 3.x config gets the tiny Llama 3.2 (its own tokenizer component on the tiny tiktoken file).
     Returns the family of the stand-in (None for Llama)."""
     shipped = cfg.model._component_
     lora_args = {k: v for k, v in cfg.model.items() if k.startswith("lora_") or k in ("apply_lora_to_mlp", "use_dora")}
@@ -120,7 +121,8 @@ def swap_for_tiny_stand_ins(cfg, tiny_setup, tiny_family) -> str | None:
     assert shipped.startswith(tuple(f"torchtune.models.llama3_{minor}." for minor in (1, 2, 3))), shipped
     cfg.model = {"_component_": "dpo_components.tiny.model." + ("lora_tiny_llama" if lora_args else "tiny_llama"),
                  **lora_args, **quantize}  # fmt: skip
-    cfg.tokenizer = {"_component_": "dpo_components.tiny.tokenizer.tiny_tokenizer"}
+    # the config's own tokenizer component (Llama 3.1+'s dated format) on the tiny tiktoken files
+    cfg.tokenizer.update(path=str(ASSET_DIR / "tokenizer.model"), special_tokens_path=str(ASSET_DIR / "tokenizer.json"))
     cfg.checkpointer.update(checkpoint_dir=str(tiny_setup / "sft_model"), checkpoint_files=["model.safetensors"],
                             model_type="LLAMA3_2")  # fmt: skip
     return None

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,26 @@ def _digests(paths: list[Path]) -> list[str]:
         return list(pool.map(file_digest, paths))
 
 
+HASH_LOG_ABOVE = 2**30  # say what is being hashed (and about how long it takes) for checkpoints from 1 GiB
+
+
 def files_digest(directory: str | Path, names: list[str]) -> str:
-    """One hash over the named files of ``directory`` (e.g. a model's safetensors shards), by name and content."""
+    """One hash over the named files of ``directory`` (e.g. a model's safetensors shards), by name and content.
+    Large ones (from 1 GiB) get a log line first, with an estimate, and one with the time taken."""
     names = sorted(names)
+    paths = [Path(directory) / n for n in names]
+    size = sum(p.stat().st_size for p in paths if p.is_file())
+    log = logging.getLogger(__name__)
+    if size >= HASH_LOG_ABOVE:  # ~0.4 GiB/s per shard and core (benchmarks/checkpoint_hashing.py)
+        estimate = size / 2**30 / (0.4 * min(len(paths), os.cpu_count() or 1, 8))
+        log.info(f"hashing {size / 2**30:.1f} GiB of checkpoint files in {directory} (every byte: the run's "
+                 f"fingerprint and the reference cache key), about {estimate:.0f} s ...")  # fmt: skip
+    start = time.perf_counter()
     digest = hashlib.blake2b(digest_size=16)
-    for name, file_hash in zip(names, _digests([Path(directory) / n for n in names])):
+    for name, file_hash in zip(names, _digests(paths)):
         digest.update(f"{name}:{file_hash};".encode())
+    if size >= HASH_LOG_ABOVE:
+        log.info(f"hashed in {time.perf_counter() - start:.0f} s")
     return digest.hexdigest()
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_components.checkpointing.directory import files_digest
 from dpo_components.data import PreferenceDataset
-from dpo_components.settings import ConfigError
+from dpo_components.settings import DEFAULT_MASTER_DTYPE, ConfigError
 
 # The config keys that shape a run (whole sections are flattened to dotted keys); a resume must match every one.
 # Logging, eval, save intervals, compile, activation checkpointing and the log-prob chunk size are left out: they
@@ -31,6 +31,9 @@ def run_fingerprint(cfg: DictConfig, train_data: PreferenceDataset, **values: An
     for key, value in (cfg.get("dataset") or {}).items():
         if "length" in key:  # max_length, max_prompt_length: truncation, also inside the data hash
             fingerprint[f"dataset.{key}"] = value
+    master_dtype = cfg.get("master_dtype") or DEFAULT_MASTER_DTYPE
+    if master_dtype != cfg.get("dtype"):  # fp32 master copies of bf16 weights: another run than bf16 in place
+        fingerprint["master_dtype"] = master_dtype
     fingerprint["train_pairs"] = len(train_data)
     fingerprint["train_data"] = train_data.content_hash()
     fingerprint["base_checkpoint"] = files_digest(cfg.checkpointer.checkpoint_dir, cfg.checkpointer.checkpoint_files)

@@ -42,23 +42,38 @@ def load_recipe_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 
 def training_state(
-    progress: dict[str, int], optimizer: torch.optim.Optimizer, lr_scheduler: Any, run: dict[str, Any]
+    progress: dict[str, int],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    run: dict[str, Any],
+    master_weights: Any = None,
 ) -> dict[str, Any]:
     """What an exact resume needs. ``progress``: global_step, epochs_run, batches_done_in_epoch. ``run``: the
-    run's fingerprint (:func:`run_fingerprint`), checked on resume."""
-    return {**progress, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-            "rng": rng_state(), "run": run}  # fmt: skip
+    run's fingerprint (:func:`run_fingerprint`), checked on resume. ``master_weights``: the recipe's
+    :class:`~dpo_components.precision.MasterWeights`, whose fp32 copies (if any) are saved here."""
+    state = {**progress, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+             "rng": rng_state(), "run": run}  # fmt: skip
+    if master_weights is not None and master_weights.has_copies:
+        state["master_weights"] = master_weights.state_dict()
+    return state
 
 
 def restore_training_state(
-    checkpoint_dir: Path, optimizer: torch.optim.Optimizer, lr_scheduler: Any, run: dict[str, Any]
+    checkpoint_dir: Path,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    run: dict[str, Any],
+    master_weights: Any = None,
 ) -> dict[str, int]:
-    """Load optimizer, LR schedule and RNG from ``checkpoint_dir``; return the progress counters.
+    """Load optimizer, LR schedule, RNG and the fp32 master weights (into ``master_weights``, which writes them
+    into the model) from ``checkpoint_dir``; return the progress counters.
 
     Refuses (``ConfigError``, naming each key) when the run's fingerprint ``run`` differs from the checkpoint's.
     """
     state = load_recipe_state(checkpoint_dir)
     check_same_run(checkpoint_dir, state["run"], run)
+    if master_weights is not None:
+        master_weights.load_state_dict(state.get("master_weights", {}), where=str(checkpoint_dir / RECIPE_STATE_FILE))
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])

@@ -55,9 +55,12 @@ def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[
     """The prompt in chat format followed by the assistant header: what a model is given at generation time.
 
     Found as the common start of the prompt followed by different assistant responses, so it holds for every
-    family's format (an empty assistant turn would leave Phi-3's <|end|> in it).
+    family's format (an empty assistant turn would leave Phi-3's <|end|> in it), unless the tokenizer defines its
+    own ``generation_prompt`` (Qwen3: the final turn's think block depends on the response).
     """
     messages = [Message(m.role, m.content, masked=True) for m in prompt]
+    if callable(getattr(tokenizer, "generation_prompt", None)):
+        return tokenizer.generation_prompt(messages)
     probes = [tokenize_chat(tokenizer, messages + [Message("assistant", text)])[0] for text in _PROBES]
     common = 0
     while all(len(p) > common for p in probes) and len({p[common] for p in probes}) == 1:

@@ -8,6 +8,7 @@
     chat_formats.py  tokenizers whose chat format equals the released templates (Gemma 2, Mistral v0.3,
                      Qwen2.5 Instruct, Phi-4)
     dora.py          DoRA with the bias outside the magnitude scaling
+    norms.py         RMSNorm that reaches PyTorch's fused kernel under bf16
     quantization.py  int8 / float8 training transforms, CPU-offloaded AdamW, plain state dicts for saving
 
 Every torchtune internal this project patches or works around, and where (fixes live on our side, never in
@@ -17,7 +18,10 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
   is wrapped in a soft-capping module (``gemma2.cap_logits_like_gemma2``).
 - ``torchtune.models.phi3`` builders with Phi-3's RoPE base for Phi-4 -> ``phi4.phi4_14b`` passes 250,000.
 - ``torchtune.modules.peft.DoRALinear.forward`` scales a bias by the magnitude -> replaced per instance on layers
-  with a bias (``dora.unscale_dora_bias``, called by every recipe).
+  with a bias (``dora.unscale_dora_bias``, in ``apply_model_fixes``).
+- ``torchtune.modules.RMSNorm.forward`` passes a bf16 scale with an fp32 input to ``F.rms_norm`` (a warning per
+  forward and the unfused path) -> replaced per instance with the scale in fp32 (``norms.fused_rms_norm``, applied
+  with the DoRA fix by ``apply_model_fixes``, which every recipe calls on a model it builds).
 - ``torchtune.modules.MultiHeadAttention`` applies q/k norms after RoPE -> ``qwen3.Qwen3Attention``;
   ``torchtune.models.qwen2._convert_weights._FROM_HF`` lacks Qwen3's q/k norm keys -> extended only while a Qwen3
   state dict is converted (``qwen3._qwen2_table_with_qk_norms``).
@@ -39,3 +43,14 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
 - ``tune run recipes/x.py`` imports the ``recipes`` package of torchtune's wheel -> ``dpo_components._tune_hook``
   (a meta-path finder for this project's ``recipes/``), which also drops torchao 0.15's C++-extension skip line.
 """
+
+from torch import nn
+
+from dpo_components.models.dora import unscale_dora_bias
+from dpo_components.models.norms import fused_rms_norm
+
+
+def apply_model_fixes(model: nn.Module) -> nn.Module:
+    """The per-instance fixes of torchtune's modules, applied by every recipe to a model it has just built: DoRA's
+    bias outside the magnitude scaling, RMSNorm on PyTorch's fused kernel under bf16. Returns ``model``."""
+    return fused_rms_norm(unscale_dora_bias(model))

@@ -105,3 +105,17 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = value.dequantize()
         out[key] = value.detach().cpu().clone()
     return out
+
+
+NF4_PARAMS_PER_SECOND_CPU = 8e6  # torchao's to_nf4 on one core of the 2-core test machine (bf16 2048 x 8192)
+
+
+def nf4_estimate(base_state: dict[str, torch.Tensor], device: torch.device) -> str:
+    """How long QLoRA's NF4 quantization of ``base_state``'s linear weights will take, in words, for a log line:
+    torchtune quantizes each twice (at build and at load); about 8M parameters per second on one CPU core."""
+    unquantized = ("tok_embeddings.weight", "output.weight")
+    params = sum(v.numel() for k, v in base_state.items() if v.dim() == 2 and k not in unquantized)
+    if device.type != "cpu":
+        return f"({params / 1e9:.1f}B parameters, twice: seconds on a GPU)"
+    seconds = 2 * params / NF4_PARAMS_PER_SECOND_CPU
+    return f"({params / 1e9:.2f}B parameters, twice: about {seconds:.0f} s on one CPU core)"

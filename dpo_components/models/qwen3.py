@@ -9,12 +9,16 @@ What differs from Qwen2.5 (and how it is handled here):
 - **tied embeddings** for 0.6B, 1.7B and 4B; 8B has its own ``lm_head``.
 - **checkpoints**: :class:`Qwen3HFCheckpointer` is torchtune's ``FullModelHFCheckpointer`` on its Qwen2 key table
   plus the q/k norms (``model_type: QWEN3`` in YAML); ``transformers``' ``Qwen3ForCausalLM`` loads what it writes.
-- **chat format** (:class:`Qwen3Tokenizer`): ChatML as Qwen2.5, in *non-thinking* mode as Qwen3's template writes it
-  with ``enable_thinking=False``: the assistant turn being trained starts with an empty ``<think>\\n\\n</think>\\n\\n``
-  block (part of the masked prompt, so generation starts after it). ``<think>...</think>`` blocks in earlier
-  assistant turns are dropped, as the template drops them; a response that holds a ``<think>`` block is refused
-  (thinking-mode preference data is not supported: chosen and rejected would not share one prompt).
-"""
+- **chat format** (:class:`Qwen3Tokenizer`): ChatML as Qwen2.5 (each turn encoded in one piece, as the
+  template's text: :func:`~dpo_components.models.chat_formats.chatml_tokenize`), in one of the template's two modes:
+  - ``enable_thinking=False`` (the default, and the shipped configs): the generation prompt ends with an empty
+    ``<think>\n\n</think>\n\n`` block (part of the masked prompt, so generation starts after it); a response that
+    holds a ``<think>`` block is refused (it would follow a think block of its own);
+  - ``enable_thinking=True``: the generation prompt is ``<|im_start|>assistant\n`` and the response is trained as
+    the template renders a final thinking turn: ``<think>\n{reasoning}\n</think>\n\n{answer}`` (an empty block
+    when the response has none), so chosen and rejected each carry their own reasoning.
+  In both, earlier assistant turns lose their ``<think>...</think>`` block (and the newlines after it) as the
+  template drops them; a turn without one is kept as written."""
 
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.modules.transforms.tokenizers import parse_hf_tokenizer_json
 from torchtune.training import FullModelHFCheckpointer
 
+from dpo_components.models.chat_formats import chatml_tokenize
 from dpo_components.settings import ConfigError
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -269,26 +274,50 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
 class Qwen3Tokenizer(Qwen2_5Tokenizer):
-    """Qwen2.5's tokenizer with Qwen3's special tokens and non-thinking turns (see the module docstring)."""
+    """Qwen2.5's tokenizer with Qwen3's special tokens and chat template (see the module docstring)."""
+
+    def __init__(self, *args: Any, enable_thinking: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.enable_thinking = enable_thinking
 
     def tokenize_messages(self, messages: list[Message], *, add_eos: bool = True) -> tuple[list[int], list[bool]]:
-        return super().tokenize_messages(non_thinking_turns(messages), add_eos=add_eos)
+        return chatml_tokenize(self, qwen3_turns(messages, self.enable_thinking), add_eos=add_eos)
+
+    def generation_prompt(self, prompt: list[Message]) -> list[int]:
+        """The prompt's turns and the assistant header, ``<|im_start|>assistant\n`` (+ the empty think block in
+        non-thinking mode): Qwen3's ``add_generation_prompt``."""
+        tokens, _ = chatml_tokenize(self, qwen3_turns(prompt, self.enable_thinking), add_eos=False)
+        header = "assistant\n" + ("" if self.enable_thinking else EMPTY_THINK)
+        return [*tokens, self.im_start_id, *self.encode(header, add_bos=False, add_eos=False)]
 
 
-def non_thinking_turns(messages: list[Message]) -> list[Message]:
-    """``messages`` as Qwen3's chat template renders them with ``enable_thinking=False``: assistant turns before the
-    last user turn lose their ``<think>`` block, the ones after it start with an empty one."""
+def _split_think(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of an assistant turn as Qwen3's template reads it; reasoning None without ``</think>``."""
+    if "</think>" not in text:
+        return None, text
+    reasoning, answer = text.split("</think>")[0], text.split("</think>")[-1]
+    return reasoning.rstrip("\n").split("<think>")[-1].lstrip("\n"), answer.lstrip("\n")
+
+
+def qwen3_turns(messages: list[Message], enable_thinking: bool = False) -> list[Message]:
+    """``messages`` as Qwen3's chat template renders them: assistant turns before the last user turn lose their
+    ``<think>`` block; a final assistant turn (the response) gets ``<think>\n{reasoning}\n</think>\n\n`` before
+    its answer in thinking mode, and nothing in non-thinking mode (the empty block is in the generation prompt)."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     out = []
     for i, message in enumerate(messages):
         text = message.text_content
         if message.role == "assistant" and i < last_user:
-            text = text.split("</think>")[-1].lstrip("\n")
-        elif message.role == "assistant":
-            if "<think>" in text or "</think>" in text:
-                raise ValueError("a response with a <think> block: only non-thinking Qwen3 turns are supported "
-                                 "(remove the block, or keep it out of the responses)")  # fmt: skip
-            text = EMPTY_THINK + text.lstrip("\n")
+            text = _split_think(text)[1]
+        elif message.role == "assistant" and i == len(messages) - 1:
+            reasoning, answer = _split_think(text)
+            if not enable_thinking:
+                if reasoning is not None or "<think>" in text:
+                    raise ValueError("a response with a <think> block under enable_thinking=False: set "
+                                     "tokenizer.enable_thinking=true to train thinking turns, or remove the block")
+                text = EMPTY_THINK + answer.lstrip("\n")
+            else:
+                text = f"<think>\n{(reasoning or '').strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
         out.append(Message(message.role, text, masked=message.masked, ipython=message.ipython, eot=message.eot))
     return out
 
@@ -298,11 +327,12 @@ def qwen3_tokenizer(
     merges_file: str,
     special_tokens_path: str | None = None,
     max_seq_len: int | None = None,
+    enable_thinking: bool = False,
 ) -> Qwen3Tokenizer:
     """Qwen3's tokenizer from ``vocab.json`` and ``merges.txt`` (and ``tokenizer.json`` for its special tokens, as
-    ``qwen2_5_tokenizer``); EOS ``<|im_end|>``, pad ``<|endoftext|>``."""
+    ``qwen2_5_tokenizer``); EOS ``<|im_end|>``, pad ``<|endoftext|>``; ``enable_thinking`` as the template's."""
     special_tokens = (
         QWEN3_SPECIAL_TOKENS if special_tokens_path is None else parse_hf_tokenizer_json(special_tokens_path)
     )
     return Qwen3Tokenizer(path=path, merges_file=merges_file, special_tokens=special_tokens, max_seq_len=max_seq_len,
-                          eos_token=IM_END, pad_token=ENDOFTEXT)  # fmt: skip
+                          eos_token=IM_END, pad_token=ENDOFTEXT, enable_thinking=enable_thinking)  # fmt: skip
