@@ -150,6 +150,23 @@ class MasterWeights:
             out.append((local[index].clone(), grad))
         return out
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer that cannot step the master copies; then :meth:`warn_if_updates_round_away` at the
+        optimizer's peak learning rate. The recipes call it once the LR schedule is built."""
+        from torchao.optim import CPUOffloadOptimizer
+
+        from dpo_components.settings import ConfigError
+
+        if self.has_copies and isinstance(optimizer, CPUOffloadOptimizer):
+            raise ConfigError(
+                "torchao's CPUOffloadOptimizer steps only parameters whose gradients arrive through backward hooks; "
+                "the fp32 master copies (master_dtype: fp32 with dtype: bf16) get theirs after backward, so it would "
+                "step none of its offloaded ones. Use another optimizer (torchao.optim.AdamW8bit also saves "
+                "optimizer memory), dtype: fp32, or master_dtype: bf16 (the bf16 weights stepped in place: updates "
+                "below their spacing are lost)"
+            )
+        self.warn_if_updates_round_away(peak_lr(optimizer))
+
     @torch.no_grad()
     def warn_if_updates_round_away(self, lr: float) -> float:
         """Warn when ``lr`` (about an Adam step) is below half the spacing at which more than a tenth of the

@@ -60,7 +60,7 @@ from dpo_components.distributed import all_reduce_metrics, eval_batch_starts, fr
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
 from dpo_components.models import apply_model_fixes
-from dpo_components.precision import MasterWeights, fsdp_mixed_precision, peak_lr
+from dpo_components.precision import MasterWeights, fsdp_mixed_precision
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import RecipeSettings, instantiate_loss, prepare_and_check_inputs
@@ -119,7 +119,7 @@ class FullDPORecipeDistributed:
         self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
         if self._is_rank_zero:
-            self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
+            self._master.check_optimizer(self._optimizer)  # refuses what cannot step them; warns on lost updates
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if self._is_rank_zero:

@@ -64,7 +64,7 @@ from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
 from dpo_components.models import apply_model_fixes
 from dpo_components.models.quantization import plain_state_dict
-from dpo_components.precision import MasterWeights, peak_lr
+from dpo_components.precision import MasterWeights
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import (
@@ -142,7 +142,7 @@ class IPORecipeSingleDevice:
         self._master = MasterWeights(self._model.named_parameters(), s.master_dtype, seed=self.seed)
         self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
-        self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
+        self._master.check_optimizer(self._optimizer)  # refuses what cannot step them; warns on lost updates
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
         log.info(

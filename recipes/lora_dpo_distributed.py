@@ -73,7 +73,7 @@ from dpo_components.distributed import (
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
 from dpo_components.models import apply_model_fixes
-from dpo_components.precision import MasterWeights, fsdp_mixed_precision, peak_lr, trainable_to
+from dpo_components.precision import MasterWeights, fsdp_mixed_precision, trainable_to
 from dpo_components.reference import build_reference, reference_variant
 from dpo_components.samples import eval_sampling, log_samples, sample_and_score
 from dpo_components.settings import RecipeSettings, instantiate_loss, prepare_and_check_inputs
@@ -130,7 +130,7 @@ class LoRADPORecipeDistributed:
         self._optimizer = config.instantiate(cfg.optimizer, self._master.params)
         self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps)
         if self._is_rank_zero:
-            self._master.warn_if_updates_round_away(peak_lr(self._optimizer))
+            self._master.check_optimizer(self._optimizer)  # refuses what cannot step them; warns on lost updates
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if self._is_rank_zero:
@@ -149,8 +149,8 @@ class LoRADPORecipeDistributed:
             model = apply_model_fixes(config.instantiate(cfg.model))  # DoRA as exported, fused RMSNorm
         self._lora = lora_settings(cfg.model)
         set_trainable_params(model, get_adapter_params(model))
-        trainable_to(model, s.master_dtype)  # fp32 adapter shards (master weights); FSDP computes in s.dtype
         adapters = initial_adapter_state(model, base_state, self.seed)  # before checkpoint wrappers rename modules
+        trainable_to(model, s.master_dtype)  # fp32 adapter shards (master weights); FSDP computes in s.dtype
         if s.activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         shard_and_load(model, {**base_state, **adapters}, s.device, s.dtype, reshard=s.fsdp_reshard_after_forward,

@@ -201,3 +201,15 @@ def test_fsdp2_bf16_resume_is_exact_with_its_fp32_shards(recipe_cfg, random_star
     assert min(logged(resumed_cfg)) == 3
     for (name, a), b in zip(full._model.named_parameters(), resumed._model.parameters()):
         assert a.dtype == torch.float32 and torch.equal(a.full_tensor(), b.full_tensor()), name
+
+
+def test_an_optimizer_that_cannot_step_master_copies_is_refused():
+    """torchao's CPUOffloadOptimizer steps from backward hooks, which the master copies' gradients never pass
+    (it needs CUDA to be built, so the check is given one without its constructor)."""
+    from torchao.optim import CPUOffloadOptimizer
+
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    offloaded = object.__new__(CPUOffloadOptimizer)
+    with pytest.raises(ConfigError, match="CPUOffloadOptimizer steps only parameters whose gradients arrive"):
+        MasterWeights([("w", param)], torch.float32).check_optimizer(offloaded)
+    MasterWeights([("w", param)], torch.bfloat16).check_optimizer(torch.optim.AdamW([param], lr=1e-3))  # in place

@@ -157,3 +157,33 @@ def test_llama3_1_date_is_settable():
     assert sample["prompt_ids"] == template_ids(hf, PROMPTS["system"], {"date_string": "02 Dec 2026"},
                                                 add_generation_prompt=True)  # fmt: skip
     assert "Today Date: 02 Dec 2026\n\nYou are brief." in hf.decode(sample["prompt_ids"])
+
+
+def test_qwen3_prompt_ending_with_an_assistant_turn_keeps_it_as_an_inner_turn(tmp_path):
+    """A prompt may end with an assistant turn (a continuation): its generation prompt renders that turn as the
+    trained sequence does (closed, no think block added), so the header is a prefix and only the response trains.
+    Tiny Qwen3 vocabulary (no download needed)."""
+    from dpo_components.tiny.family_tokenizers import family_tokenizer, write_family_tokenizer
+
+    ours = family_tokenizer(write_family_tokenizer(tmp_path, "qwen3"), "qwen3")
+    prompt = [{"role": "user", "content": "the plot"}, {"role": "assistant", "content": "was"}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "great ."}],
+           "rejected": [{"role": "assistant", "content": "dull ."}]}  # fmt: skip
+    sample = tokenize_rows([row], ours, source="rows", max_length=256)[0]
+    assert ours.decode(sample["prompt_ids"], skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\nwas<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ours.decode(sample["chosen_response_ids"], skip_special_tokens=False) == "great .<|im_end|>"
+
+
+def test_qwen3_rows_it_cannot_format_are_bad_rows_that_skip(tmp_path):
+    from dpo_components.data import PreferenceDataError
+    from dpo_components.tiny.family_tokenizers import family_tokenizer, write_family_tokenizer
+
+    ours = family_tokenizer(write_family_tokenizer(tmp_path, "qwen3"), "qwen3")
+    good = {"prompt": "the plot", "chosen": "great .", "rejected": "dull ."}
+    tool = {"prompt": [{"role": "user", "content": "the plot"}, {"role": "tool", "content": "{}"}],
+            "chosen": [{"role": "assistant", "content": "great ."}],
+            "rejected": [{"role": "assistant", "content": "dull ."}]}  # fmt: skip
+    with pytest.raises(PreferenceDataError, match="row 1: .*tool"):
+        tokenize_rows([good, tool], ours, source="rows", max_length=256)
+    assert len(tokenize_rows([good, tool, good], ours, source="rows", max_length=256, on_bad_row="skip")) == 2

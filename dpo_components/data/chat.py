@@ -60,7 +60,10 @@ def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[
     """
     messages = [Message(m.role, m.content, masked=True) for m in prompt]
     if callable(getattr(tokenizer, "generation_prompt", None)):
-        return tokenizer.generation_prompt(messages)
+        try:
+            return tokenizer.generation_prompt(messages)
+        except (ValueError, RuntimeError) as error:  # as _tokenize_messages: a bad row, named by the caller
+            raise BadRow(f"{type(tokenizer).__name__} cannot format these messages: {error}") from None
     probes = [tokenize_chat(tokenizer, messages + [Message("assistant", text)])[0] for text in _PROBES]
     common = 0
     while all(len(p) > common for p in probes) and len({p[common] for p in probes}) == 1:

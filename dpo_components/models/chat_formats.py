@@ -108,20 +108,21 @@ def mistral_v0_3_tokenizer(path: str, max_seq_len: int | None = None) -> Mistral
     return tokenizer
 
 
-def chatml_tokenize(tokenizer: Qwen2_5Tokenizer, messages: list[Message], add_eos: bool = True
-                    ) -> tuple[list[int], list[bool]]:  # fmt: skip
+def chatml_tokenize(tokenizer: Qwen2_5Tokenizer, messages: list[Message], add_eos: bool = True,
+                    response_last: bool = True) -> tuple[list[int], list[bool]]:  # fmt: skip
     """torchtune's ChatML ``tokenize_messages`` (Qwen2/2.5/3) with each turn's ``role\ncontent`` encoded in one
     piece, as the template's text is; only a final assistant turn (the response) has its header ``assistant\n``
     encoded apart from its content, so the generation prompt is a prefix of prompt + response.
 
     ``<|im_start|>{role}\n{content}<|im_end|>\n`` per turn; the final assistant turn ends with its content (the
-    caller's EOS, ``<|im_end|>`` for the Instruct models, follows with ``add_eos``)."""
+    caller's EOS, ``<|im_end|>`` for the Instruct models, follows with ``add_eos``). ``response_last=False``: the
+    messages are a prompt, and a final assistant turn is closed like any other."""
     tokens: list[int] = []
     mask: list[bool] = []
     for index, message in enumerate(messages):
         if message.role == "ipython":
             raise ValueError("tool (ipython) turns are not supported by this ChatML format")
-        response = message.role == "assistant" and index == len(messages) - 1
+        response = response_last and message.role == "assistant" and index == len(messages) - 1
         if response:
             ids = [tokenizer.im_start_id, *tokenizer.encode("assistant\n", add_bos=False, add_eos=False),
                    *tokenizer.encode(message.text_content, add_bos=False, add_eos=False)]  # fmt: skip

@@ -17,8 +17,8 @@ What differs from Qwen2.5 (and how it is handled here):
   - ``enable_thinking=True``: the generation prompt is ``<|im_start|>assistant\n`` and the response is trained as
     the template renders a final thinking turn: ``<think>\n{reasoning}\n</think>\n\n{answer}`` (an empty block
     when the response has none), so chosen and rejected each carry their own reasoning.
-  In both, earlier assistant turns lose their ``<think>...</think>`` block (and the newlines after it) as the
-  template drops them; a turn without one is kept as written."""
+  In both, assistant turns before the last user turn lose their ``<think>...</think>`` block (and the newlines
+  after it) as the template drops them; a turn without one is kept as written."""
 
 from __future__ import annotations
 
@@ -285,8 +285,10 @@ class Qwen3Tokenizer(Qwen2_5Tokenizer):
 
     def generation_prompt(self, prompt: list[Message]) -> list[int]:
         """The prompt's turns and the assistant header, ``<|im_start|>assistant\n`` (+ the empty think block in
-        non-thinking mode): Qwen3's ``add_generation_prompt``."""
-        tokens, _ = chatml_tokenize(self, qwen3_turns(prompt, self.enable_thinking), add_eos=False)
+        non-thinking mode): Qwen3's ``add_generation_prompt``. The turns are rendered as in prompt + response (a
+        prompt ending with an assistant turn keeps it as an inner turn), so this is a prefix of what is trained."""
+        turns = qwen3_turns(prompt, self.enable_thinking, response_last=False)
+        tokens, _ = chatml_tokenize(self, turns, add_eos=False, response_last=False)
         header = "assistant\n" + ("" if self.enable_thinking else EMPTY_THINK)
         return [*tokens, self.im_start_id, *self.encode(header, add_bos=False, add_eos=False)]
 
@@ -299,25 +301,31 @@ def _split_think(text: str) -> tuple[str | None, str]:
     return reasoning.rstrip("\n").split("<think>")[-1].lstrip("\n"), answer.lstrip("\n")
 
 
-def qwen3_turns(messages: list[Message], enable_thinking: bool = False) -> list[Message]:
+def qwen3_turns(messages: list[Message], enable_thinking: bool = False, response_last: bool = True) -> list[Message]:
     """``messages`` as Qwen3's chat template renders them: assistant turns before the last user turn lose their
-    ``<think>`` block; a final assistant turn (the response) gets ``<think>\n{reasoning}\n</think>\n\n`` before
-    its answer in thinking mode, and nothing in non-thinking mode (the empty block is in the generation prompt)."""
+    ``<think>`` block; later ones keep a non-empty block, normalised to ``<think>\n{reasoning}\n</think>\n\n``;
+    a final assistant turn (the response, with ``response_last``) gets that block in thinking mode (empty when it
+    has none) and none in non-thinking mode (the empty block is in the generation prompt)."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     out = []
     for i, message in enumerate(messages):
         text = message.text_content
-        if message.role == "assistant" and i < last_user:
-            text = _split_think(text)[1]
-        elif message.role == "assistant" and i == len(messages) - 1:
+        if message.role == "assistant":
             reasoning, answer = _split_think(text)
-            if not enable_thinking:
-                if reasoning is not None or "<think>" in text:
-                    raise ValueError("a response with a <think> block under enable_thinking=False: set "
-                                     "tokenizer.enable_thinking=true to train thinking turns, or remove the block")
-                text = EMPTY_THINK + answer.lstrip("\n")
+            if i < last_user:
+                text = answer
+            elif response_last and i == len(messages) - 1:
+                if not enable_thinking:
+                    if reasoning is not None or "<think>" in text:
+                        raise ValueError("a response with a <think> block under enable_thinking=False: set "
+                                         "tokenizer.enable_thinking=true to train thinking turns, or remove the block")
+                    text = EMPTY_THINK + answer.lstrip("\n")
+                else:
+                    text = f"<think>\n{(reasoning or '').strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
+            elif reasoning:  # after the last user turn, not the response: the template keeps a non-empty block
+                text = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
             else:
-                text = f"<think>\n{(reasoning or '').strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
+                text = answer
         out.append(Message(message.role, text, masked=message.masked, ipython=message.ipython, eot=message.eot))
     return out
 
