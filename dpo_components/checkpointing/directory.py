@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from torchtune.utils import get_logger
+
 from dpo_components.settings import ConfigError
 
 RECIPE_STATE_FILE = "recipe_state.pt"  # written by dpo_components.checkpointing.state
@@ -65,7 +67,7 @@ def files_digest(directory: str | Path, names: list[str]) -> str:
     names = sorted(names)
     paths = [Path(directory) / n for n in names]
     size = sum(p.stat().st_size for p in paths if p.is_file())
-    log = logging.getLogger(__name__)
+    log = get_logger("INFO")  # torchtune's logger, which a `tune run` shows (this module's INFO lines it would not)
     if size >= HASH_LOG_ABOVE:  # ~0.4 GiB/s per shard and core (benchmarks/checkpoint_hashing.py)
         estimate = size / 2**30 / (0.4 * min(len(paths), os.cpu_count() or 1, 8))
         log.info(f"hashing {size / 2**30:.1f} GiB of checkpoint files in {directory} (every byte: the run's "
