@@ -127,7 +127,7 @@ class FullDPORecipeDistributed:
                 f"{self._world_size} ranks ({dist.get_backend()}), {len(self._data.train)} pairs, global batch "
                 f"{self._global_batch} x {s.gradient_accumulation_steps} micro-batches, {self._steps_per_epoch} "
                 f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}; "
-                f"the optimizer steps {self._master.describe()} (compute in {str(s.dtype).removeprefix('torch.')})"
+                f"the optimizer steps {self._master.describe()}"
             )
 
     def _sharded_model(self, cfg: DictConfig, state: dict[str, Any], trainable: bool) -> torch.nn.Module:
@@ -281,14 +281,11 @@ class FullDPORecipeDistributed:
 
         def consolidated() -> dict[str, Any] | None:  # every rank takes part in the gather; rank 0 gets the weights
             full = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self.settings.device)
-            if not self._is_rank_zero:
-                return None  # the HF weights in the run's dtype (the fp32 master weights are in the DCP shards)
-            return {"model_state": {k: v.to(self.settings.dtype) if v.is_floating_point() else v
-                                    for k, v in full.items()}}  # fmt: skip
+            return {"model_state": full} if self._is_rank_zero else None
 
         try:
             save_sharded_checkpoint(path, self._model, self._optimizer, state, checkpointer=self._checkpointer,
-                                    hf_files=consolidated if consolidate else None)  # fmt: skip
+                                    hf_files=consolidated if consolidate else None, hf_dtype=self.settings.dtype)
         except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
             raise save_failed(path, error, self._last_checkpoint) from None
         if self._is_rank_zero:

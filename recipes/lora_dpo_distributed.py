@@ -138,7 +138,7 @@ class LoRADPORecipeDistributed:
                 f"{self._world_size} ranks ({dist.get_backend()}), {len(self._data.train)} pairs, global batch "
                 f"{self._global_batch} x {s.gradient_accumulation_steps} micro-batches, {self._steps_per_epoch} "
                 f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}; "
-                f"the optimizer steps {self._master.describe()} (compute in {str(s.dtype).removeprefix('torch.')})"
+                f"the optimizer steps {self._master.describe()}"
             )
 
     def _setup_model(self, cfg: DictConfig, base_state: dict[str, Any]) -> torch.nn.Module:
@@ -285,7 +285,6 @@ class LoRADPORecipeDistributed:
                            for k, v in self._model.state_dict().items() if "lora" in k or "magnitude" in k}  # fmt: skip
             if not self._is_rank_zero:
                 return None
-            adapter = {k: v.to(self.settings.dtype) for k, v in adapter.items()}  # the PEFT file in the run's dtype
             merged = None  # with consolidate: base (dequantized for QLoRA) + LoRA, in the run's dtype
             if consolidate:
                 merged = merge_lora_state(full, self._lora["rank"], self._lora["alpha"], self.settings.dtype)
@@ -293,7 +292,7 @@ class LoRADPORecipeDistributed:
 
         try:
             save_sharded_checkpoint(path, self._model, self._optimizer, state, adapters_only=True, hf_files=hf_files,
-                                    checkpointer=self._checkpointer)  # fmt: skip
+                                    checkpointer=self._checkpointer, hf_dtype=self.settings.dtype)  # fmt: skip
         except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
             raise save_failed(path, error, self._last_checkpoint) from None
         if self._is_rank_zero:

@@ -44,13 +44,15 @@ def save_sharded_checkpoint(
     adapters_only: bool = False,
     hf_files: Callable[[], dict[str, Any] | None] | None = None,
     checkpointer: Any = None,
+    hf_dtype: torch.dtype | None = None,
 ) -> None:
     """Write ``checkpoint_dir`` atomically (collective).
 
     ``recipe_state``: the progress counters, ``lr_scheduler`` state and ``run`` fingerprint. ``hf_files``, called
     on every rank (it may gather the sharded model: a collective), returns on rank 0 the keyword arguments of
     :func:`~dpo_components.checkpointing.hf.write_hf_files` (``model_state``, ``adapter_state``,
-    ``adapter_config``), which rank 0 writes with the HF ``checkpointer``. On an error the temporary directory is
+    ``adapter_config``), which rank 0 writes with the HF ``checkpointer``, its tensors cast to ``hf_dtype`` (the run's
+    dtype: the shards may hold fp32 master weights). On an error the temporary directory is
     removed and the error raised; the other checkpoints stay as they were.
     """
     rank = dist.get_rank()
@@ -67,7 +69,7 @@ def save_sharded_checkpoint(
         dist.barrier()  # every rank's files are written before rank 0 completes and renames the directory
         if rank == 0:
             if hf:
-                write_hf_files(checkpointer, tmp, **hf)
+                write_hf_files(checkpointer, tmp, **_cast_floats(hf, hf_dtype))
             torch.save(recipe_state, tmp / RECIPE_STATE_FILE)
             write_manifest(tmp, run=recipe_state.get("run"))  # last: a checkpoint is complete only with it
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -77,6 +79,14 @@ def save_sharded_checkpoint(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _cast_floats(hf: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """``hf`` with the floating tensors of its ``model_state`` and ``adapter_state`` in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return hf
+    cast = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: cast(v) if k in ("model_state", "adapter_state") and v is not None else v for k, v in hf.items()}
 
 
 def load_sharded_checkpoint(
