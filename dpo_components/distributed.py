@@ -18,7 +18,7 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune import modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
-from dpo_components.metrics import PreferenceMetrics
+from dpo_components.metrics import PreferenceMetrics, averages
 from dpo_components.settings import ConfigError
 
 
@@ -59,14 +59,17 @@ def eval_batch_starts(num_items: int, batch_size: int) -> list[tuple[int, bool]]
 
 
 def all_reduce_metrics(metrics: PreferenceMetrics, device: torch.device) -> dict[str, float]:
-    """Sums over ranks of every metric sum and of the pair, token and position counts -> averages over all pairs of
-    all ranks, the total token count (``tokens``) and the padding fraction of all ranks' batches (collective)."""
+    """Sums over ranks of every metric sum and count and of the token and position counts -> averages over all pairs
+    (or rows of a class) of all ranks, the total token count (``tokens``) and the padding fraction of all ranks'
+    batches (collective)."""
     names = sorted(metrics.sums)
-    counts = [metrics.pairs, metrics.tokens, metrics.data_positions, metrics.computed_positions]
-    totals = torch.tensor([metrics.sums[n] for n in names] + counts, dtype=torch.float64, device=device)
+    counts = [metrics.tokens, metrics.data_positions, metrics.computed_positions]
+    totals = torch.tensor([metrics.sums[n] for n in names] + [metrics.counts[n] for n in names] + counts,
+                          dtype=torch.float64, device=device)  # fmt: skip
     dist.all_reduce(totals)
-    pairs, tokens, data_positions, computed_positions = totals[-4:].tolist()
-    averaged = {name: totals[i].item() / pairs for i, name in enumerate(names)}
+    values = totals.tolist()
+    averaged = averages(dict(zip(names, values[: len(names)])), dict(zip(names, values[len(names) : 2 * len(names)])))
+    tokens, data_positions, computed_positions = values[-3:]
     averaged["tokens"] = tokens
     if computed_positions:
         averaged["padding_fraction"] = 1 - data_positions / computed_positions

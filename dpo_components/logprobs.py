@@ -118,13 +118,25 @@ def concatenated_logprobs(
 ) -> SequenceLogProbs:
     """One forward over the batch -> per-pair log-prob sums and counts. The batch is either the standard [2B, L]
     one (chosen rows, then rejected) or, with prefix sharing, B shared rows (``dpo_components.data.prefix_sharing``;
-    ``flex_attention`` False masks them for SDPA instead of FlexAttention on CUDA)."""
+    ``flex_attention`` False masks them for SDPA instead of FlexAttention on CUDA).
+
+    Unpaired rows (a ``desirable`` key, KTO) carry their KL completions as the second half; no loss differentiates
+    through those (z0 is detached), so with grad enabled the standard layout scores them in a second forward under
+    ``torch.no_grad()``, as TRL does, and the backward pass covers the completions only. (A prefix-shared row holds
+    both in one forward.)"""
+    desirable = batch.get("desirable")
     if "segments" in batch:
         logps, tokens = scored_logprobs(
             model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
             num_sequences=2 * batch["input_ids"].shape[0], chunk_size=chunk_size,
             mask=attention_mask(batch["segments"], flex_attention), input_pos=batch["input_pos"],
         )  # fmt: skip
+    elif desirable is not None and torch.is_grad_enabled():
+        rows, labels = batch["input_ids"].chunk(2), batch["labels"].chunk(2)
+        logps, tokens = sequence_logprobs(model, rows[0], labels[0], chunk_size=chunk_size)
+        with torch.no_grad():
+            kl_logps, kl_tokens = sequence_logprobs(model, rows[1], labels[1], chunk_size=chunk_size)
+        logps, tokens = torch.cat([logps, kl_logps]), torch.cat([tokens, kl_tokens])
     else:
         logps, tokens = sequence_logprobs(model, batch["input_ids"], batch["labels"], chunk_size=chunk_size)
-    return SequenceLogProbs.from_concatenated(logps, tokens)
+    return SequenceLogProbs.from_concatenated(logps, tokens, desirable)

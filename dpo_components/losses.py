@@ -17,7 +17,10 @@ Notation in the docstrings: for pair i, ``pi_w, pi_l`` are the policy log-probs 
 rejected (loser) responses, ``ref_w, ref_l`` the reference's, ``|y_w|, |y_l|`` the response token counts,
 ``h = (pi_w - ref_w) - (pi_l - ref_l)`` the log-ratio margin and ``L(z) = -log sigmoid(z)``.
 
-Any loss takes ``nll_weight`` (alpha): it adds the RPO term (Pang et al. 2024, arXiv 2404.19733)
+Unpaired feedback (KTO): :class:`KTOLoss` and :class:`APOZeroUnpairedLoss` (``data_kind = "unpaired"``, at the end
+of the file) take rows of (prompt, completion, label) in the same interface; see :class:`UnpairedLoss`.
+
+Any pairwise loss takes ``nll_weight`` (alpha): it adds the RPO term (Pang et al. 2024, arXiv 2404.19733)
 ``alpha * NLL(y_w) / |y_w|``, the per-token negative log-likelihood of the chosen response under the policy.
 """
 
@@ -34,19 +37,25 @@ from torch import Tensor, nn
 
 @dataclass
 class SequenceLogProbs:
-    """Per-pair sequence log-probs of one model: sums over response tokens, and the token counts. Shapes [B]."""
+    """Per-pair sequence log-probs of one model: sums over response tokens, and the token counts. Shapes [B].
+
+    For unpaired data (KTO; ``dpo_components.data.unpaired``) the *chosen* fields hold each row's completion, the
+    *rejected* fields its mismatched KL completion, and ``desirable`` [B] (bool) the rows' labels; it is None for
+    pairs.
+    """
 
     chosen_logps: Tensor
     rejected_logps: Tensor
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    desirable: Tensor | None = None
 
     @classmethod
-    def from_concatenated(cls, logps: Tensor, tokens: Tensor) -> SequenceLogProbs:
+    def from_concatenated(cls, logps: Tensor, tokens: Tensor, desirable: Tensor | None = None) -> SequenceLogProbs:
         """Split the [2B] output of one concatenated forward (chosen rows first, then rejected)."""
         chosen_logps, rejected_logps = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        return cls(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)
+        return cls(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, desirable)
 
     def averaged(self) -> SequenceLogProbs:
         """Per-token averages instead of sums (the token counts are kept)."""
@@ -55,6 +64,7 @@ class SequenceLogProbs:
             self.rejected_logps / self.rejected_tokens,
             self.chosen_tokens,
             self.rejected_tokens,
+            self.desirable,
         )
 
 
@@ -64,12 +74,17 @@ class PreferenceLossOutput:
 
     ``metrics``: loss-specific per-pair quantities (detached, shape [B]) that recipes average and log next to the
     reward metrics, e.g. IPO's margin ``ipo/margin`` and its target.
+
+    Unpaired losses (KTO) set ``desirable`` [B]; then ``chosen_rewards`` is each row's reward and
+    ``rejected_rewards`` the reward of its KL completion, and :class:`~dpo_components.metrics.PreferenceMetrics`
+    averages the rewards per class.
     """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    desirable: Tensor | None = None
 
 
 class PreferenceLoss(nn.Module):
@@ -77,9 +92,12 @@ class PreferenceLoss(nn.Module):
 
     Subclasses implement :meth:`pair_losses` on the summed log-probs, taking :meth:`log_ratios` (per token when
     ``average_logprobs``) and :meth:`policy_logps`, and set ``needs_reference`` as a class attribute.
+    ``data_kind`` says what the loss trains on: ``"pairs"`` (every loss here but KTO's) or ``"unpaired"``
+    (:class:`KTOLoss`, :class:`APOZeroUnpairedLoss`), matching the dataset's ``data_kind``.
     """
 
     needs_reference: bool = True
+    data_kind: str = "pairs"
 
     def __init__(self, beta: float, *, average_logprobs: bool = False, nll_weight: float = 0.0) -> None:
         super().__init__()
@@ -93,6 +111,7 @@ class PreferenceLoss(nn.Module):
 
     def forward(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> PreferenceLossOutput:
         batch_size = _check_logps(policy, "policy")
+        _check_data_kind(self, policy)
         if self.needs_reference:
             if reference is None:
                 raise ValueError(f"{type(self).__name__} needs reference log-probs, got reference=None")
@@ -132,10 +151,24 @@ class PreferenceLoss(nn.Module):
         return f"beta={self.beta}, average_logprobs={self.average_logprobs}, nll_weight={self.nll_weight}"
 
 
+def _check_data_kind(loss: PreferenceLoss, policy: SequenceLogProbs) -> None:
+    """A pairwise loss on unpaired rows (or the reverse) would train on nonsense pairs: refuse it."""
+    unpaired = policy.desirable is not None
+    if loss.data_kind == "unpaired" and not unpaired:
+        raise ValueError(f"{type(loss).__name__} trains on unpaired rows (prompt, completion, label), but the "
+                         "batch holds preference pairs: use dpo_components.data.unpaired_dataset (it unrolls pairs)")
+    if loss.data_kind == "pairs" and unpaired:
+        raise ValueError(f"{type(loss).__name__} trains on preference pairs, but the batch holds unpaired rows "
+                         "(prompt, completion, label): use KTOLoss, or preference pairs")
+
+
 def _check_logps(logps: SequenceLogProbs, who: str) -> int:
     """Check that all four tensors have one shape [B] with B >= 1 (no silent broadcasting), and that every
     response has at least one token; return B."""
-    shapes = {name: tuple(getattr(logps, name).shape) for name in logps.__dataclass_fields__}
+    fields = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+    shapes = {name: tuple(getattr(logps, name).shape) for name in fields}
+    if logps.desirable is not None:
+        shapes["desirable"] = tuple(logps.desirable.shape)
     if len(set(shapes.values())) != 1 or len(shapes["chosen_logps"]) != 1:
         raise ValueError(f"{who} log-probs and token counts must all have one shape [B]; got {shapes}")
     if shapes["chosen_logps"][0] == 0:
@@ -599,10 +632,15 @@ class WeightedSum(PreferenceLoss):
             weights.append(float(term.get("weight", 1.0)))
         if not losses:
             raise ValueError("WeightedSum needs at least one term")
+        kinds = {loss.data_kind for loss in losses}
+        if len(kinds) > 1:
+            raise ValueError("WeightedSum: the terms mix losses of preference pairs and of unpaired rows (KTO); "
+                             "a batch holds one kind")  # fmt: skip
         super().__init__(beta=losses[0].beta)
         self.terms = nn.ModuleList(losses)
         self.weights = weights
         self.needs_reference = any(loss.needs_reference for loss in losses)
+        self.data_kind = kinds.pop()
 
     def forward(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> PreferenceLossOutput:
         outputs = [loss(policy, reference if loss.needs_reference else None) for loss in self.terms]
@@ -611,7 +649,140 @@ class WeightedSum(PreferenceLoss):
         for i, (loss, out) in enumerate(zip(self.terms, outputs)):
             metrics[f"loss/{i}_{type(loss).__name__}"] = out.losses.detach()
             metrics.update(out.metrics)
-        return PreferenceLossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards, metrics)
+        return PreferenceLossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards, metrics,
+                                    outputs[0].desirable)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}"
+
+
+# ------------------------------------------------------------------------------------------ unpaired feedback
+
+
+class UnpairedLoss(PreferenceLoss):
+    """Base of the losses on unpaired rows (``data_kind = "unpaired"``): each row is one (prompt, completion) with
+    a label, desirable or undesirable; the batch also carries each row's mismatched KL completion (see
+    :class:`SequenceLogProbs`). Subclasses implement :meth:`row_losses`.
+
+    Notation: r_i = pi(y_i|x_i) - ref(y_i|x_i) is row i's log-ratio on summed log-probs, lambda_D / lambda_U the
+    desirable / undesirable weights, and z0 the reference point:
+
+        z0 = max(0, mean_j [pi(y'_j|x_j) - ref(y'_j|x_j)])     (detached)
+
+    over the batch's KL completions y'_j (another row's completion after prompt x_j), averaged over the ranks under
+    torch.distributed as TRL gathers it (every rank calls the loss equally often: train steps and eval batches
+    are equal per rank). Rewards are beta * r_i, logged per class; ``rewards/accuracies`` is the share of rows
+    whose r lies on their label's side of :meth:`reference_point`.
+    """
+
+    data_kind = "unpaired"
+
+    def __init__(self, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        super().__init__(beta)
+        for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"{type(self).__name__}: {name} must be finite and > 0, got {weight}")
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+
+    def forward(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> PreferenceLossOutput:
+        batch_size = _check_logps(policy, "policy")
+        _check_data_kind(self, policy)
+        if reference is None:
+            raise ValueError(f"{type(self).__name__} needs reference log-probs, got reference=None")
+        if _check_logps(reference, "reference") != batch_size:
+            raise ValueError(f"policy log-probs are for {batch_size} rows, reference log-probs for "
+                             f"{reference.chosen_logps.shape[0]}")  # fmt: skip
+        ratios = policy.chosen_logps - reference.chosen_logps
+        kl_ratios = (policy.rejected_logps - reference.rejected_logps).detach()
+        z0 = kl_estimate(kl_ratios)
+        desirable = policy.desirable.bool()
+        losses = self.row_losses(ratios, desirable, z0)
+        weights = torch.where(desirable, self.desirable_weight, self.undesirable_weight).to(losses.dtype)
+        side = torch.where(desirable, 1.0, -1.0) * (ratios.detach() - self.reference_point(z0))
+        metrics = {"kl": z0.expand(batch_size), "rewards/accuracies": (side > 0).float() + 0.5 * (side == 0).float()}
+        return PreferenceLossOutput(weights * losses, (self.beta * ratios).detach(), self.beta * kl_ratios, metrics,
+                                    desirable)  # fmt: skip
+
+    def row_losses(self, ratios: Tensor, desirable: Tensor, z0: Tensor) -> Tensor:
+        """Per-row losses [B] before the class weights, from the log-ratios r, the labels and z0."""
+        raise NotImplementedError
+
+    def reference_point(self, z0: Tensor) -> Tensor | float:
+        """The log-ratio that separates the classes in the loss (z0 for KTO): a row is logged as right
+        (``rewards/accuracies``) when its r lies on its label's side of it, a tie counting half."""
+        return z0
+
+    def class_balance_warning(self, num_desirable: int, num_undesirable: int) -> str | None:
+        """TRL's check of Eq. (8) of the KTO paper: the weighted classes should be balanced,
+        lambda_D n_D / (lambda_U n_U) in [1, 4/3]. Returns the warning (None when in range), with TRL's bounds."""
+        n_d, n_u = max(num_desirable, 1), max(num_undesirable, 1)
+        if n_d == n_u:
+            return None
+        d_low = round(n_u * self.undesirable_weight / n_d, 2)
+        d_high = round(n_u * self.undesirable_weight / n_d * 1.33, 2)
+        u_low = round(n_d * self.desirable_weight / n_u / 1.33, 2)
+        u_high = round(n_d * self.desirable_weight / n_u, 2)
+        if d_low <= self.desirable_weight <= d_high or u_low <= self.undesirable_weight <= u_high:
+            return None
+        return (f"{num_desirable} desirable and {num_undesirable} undesirable rows with desirable_weight="
+                f"{self.desirable_weight:g}, undesirable_weight={self.undesirable_weight:g}: the weighted classes are "
+                f"unbalanced (KTO paper Eq. 8). Set EITHER loss.desirable_weight in [{d_low}, {d_high}] OR "
+                f"loss.undesirable_weight in [{u_low}, {u_high}] (not both)")  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, desirable_weight={self.desirable_weight}, "
+                f"undesirable_weight={self.undesirable_weight}")  # fmt: skip
+
+
+def kl_estimate(kl_ratios: Tensor) -> Tensor:
+    """KTO's reference point z0: the batch mean of the KL completions' log-ratios (detached), averaged over the
+    ranks under torch.distributed (a collective there), clamped at 0. A 0-d tensor."""
+    z0 = kl_ratios.detach().float().mean()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+        if world_size > 1:
+            z0 = z0.clone()
+            torch.distributed.all_reduce(z0)
+            z0 = z0 / world_size
+    return z0.clamp(min=0)
+
+
+class KTOLoss(UnpairedLoss):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 7), on unpaired rows (prompt, completion, label):
+
+        desirable row:    loss = lambda_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable row:  loss = lambda_U * (1 - sigmoid(beta * (z0 - r)))
+
+    with r, z0, lambda_D, lambda_U as in :class:`UnpairedLoss`. Equals TRL 1.16's ``KTOTrainer`` (``loss_type=
+    "kto"``) per row: the same losses (TRL orders them desirable first), rewards, ``kl`` and gradients
+    (tests/test_kto.py runs TRL's own code). The paper's beta is 0.1 for large models; ``desirable_weight`` /
+    ``undesirable_weight`` correct an imbalance of the classes (:meth:`class_balance_warning`).
+    """
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        super().__init__(beta, desirable_weight, undesirable_weight)
+
+    def row_losses(self, ratios, desirable, z0):
+        return 1 - torch.sigmoid(self.beta * torch.where(desirable, ratios - z0, z0 - ratios))
+
+
+class APOZeroUnpairedLoss(UnpairedLoss):
+    """APO-zero on unpaired rows (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7 unpaired; TRL 1.16's
+    ``loss_type="apo_zero_unpaired"``): no reference point,
+
+        desirable row:    loss = lambda_D * (1 - sigmoid(beta * r))
+        undesirable row:  loss = lambda_U * sigmoid(beta * r)
+
+    for completions believed better (desirable) or worse than the model's own. The KL completions are still
+    scored and ``kl`` logged (TRL skips them and logs 0), so a step costs what a KTO step costs.
+    """
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        super().__init__(beta, desirable_weight, undesirable_weight)
+
+    def row_losses(self, ratios, desirable, z0):
+        return torch.where(desirable, 1 - torch.sigmoid(self.beta * ratios), torch.sigmoid(self.beta * ratios))
+
+    def reference_point(self, z0):
+        return 0.0

@@ -10,6 +10,8 @@ from torch import Tensor
 from dpo_components.data.collate import batch_positions
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
 
+TOTALS = ("count/desirable", "count/undesirable")  # logged as totals over the interval, not averaged
+
 
 class PreferenceMetrics:
     """Accumulates per-pair DPO metrics over the micro-batches of a step (or an eval pass) and averages them.
@@ -19,33 +21,53 @@ class PreferenceMetrics:
     Given the batches, it also counts ``tokens`` (prompt + response of both sides, without padding: the same
     count in the standard and the prefix-shared layout) and logs ``padding_fraction``, the share of computed
     positions that were padding.
+
+    Unpaired rows (KTO, ``out.desirable`` set) are logged as TRL's KTOTrainer logs them: rewards/chosen and
+    logps/chosen averaged over the desirable rows, rewards/rejected and logps/rejected over the undesirable ones,
+    rewards/margins their difference, ``kl`` (z0), the class counts ``count/desirable`` and ``count/undesirable``,
+    and rewards/accuracies as the loss defines it (the share of rows on their label's side of z0).
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.pairs = 0
+        self.counts: dict[str, float] = {}  # each sum's denominator: the pairs (or rows of its class) it covers
         self.tokens = 0
         self.data_positions = self.computed_positions = 0
 
     def update(
         self, out: PreferenceLossOutput, policy: SequenceLogProbs, batch: dict[str, Tensor] | None = None
     ) -> None:
-        margins = out.chosen_rewards - out.rejected_rewards
-        accuracies = (margins > 0).float() + 0.5 * (margins == 0).float()
-        values = {
-            "loss": out.losses.detach(),
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margins": margins,
-            "rewards/accuracies": accuracies,
-            "logps/chosen": policy.chosen_logps.detach(),
-            "logps/rejected": policy.rejected_logps.detach(),
-            **out.metrics,  # loss-specific, e.g. ipo/margin
-        }
+        n = out.losses.shape[0]
+        if out.desirable is None:
+            margins = out.chosen_rewards - out.rejected_rewards
+            values = {
+                "loss": out.losses.detach(),
+                "rewards/chosen": out.chosen_rewards,
+                "rewards/rejected": out.rejected_rewards,
+                "rewards/margins": margins,
+                "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+                "logps/chosen": policy.chosen_logps.detach(),
+                "logps/rejected": policy.rejected_logps.detach(),
+                **out.metrics,  # loss-specific, e.g. ipo/margin
+            }
+            counts = dict.fromkeys(values, n)
+        else:
+            good = out.desirable.bool()
+            n_good = int(good.sum())
+            logps = policy.chosen_logps.detach()
+            values = {
+                "loss": out.losses.detach(),
+                "rewards/chosen": out.chosen_rewards[good], "rewards/rejected": out.chosen_rewards[~good],
+                "logps/chosen": logps[good], "logps/rejected": logps[~good],
+                "count/desirable": good.float(), "count/undesirable": (~good).float(),
+                **out.metrics,  # kl, rewards/accuracies
+            }  # fmt: skip
+            counts = {**dict.fromkeys(values, n), "rewards/chosen": n_good, "logps/chosen": n_good,
+                      "rewards/rejected": n - n_good, "logps/rejected": n - n_good}  # fmt: skip
         stacked = torch.stack([v.float().sum() for v in values.values()]).tolist()  # one device sync
         for name, total in zip(values, stacked):
             self.sums[name] = self.sums.get(name, 0.0) + total
-        self.pairs += out.losses.shape[0]
+            self.counts[name] = self.counts.get(name, 0) + counts[name]
         if batch is not None:
             self.tokens += int(batch["lengths"].sum())
             data, computed = batch_positions(batch)
@@ -53,10 +75,20 @@ class PreferenceMetrics:
             self.computed_positions += computed
 
     def compute(self) -> dict[str, float]:
-        results = {name: total / max(self.pairs, 1) for name, total in self.sums.items()}
+        results = averages(self.sums, self.counts)
         if self.computed_positions:
             results["padding_fraction"] = 1 - self.data_positions / self.computed_positions
         return results
+
+
+def averages(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    """Each metric's sum over its count (a class with no row in the interval is left out); the unpaired
+    rewards/margins is the difference of the class averages."""
+    results = {name: total if name in TOTALS else total / counts[name]
+               for name, total in sums.items() if name in TOTALS or counts[name]}  # fmt: skip
+    if "count/desirable" in sums and "rewards/chosen" in results and "rewards/rejected" in results:
+        results["rewards/margins"] = results["rewards/chosen"] - results["rewards/rejected"]
+    return results
 
 
 def peak_memory_gib(device: torch.device) -> float:

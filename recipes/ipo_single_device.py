@@ -104,7 +104,7 @@ class IPORecipeSingleDevice:
         self._is_lora = bool(get_adapter_params(self._model))
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = instantiate_loss(cfg.loss)
-        self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len)
+        self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, loss=self._loss_fn)
         # what this run is trained with (config keys, data and checkpoint hashes): a resume must match it
         self._fingerprint = run_fingerprint(cfg, self._data.train, seed=self.seed)
         if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)

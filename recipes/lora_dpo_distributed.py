@@ -110,7 +110,8 @@ class LoRADPORecipeDistributed:
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = instantiate_loss(cfg.loss)
         self._global_batch = s.batch_size * self._world_size  # batch_size is per rank
-        self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, self._world_size)
+        self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, self._world_size,
+                                      loss=self._loss_fn)
         # what this run is trained with (config keys, data and checkpoint hashes): a resume must match it
         self._fingerprint = from_rank_zero(run_fingerprint, cfg, self._data.train, seed=self.seed,
                                            world_size=self._world_size)  # fmt: skip

@@ -8,7 +8,9 @@ disabled (no second copy of the weights), and is skipped entirely for reference-
 ``reference.mode: precomputed`` its log-probs are computed once before training and cached on disk (keyed by
 data, checkpoint, dtype and QLoRA), so the steps run no reference forward at all. Everything is
 built from the YAML config: model (``quantize_base: true`` for QLoRA, ``use_dora: true`` for DoRA), tokenizer,
-preference dataset, loss (any ``dpo_components.losses`` class), optimizer (any torch or torchao optimizer),
+preference dataset, loss (any ``dpo_components.losses`` class; KTO on unpaired rows with
+``dpo_components.data.unpaired_dataset``, ``recipe_configs/tiny/lora_kto_single_device.yaml``), optimizer (any torch
+or torchao optimizer),
 LR schedule and metric logger.
 
 Features: fp32 / bf16; gradient accumulation (each micro-batch loss is divided by the number of micro-batches,
@@ -96,7 +98,7 @@ class LoRADPORecipeSingleDevice:
         self._model = self._setup_model(cfg, base_state, resume_dir)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = instantiate_loss(cfg.loss)
-        self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len)
+        self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, loss=self._loss_fn)
         # what this run is trained with (config keys, data and base checkpoint hashes): a resume must match it
         self._fingerprint = run_fingerprint(cfg, self._data.train, seed=self.seed)
         if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset
+from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
 from dpo_components.data.prefix_sharing import PADDING, check_fits, collate_prefix_shared
 
 
@@ -25,7 +25,7 @@ def collate_preference_batch(
 
     Returns ``input_ids`` and ``labels`` (right-padded with ``padding_idx`` / ``ignore_idx``; prompt positions
     are ``ignore_idx`` in ``labels``), ``lengths`` [2B] (tokens before padding) and ``index`` [B], the samples'
-    dataset indices.
+    dataset indices; for unpaired rows (KTO) also ``desirable`` [B].
     ``pad_to_multiple_of`` rounds L up (fewer distinct shapes for ``torch.compile``).
     """
     inputs, labels = [], []
@@ -42,7 +42,7 @@ def collate_preference_batch(
         label_ids = torch.nn.functional.pad(label_ids, (0, extra), value=ignore_idx)
     index = torch.tensor([sample["index"] for sample in batch])
     lengths = torch.tensor([len(row) for row in inputs])
-    return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index}
+    return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index, **desirable_of(batch)}
 
 
 def preference_collator(padding_idx: int, pad_to_multiple_of: int = 1, prefix_sharing: bool = False) -> Callable:

@@ -23,16 +23,18 @@ for a JSON-lines or CSV file), or with ``on_bad_row="skip"`` are skipped and cou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from datasets import Dataset as HFDataset
 from datasets import ReadInstruction, concatenate_datasets, load_dataset
 from torch.utils.data import Dataset
@@ -123,7 +125,7 @@ def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt
 
 
 class PreferenceDataset(Dataset):
-    """Tokenized preference pairs. Item i is a dict of token lists:
+    """Tokenized preference pairs (``data_kind = "pairs"``). Item i is a dict of token lists:
 
     ``prompt_ids``, ``chosen_labels``, ``rejected_labels`` (response token ids, -100 where the tokenizer masks a
     token, e.g. a trailing end-of-text), and ``index`` (i). ``input_ids`` of a side are ``prompt_ids`` followed
@@ -131,6 +133,8 @@ class PreferenceDataset(Dataset):
     ``skipped`` counts skipped rows by reason; ``source`` names where the rows came from, and ``row_numbers[i]``
     is sample i's row there (for messages).
     """
+
+    data_kind = "pairs"  # what the rows are: "pairs", or "unpaired" (UnpairedDataset); a loss trains one kind
 
     def __init__(
         self,
@@ -159,6 +163,8 @@ class PreferenceDataset(Dataset):
             for sample in self._samples:
                 fields = [sample[k] for k in ("prompt_ids", "chosen_response_ids", "chosen_labels",
                                               "rejected_response_ids", "rejected_labels")]  # fmt: skip
+                if "desirable" in sample:  # unpaired rows: the label is data too (paired hashes unchanged)
+                    fields.append(sample["desirable"])
                 digest.update(json.dumps(fields, separators=(",", ":")).encode())
             self._content_hash = digest.hexdigest()
         return self._content_hash
@@ -171,6 +177,45 @@ class PreferenceDataset(Dataset):
         ]
 
 
+def tokenize_responses(
+    tokenizer: ModelTokenizer,
+    prompt: list[Message],
+    responses: list[list[Message]],
+    max_length: int,
+    max_prompt_length: int | None,
+    fit: int | None = None,
+) -> tuple[list[int], list[tuple[list[int], list[bool]]], bool]:
+    """(prompt ids, [(response ids, masked flags)], truncated) for responses to one prompt, truncated by the rules
+    of the module docstring. Whether to truncate is decided by the first ``fit`` responses (all by default: both
+    sides of a pair); every response is then cut to the tokens the prompt leaves, ``max_length - len(prompt)``."""
+    fit = len(responses) if fit is None else fit
+
+    def tokenize(prompt: list[Message]) -> tuple[list[int], list[tuple[list[int], list[bool]]]]:
+        header = generation_prompt(tokenizer, prompt)
+        prompt_ids, tokenized = None, []
+        for response in responses:
+            ids, response_ids, masked = _tokenize(tokenizer, prompt, response, header)
+            if prompt_ids is not None and ids != prompt_ids:
+                raise BadRow("the responses tokenize to different prompts (the chat format merges the prompt's end "
+                             "with a response)", "the responses tokenize to different prompts")  # fmt: skip
+            prompt_ids = ids
+            tokenized.append((response_ids, masked))
+        return prompt_ids, tokenized
+
+    prompt_ids, tokenized = tokenize(prompt)
+    truncated = len(prompt_ids) + max(len(ids) for ids, _ in tokenized[:fit]) > max_length
+    if truncated and max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, tokenized = tokenize(_shorten_prompt(tokenizer, prompt, max_prompt_length))
+    budget = max_length - len(prompt_ids)
+    if budget < 1:
+        raise BadRow(
+            f"prompt of {len(prompt_ids)} tokens leaves no room for a response within max_length={max_length}; "
+            "set max_prompt_length to truncate long prompts",
+            f"prompt leaves no room for a response within max_length={max_length}",
+        )
+    return prompt_ids, [(ids[:budget], masked[:budget]) for ids, masked in tokenized], truncated
+
+
 def _tokenize_pair(
     tokenizer: ModelTokenizer,
     row: dict[str, Any],
@@ -180,30 +225,9 @@ def _tokenize_pair(
 ) -> dict[str, list[int]]:
     """One parsed, tokenized and truncated pair (the sample dict of :class:`PreferenceDataset`)."""
     prompt, chosen, rejected = parse_row(row, fmt)
-
-    def tokenize(prompt: list[Message]) -> tuple:
-        header = generation_prompt(tokenizer, prompt)
-        prompt_ids, chosen_ids, chosen_masked = _tokenize(tokenizer, prompt, chosen, header)
-        prompt_ids_r, rejected_ids, rejected_masked = _tokenize(tokenizer, prompt, rejected, header)
-        if prompt_ids != prompt_ids_r:
-            raise BadRow("chosen and rejected tokenize to different prompts")
-        return prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked
-
-    prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked = tokenize(prompt)
-    truncated = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length
-    if truncated:
-        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-            prompt = _shorten_prompt(tokenizer, prompt, max_prompt_length)
-            prompt_ids, chosen_ids, chosen_masked, rejected_ids, rejected_masked = tokenize(prompt)
-        budget = max_length - len(prompt_ids)
-        if budget < 1:
-            raise BadRow(
-                f"prompt of {len(prompt_ids)} tokens leaves no room for a response within max_length={max_length}; "
-                "set max_prompt_length to truncate long prompts",
-                f"prompt leaves no room for a response within max_length={max_length}",
-            )
-        chosen_ids, chosen_masked = chosen_ids[:budget], chosen_masked[:budget]
-        rejected_ids, rejected_masked = rejected_ids[:budget], rejected_masked[:budget]
+    prompt_ids, [(chosen_ids, chosen_masked), (rejected_ids, rejected_masked)], truncated = tokenize_responses(
+        tokenizer, prompt, [chosen, rejected], max_length, max_prompt_length
+    )
     if chosen_ids == rejected_ids:
         if truncated:
             raise BadRow(f"chosen and rejected are identical after truncation to {max_length} tokens")
@@ -212,10 +236,87 @@ def _tokenize_pair(
     return {
         "prompt_ids": prompt_ids,
         "chosen_response_ids": chosen_ids,
-        "chosen_labels": _labels(chosen_ids, chosen_masked),
+        "chosen_labels": labels_of(chosen_ids, chosen_masked),
         "rejected_response_ids": rejected_ids,
-        "rejected_labels": _labels(rejected_ids, rejected_masked),
+        "rejected_labels": labels_of(rejected_ids, rejected_masked),
     }
+
+
+def check_tokenize_arguments(
+    tokenizer: ModelTokenizer,
+    formats: tuple[str, ...],
+    format: str,
+    column_map: dict[str, str] | None,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    on_bad_row: str,
+) -> int:
+    """Refuse bad builder arguments (before any row is read); return ``max_length`` (default: the tokenizer's)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got '{on_bad_row}'")
+    check_tokenizer(tokenizer)
+    if format not in (*formats, "auto"):
+        raise ValueError(f"unknown format '{format}'; expected one of {formats} or 'auto'")
+    unknown = sorted(set(column_map or {}) - set(COLUMNS))
+    if unknown:
+        raise ValueError(f"column_map keys must be among {COLUMNS} (ours -> the data's column), got {unknown}")
+    max_length = max_length or getattr(tokenizer, "max_seq_len", None)
+    if not max_length:
+        raise ValueError("set max_length (or the tokenizer's max_seq_len): the longest prompt + response in tokens")
+    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"max_prompt_length={max_prompt_length} must be in [1, max_length={max_length}) so that every "
+            "sample keeps at least one response token"
+        )
+    return max_length
+
+
+@contextlib.contextmanager
+def own_truncation(tokenizer: ModelTokenizer) -> Iterator[None]:
+    """The tokenizer's own max_seq_len off for the block: it would cut each response on its own (and could cut a
+    whole response away); truncation is ours."""
+    tokenizer_max_seq_len = getattr(tokenizer, "max_seq_len", None)
+    tokenizer.max_seq_len = None
+    try:
+        yield
+    finally:
+        tokenizer.max_seq_len = tokenizer_max_seq_len
+
+
+def each_row(
+    rows: Sequence[Any],
+    row_numbers: Sequence[int],
+    work: Callable[[Any], Any],
+    *,
+    source: str,
+    describe_row: Callable[[int], str],
+    on_bad_row: str,
+    skipped: Counter,
+) -> tuple[list[Any], list[int]]:
+    """``work(row)`` for every row: (results, their row numbers). A BadRow raises PreferenceDataError naming the
+    row, or with ``on_bad_row="skip"`` is counted in ``skipped`` by its summary."""
+    results, kept = [], []
+    for number, row in zip(row_numbers, rows):
+        try:
+            results.append(work(row))
+            kept.append(number)
+        except BadRow as bad:
+            if on_bad_row == "error":
+                raise PreferenceDataError(
+                    f"{source} {describe_row(number)}: {bad} (set on_bad_row: skip to skip such rows)"
+                ) from None
+            skipped[bad.summary] += 1
+    return results, kept
+
+
+def report_skipped(skipped: Counter, kept: int, rows: Sequence[Any], source: str, hint: Callable[[], str]) -> None:
+    """Log how many rows were skipped and why; all of them skipped is an error (``hint()`` may say why)."""
+    if not skipped:
+        return
+    reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+    if not kept:
+        raise PreferenceDataError(f"{source}: all {len(rows)} rows were skipped as bad: {reasons}" + hint())
+    log.warning("%s: skipped %d of %d rows: %s", source, sum(skipped.values()), len(rows), reasons)
 
 
 def tokenize_rows(
@@ -237,59 +338,32 @@ def tokenize_rows(
     ``describe_row(number)`` says where that is (default ``"row N"``). ``column_map`` maps our names (prompt /
     chosen / rejected / system) to the rows' column names.
     """
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got '{on_bad_row}'")
-    check_tokenizer(tokenizer)
-    if format not in (*FORMATS, "auto"):
-        raise ValueError(f"unknown format '{format}'; expected one of {FORMATS} or 'auto'")
+    max_length = check_tokenize_arguments(tokenizer, FORMATS, format, column_map, max_length, max_prompt_length,
+                                          on_bad_row)  # fmt: skip
     column_map = dict(column_map or {})
-    unknown = sorted(set(column_map) - set(COLUMNS))
-    if unknown:
-        raise ValueError(f"column_map keys must be among {COLUMNS} (ours -> the data's column), got {unknown}")
-    max_length = max_length or getattr(tokenizer, "max_seq_len", None)
-    if not max_length:
-        raise ValueError("set max_length (or the tokenizer's max_seq_len): the longest prompt + response in tokens")
-    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
-        raise ValueError(
-            f"max_prompt_length={max_prompt_length} must be in [1, max_length={max_length}) so that every "
-            "sample keeps at least one response token"
-        )
     row_numbers = list(row_numbers) if row_numbers is not None else list(range(len(rows)))
-    describe_row = describe_row or (lambda number: f"row {number}")
 
-    samples, kept_rows, skipped = [], [], Counter()
-    # The tokenizer's own max_seq_len would cut chosen and rejected independently (and could cut a whole
-    # response away); truncation is ours, so switch it off while tokenizing.
-    tokenizer_max_seq_len = getattr(tokenizer, "max_seq_len", None)
-    tokenizer.max_seq_len = None
-    try:
-        for number, raw in zip(row_numbers, rows):
-            try:
-                row = map_columns(raw, column_map)
-                fmt = detect_format(row) if format == "auto" else format
-                if fmt is None:
-                    raise BadRow(
-                        f"cannot detect the preference format from columns {sorted(row)} (chosen: "
-                        f"{type(row.get('chosen')).__name__}); set format to one of {FORMATS}, and column_map "
-                        "if the columns are named differently",
-                        "the preference format cannot be detected",
-                    )
-                samples.append(_tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length))
-                kept_rows.append(number)
-            except BadRow as bad:
-                if on_bad_row == "error":
-                    raise PreferenceDataError(
-                        f"{source} {describe_row(number)}: {bad} (set on_bad_row: skip to skip such rows)"
-                    ) from None
-                skipped[bad.summary] += 1
-    finally:
-        tokenizer.max_seq_len = tokenizer_max_seq_len
-    if skipped:
-        reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
-        if not samples:
-            raise PreferenceDataError(f"{source}: all {len(rows)} rows were skipped as bad: {reasons}"
-                                      + _format_hint(rows, format, column_map))  # fmt: skip
-        log.warning("%s: skipped %d of %d rows: %s", source, sum(skipped.values()), len(rows), reasons)
+    def tokenize(raw: dict[str, Any]) -> dict[str, list[int]]:
+        row = map_columns(raw, column_map)
+        fmt = detect_format(row) if format == "auto" else format
+        if fmt is None and "completion" in row and "chosen" not in row:
+            raise BadRow("an unpaired row (prompt, completion, label): read such data with "
+                         "dpo_components.data.unpaired_dataset and train it with an unpaired loss (KTOLoss)",
+                         "unpaired rows (prompt, completion, label) in a preference dataset")  # fmt: skip
+        if fmt is None:
+            raise BadRow(
+                f"cannot detect the preference format from columns {sorted(row)} (chosen: "
+                f"{type(row.get('chosen')).__name__}); set format to one of {FORMATS}, and column_map "
+                "if the columns are named differently",
+                "the preference format cannot be detected",
+            )
+        return _tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length)
+
+    skipped = Counter()
+    with own_truncation(tokenizer):
+        samples, kept_rows = each_row(rows, row_numbers, tokenize, source=source, on_bad_row=on_bad_row,
+                                      describe_row=describe_row or (lambda n: f"row {n}"), skipped=skipped)  # fmt: skip
+    report_skipped(skipped, len(samples), rows, source, lambda: _format_hint(rows, format, column_map))
     return PreferenceDataset(samples, source, skipped, kept_rows)
 
 
@@ -307,7 +381,14 @@ def _format_hint(rows: Any, fmt: str, column_map: dict[str, str] | None) -> str:
             f"{looks_like} on the command line) or format=auto")
 
 
-def _labels(ids: list[int], masked: list[bool]) -> list[int]:
+def desirable_of(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """What a collator adds for unpaired rows (KTO): ``{"desirable": [B] bool}``; ``{}`` for pairs."""
+    if "desirable" not in batch[0]:
+        return {}
+    return {"desirable": torch.tensor([bool(sample["desirable"]) for sample in batch])}
+
+
+def labels_of(ids: list[int], masked: list[bool]) -> list[int]:
     """Response token ids with the tokenizer's masked positions (e.g. a trailing end-of-text) set to -100."""
     return [IGNORE_INDEX if m else tok for tok, m in zip(ids, masked)]
 
@@ -403,41 +484,18 @@ def _line_of_row(path: Path, index: int) -> int | None:
     return None
 
 
-def preference_dataset(
-    tokenizer: ModelTokenizer,
-    *,
+def load_rows(
     source: str,
-    data_files: str | list[str] | None = None,
-    split: str = "train",
-    format: str = "auto",
-    column_map: dict[str, str] | None = None,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    on_bad_row: Literal["error", "skip"] = "error",
-    holdout_fraction: float = 0.0,
-    part: Literal["train", "heldout"] = "train",
-    holdout_seed: int = 0,
+    data_files: str | list[str] | None,
+    split: str,
+    column_map: dict[str, str] | None,
+    holdout_fraction: float,
+    part: str,
+    holdout_seed: int,
     **load_dataset_kwargs: Any,
-) -> PreferenceDataset:
-    """Load preference pairs with ``datasets.load_dataset`` and tokenize them (a YAML ``_component_``).
-
-    Args:
-        tokenizer: a torchtune ``ModelTokenizer`` (``tokenize_messages`` in the model's chat format).
-        source: ``"json"``, ``"parquet"``, ``"csv"`` (with ``data_files``) or a Hugging Face hub dataset name.
-        data_files: local file(s) for the file sources.
-        split: the named split to read, e.g. ``"train"`` or ``"test_prefs"``; slicing (``"train[:90%]"``) works,
-            and errors name rows by their index in the whole split.
-        format: one of ``explicit``, ``conversational``, ``implicit``, ``hh`` or ``auto`` (detect per row).
-        column_map: our column name (prompt, chosen, rejected, system) -> the data's, e.g.
-            ``{"chosen": "response_j"}``. The mapped column wins over a column already named ``chosen``.
-        max_length: longest prompt + response in tokens (default: the tokenizer's ``max_seq_len``).
-        max_prompt_length: prompts longer than this are cut (oldest turns first, keeping the end) when a sample
-            is too long. ``None`` never cuts prompts: a prompt that leaves no room for a response is a bad row.
-        on_bad_row: ``"error"`` (default) raises naming the row; ``"skip"`` skips and logs a summary.
-        holdout_fraction: hold out this fraction of the split's rows (seeded by ``holdout_seed``) as an eval set.
-        part: ``"train"`` for the remaining rows, ``"heldout"`` for the held-out ones.
-        **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``name``, ``data_dir``, ``revision``, ...).
-    """
+) -> tuple[HFDataset, list[int], str]:
+    """(rows, each row's index in its split, where they come from, for messages) of a split, or of its seeded
+    train or held-out part; refuses empty files and splits and a ``column_map`` naming a missing column."""
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     if part not in ("train", "heldout"):
@@ -474,6 +532,46 @@ def preference_dataset(
         positions = np.sort(permuted[:n_heldout] if part == "heldout" else permuted[n_heldout:]).tolist()
         rows, numbers = rows.select(positions), [numbers[i] for i in positions]
         where += f" {part} part"
+    return rows, numbers, where
+
+
+def preference_dataset(
+    tokenizer: ModelTokenizer,
+    *,
+    source: str,
+    data_files: str | list[str] | None = None,
+    split: str = "train",
+    format: str = "auto",
+    column_map: dict[str, str] | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+    holdout_fraction: float = 0.0,
+    part: Literal["train", "heldout"] = "train",
+    holdout_seed: int = 0,
+    **load_dataset_kwargs: Any,
+) -> PreferenceDataset:
+    """Load preference pairs with ``datasets.load_dataset`` and tokenize them (a YAML ``_component_``).
+
+    Args:
+        tokenizer: a torchtune ``ModelTokenizer`` (``tokenize_messages`` in the model's chat format).
+        source: ``"json"``, ``"parquet"``, ``"csv"`` (with ``data_files``) or a Hugging Face hub dataset name.
+        data_files: local file(s) for the file sources.
+        split: the named split to read, e.g. ``"train"`` or ``"test_prefs"``; slicing (``"train[:90%]"``) works,
+            and errors name rows by their index in the whole split.
+        format: one of ``explicit``, ``conversational``, ``implicit``, ``hh`` or ``auto`` (detect per row).
+        column_map: our column name (prompt, chosen, rejected, system) -> the data's, e.g.
+            ``{"chosen": "response_j"}``. The mapped column wins over a column already named ``chosen``.
+        max_length: longest prompt + response in tokens (default: the tokenizer's ``max_seq_len``).
+        max_prompt_length: prompts longer than this are cut (oldest turns first, keeping the end) when a sample
+            is too long. ``None`` never cuts prompts: a prompt that leaves no room for a response is a bad row.
+        on_bad_row: ``"error"`` (default) raises naming the row; ``"skip"`` skips and logs a summary.
+        holdout_fraction: hold out this fraction of the split's rows (seeded by ``holdout_seed``) as an eval set.
+        part: ``"train"`` for the remaining rows, ``"heldout"`` for the held-out ones.
+        **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``name``, ``data_dir``, ``revision``, ...).
+    """
+    rows, numbers, where = load_rows(source, data_files, split, column_map, holdout_fraction, part, holdout_seed,
+                                     **load_dataset_kwargs)  # fmt: skip
     return tokenize_rows(
         rows,
         tokenizer,

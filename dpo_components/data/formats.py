@@ -14,6 +14,11 @@ column that already has our name):
 - ``hh``: Anthropic HH-RLHF raw strings, ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``, split into turns and then
   treated as ``implicit``.
 
+Unpaired feedback (KTO; ``dpo_components.data.unpaired_dataset``) has rows ``prompt``, ``completion`` and ``label``
+(a bool: true for a desirable completion, false for an undesirable one), as TRL's unpaired preference format: the
+prompt and completion strings (``explicit``) or message lists (``conversational``). :func:`parse_unpaired_row`
+reads them; a paired row of any format above is unrolled into its two unpaired rows.
+
 A message is ``{"role", "content"}`` or ShareGPT's ``{"from", "value"}`` (roles human/gpt/system); its content a
 string or an OpenAI-style list of text parts ``[{"type": "text", "text": ...}]`` (joined). A ``system`` column
 (or ``column_map["system"]``) becomes a system message at the start of the prompt.
@@ -27,7 +32,7 @@ from typing import Any
 from torchtune.data import Message
 
 FORMATS = ("explicit", "conversational", "implicit", "hh")
-COLUMNS = ("prompt", "chosen", "rejected", "system")  # the names column_map maps from
+COLUMNS = ("prompt", "chosen", "rejected", "system", "completion", "label")  # the names column_map maps from
 _ROLES = {
     "system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython",
     "human": "user", "gpt": "assistant", "model": "assistant",  # ShareGPT, Gemma
@@ -166,6 +171,15 @@ def _with_system(prompt: list[Message], row: dict[str, Any]) -> list[Message]:
     return [Message(role="system", content=system), *prompt]
 
 
+def _check_response(name: str, response: list[Message]) -> None:
+    if not response:
+        raise BadRow(f"{name} response is empty")
+    if response[-1].role != "assistant":
+        raise BadRow(f"{name} response must end with an assistant turn, got '{response[-1].role}'")
+    if not "".join(m.text_content for m in response).strip():
+        raise BadRow(f"{name} response is empty")
+
+
 def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Message], list[Message]]:
     """(prompt messages, chosen response messages, rejected response messages) of one row; raises BadRow."""
     if fmt == "explicit":
@@ -189,15 +203,46 @@ def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Messag
     prompt = _with_system(prompt, row)
 
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        if not response:
-            raise BadRow(f"{name} response is empty")
-        if response[-1].role != "assistant":
-            raise BadRow(f"{name} response must end with an assistant turn, got '{response[-1].role}'")
-        if not "".join(m.text_content for m in response).strip():
-            raise BadRow(f"{name} response is empty")
+        _check_response(name, response)
     if [m.text_content for m in chosen] == [m.text_content for m in rejected]:
         raise BadRow("chosen and rejected are identical")
     return prompt, chosen, rejected
+
+
+def detect_unpaired_format(row: dict[str, Any]) -> str | None:
+    """``explicit`` or ``conversational`` for an unpaired row (one with a ``completion`` column), from the types."""
+    completion = row.get("completion")
+    if isinstance(completion, (list, dict)):
+        return "conversational"
+    return "explicit" if isinstance(completion, str) else None
+
+
+def parse_unpaired_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Message], bool]:
+    """(prompt messages, completion messages, label) of one unpaired row, ``fmt`` explicit or conversational;
+    raises BadRow. The label must be a bool (true: desirable), as in TRL's unpaired format: 0/1 or "yes" are
+    refused rather than guessed."""
+    if row.get("label") is None:
+        raise BadRow("missing 'label' (no such column, or a null value); an unpaired row needs a bool label "
+                     "(true: desirable, false: undesirable)", "missing 'label'")  # fmt: skip
+    label = row["label"]
+    if not isinstance(label, bool) and type(label).__name__ != "bool_":  # numpy's bool from some readers
+        raise BadRow(f"'label' must be a bool (true: desirable, false: undesirable), got {type(label).__name__} "
+                     f"{label!r:.40}", "'label' is not a bool")  # fmt: skip
+    if fmt == "explicit":
+        prompt_text, completion_text = _field(row, "prompt", str), _field(row, "completion", str)
+        prompt = _hh_prompt(prompt_text)
+        if prompt is None:
+            prompt = [Message(role="user", content=prompt_text)]
+        else:
+            completion_text = completion_text.removeprefix(" ")
+        completion = [Message(role="assistant", content=completion_text)]
+    elif fmt == "conversational":
+        prompt = _messages(_field(row, "prompt", list), "prompt")
+        completion = _messages(_field(row, "completion", (list, dict)), "completion")
+    else:
+        raise BadRow(f"unpaired rows come in format explicit or conversational, not '{fmt}'")
+    _check_response("completion", completion)
+    return _with_system(prompt, row), completion, bool(label)
 
 
 def map_columns(raw: dict[str, Any], column_map: dict[str, str]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from torch._dynamo.exc import TorchDynamoException
 from torchtune.utils import get_logger
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
-from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset
+from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
 log = get_logger("INFO")
@@ -116,6 +116,7 @@ def collate_prefix_shared(
         "score_positions": torch.cat(positions), "score_targets": torch.cat(targets),
         "score_sequences": torch.cat(sequences), "lengths": lengths,
         "index": torch.tensor([sample["index"] for sample in batch]),
+        **desirable_of(batch),
     }  # fmt: skip
 
 

@@ -8,10 +8,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 from torchtune import config
+from torchtune.utils import get_logger
 
 from dpo_components.data.collate import make_collator
 from dpo_components.data.dataset import PreferenceDataset
-from dpo_components.settings import RecipeSettings, check_datasets, optional_component
+from dpo_components.losses import PreferenceLoss
+from dpo_components.settings import ConfigError, RecipeSettings, check_datasets, optional_component
+
+log = get_logger("INFO")
 
 
 @dataclass
@@ -27,15 +31,49 @@ class RecipeData:
 
 
 def load_recipe_data(
-    cfg: DictConfig, settings: RecipeSettings, tokenizer: Any, max_seq_len: int, world_size: int = 1
+    cfg: DictConfig,
+    settings: RecipeSettings,
+    tokenizer: Any,
+    max_seq_len: int,
+    world_size: int = 1,
+    loss: PreferenceLoss | None = None,
 ) -> RecipeData:
     """``dataset`` and ``eval_dataset`` (optional; ``eval_dataset=null`` turns it off) tokenized with
     ``tokenizer``; refuses a train set smaller than one step and periodic eval without an eval set, and names a
-    pair whose row does not fit ``max_seq_len`` in the batch layout the settings choose."""
+    pair whose row does not fit ``max_seq_len`` in the batch layout the settings choose. Given the ``loss``, also
+    refuses data of the other kind (pairs for KTO, unpaired rows for a pairwise loss) before anything long runs,
+    and for unpaired rows logs the class counts and warns when the weighted classes are unbalanced."""
     train = config.instantiate(cfg.dataset, tokenizer)
     eval_cfg = optional_component(cfg, "eval_dataset")
     held_out = config.instantiate(eval_cfg, tokenizer) if eval_cfg else None
+    if loss is not None:
+        check_data_kind(loss, dataset=train, eval_dataset=held_out)
     check_datasets(settings, train, held_out, world_size)
     collate = make_collator(tokenizer.pad_id, max_seq_len, settings.pad_to_multiple_of, settings.prefix_sharing,
                             datasets={"dataset": train, "eval_dataset": held_out})  # fmt: skip
     return RecipeData(train, held_out, collate)
+
+
+def check_data_kind(loss: PreferenceLoss, **datasets: Any) -> None:
+    """Each dataset (by config key; None skipped) holds what ``loss`` trains on (``data_kind``: pairs or unpaired
+    rows); for unpaired training data, the class counts are logged and :meth:`class_balance_warning` warned."""
+    for key, data in datasets.items():
+        kind = getattr(data, "data_kind", "pairs")
+        if data is None or kind == loss.data_kind:
+            continue
+        if loss.data_kind == "unpaired":
+            raise ConfigError(
+                f"{key}: {type(loss).__name__} trains on unpaired rows (prompt, completion, label) but {key} holds "
+                f"preference pairs; set {key}._component_=dpo_components.data.unpaired_dataset (it reads unpaired "
+                "rows and unrolls pairs into them)"
+            )
+        raise ConfigError(
+            f"{key}: {type(loss).__name__} trains on preference pairs but {key} holds unpaired rows ({data.source}); "
+            "use an unpaired loss (loss._component_=dpo_components.losses.KTOLoss) or a preference dataset"
+        )
+    train = datasets.get("dataset")
+    if loss.data_kind == "unpaired" and train is not None:
+        log.info(f"{train.source}: {train.desirable_count} desirable and {train.undesirable_count} undesirable rows")
+        warning = loss.class_balance_warning(train.desirable_count, train.undesirable_count)
+        if warning:
+            log.warning(warning)
