@@ -176,7 +176,8 @@ class FullDPORecipeDistributed:
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
-        progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True,
+        loss_name = type(self._loss_fn).__name__.removesuffix("Loss")  # the progress bar: "DPO", "KTO", ...
+        progress = tqdm(total=self._total_steps, initial=self.global_step, desc=loss_name, dynamic_ncols=True,
                         disable=not self._is_rank_zero)  # fmt: skip
         s = self.settings
         for epoch in range(self.epochs_run, s.epochs):

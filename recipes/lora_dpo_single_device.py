@@ -167,7 +167,8 @@ class LoRADPORecipeSingleDevice:
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
-        progress = tqdm(total=self._total_steps, initial=self.global_step, desc="DPO", dynamic_ncols=True)
+        loss_name = type(self._loss_fn).__name__.removesuffix("Loss")  # the progress bar: "DPO", "KTO", ...
+        progress = tqdm(total=self._total_steps, initial=self.global_step, desc=loss_name, dynamic_ncols=True)
         s = self.settings
         for epoch in range(self.epochs_run, s.epochs):
             order = batch_order(self._data.train, self.seed, epoch, s.batch_size, s.shuffle, s.group_by_length,

@@ -186,6 +186,43 @@ def noisy_train_file(out_dir: str | Path, label_noise: float) -> Path:
     return path
 
 
+UNPAIRED_VARIANTS = ("imbalanced_1to4", "no_pairs")
+
+
+def unpaired_train_file(out_dir: str | Path, variant: str) -> Path:
+    """Unpaired rows ``{"prompt", "completion", "label"}`` from the training pairs of a prepared ``out_dir``, for the
+    KTO study (:mod:`dpo_components.tools.frontier`), written beside ``data/train.jsonl``:
+
+    - ``"imbalanced_1to4"``: every rejected response (undesirable) and the chosen responses of the first quarter of
+      the pairs (desirable): 1 desirable to 4 undesirable, the KTO paper's setting of discarded desirable data.
+    - ``"no_pairs"``: no prompt has both labels. The task's prompt texts are split in two halves; desirable rows are
+      the chosen responses of pairs whose prompt is in one half, undesirable rows the rejected responses of pairs
+      whose prompt is in the other. Drawn from twice the training pairs (the first ones are ``train.jsonl``'s), so
+      there are about as many rows as the unrolled pairs.
+    """
+    out_dir = Path(out_dir)
+    settings = json.loads((out_dir / "manifest.json").read_text())["settings"]
+    n = settings["train_pairs"]
+    if variant == "imbalanced_1to4":
+        pairs = synthetic.preference_pairs(n, settings["seed"] + 1)
+        rows = [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs]
+        rows += [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs[: n // 4]]
+        random.Random(settings["seed"]).shuffle(rows)  # the file order; the recipe shuffles again per epoch
+    elif variant == "no_pairs":
+        pairs = synthetic.preference_pairs(2 * n, settings["seed"] + 1)
+        prompts = sorted({p["prompt"] for p in pairs})
+        desirable_prompts = set(prompts[::2])
+        rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} if p["prompt"] in desirable_prompts
+                else {"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs]  # fmt: skip
+    else:
+        raise ValueError(f"unknown unpaired variant {variant!r}; expected one of {UNPAIRED_VARIANTS}")
+    path = out_dir / f"data/train_{variant}.jsonl"
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp.name, path)  # concurrent runs may write it at once: each writes whole, identical rows
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Prepare the SFT'd tiny model and synthetic preference data.")
     parser.add_argument("--out-dir", default="~/.cache/dpo_recipes/tiny")

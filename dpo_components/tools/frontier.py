@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier           # the default sweep, about 30 min on 2 cores
     OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier --quick   # a smoke run, about 2 minutes
+    OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier --study kto  # KTO against DPO and IPO, ~40 min
 
 Every run is the LoRA recipe from the tiny YAML config (``tune run recipes/lora_dpo_single_device.py --config
 recipe_configs/tiny/lora_dpo_single_device.yaml`` + overrides), started from the demo's SFT model on its data, in a
@@ -20,6 +21,11 @@ For every checkpoint, on the same fresh prompts (``dpo_components.tiny.task_eval
 Writes ``results.json``, ``results.md`` (tables and the commands) and ``frontier.png`` to ``--output-dir``. Label
 noise (``--noise``, a share of training pairs with chosen and rejected swapped) adds DPO, cDPO and robust DPO runs
 on noisy pairs, still judged by the true reward.
+
+``--study kto`` runs KTO (``recipe_configs/tiny/lora_kto_single_device.yaml``) instead: over beta on the same pairs
+unrolled into unpaired rows, on a 1:4 desirable:undesirable subset with and without the paper's weight correction,
+and on rows where no prompt has both labels (:func:`dpo_components.tiny.prepare.unpaired_train_file`), with a second
+seed where the differences are small, and DPO and IPO over beta beside them.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from omegaconf import OmegaConf
 
 from dpo_components.checkpointing import step_dirs
 from dpo_components.tiny import synthetic
-from dpo_components.tiny.prepare import noisy_train_file, prepare_tiny
+from dpo_components.tiny.prepare import noisy_train_file, prepare_tiny, unpaired_train_file
 from dpo_components.tiny.task_eval import (
     heldout_preference,
     load_tiny_checkpoint,
@@ -53,28 +59,66 @@ RECIPE = "recipes/lora_dpo_single_device.py"
 # --quick: 8 steps of 8 pairs, the recipe's own eval on 32 pairs (the frontier judges the checkpoints itself)
 QUICK_OVERRIDES = {"epochs": 1, "max_steps_per_epoch": 8, "batch_size": 8, "eval_dataset.split": "train[:32]"}
 CONFIG = "recipe_configs/tiny/lora_dpo_single_device.yaml"
+KTO_CONFIG = "recipe_configs/tiny/lora_kto_single_device.yaml"
 LOSSES = "dpo_components.losses"
 
 
 @dataclass
 class Run:
-    """One training run: a method at one setting, on clean or noisy pairs."""
+    """One training run: a method at one setting, on clean or noisy pairs (or on unpaired rows: ``data``)."""
 
     method: str
     loss: dict[str, Any]
     setting: str  # what the frontier sweeps for this method, as shown ("beta=5", "steps")
     noise: float = 0.0
     overrides: dict[str, Any] = field(default_factory=dict)
+    config: str = CONFIG
+    data: str = ""  # "": the prepared pairs (unrolled by the KTO config); else an unpaired_train_file variant
+    seed: int = 0
 
     @property
     def name(self) -> str:
         noise = f"_noise{round(self.noise * 100)}" if self.noise else ""
-        return f"{self.method}_{self.setting}{noise}".replace("=", "").replace(" ", "").replace(".", "p").lower()
+        seed = f"_seed{self.seed}" if self.seed else ""
+        name = f"{self.method}_{self.setting}{noise}{seed}".replace("=", "").replace(" ", "").replace(".", "p")
+        return name.replace(":", "to").replace("+", "").lower()
 
 
 def _beta_runs(method: str, component: str, betas: list[float], noise: float = 0.0, **loss: Any) -> list[Run]:
     return [Run(method, {"_component_": f"{LOSSES}.{component}", "beta": b, **loss}, f"beta={b:g}", noise)
             for b in betas]  # fmt: skip
+
+
+def kto_sweep() -> list[Run]:
+    """The KTO study (27 runs): KTO over beta on the unrolled pairs; at beta 5 on 1:4 data without and with the
+    weight correction (Eq. 8: lambda_D n_D / lambda_U n_U in [1, 4/3], so desirable_weight 4), and on rows where no
+    prompt has both labels; the 1:4 data at beta 1; APO-zero-unpaired; DPO and IPO over beta as in the fig2 sweep
+    (DPO also at beta 3 and 7, near KTO's KL); a second seed where points lie close together."""
+
+    def kto(method: str, beta: float = 5.0, data: str = "", seed: int = 0, loss: str = "KTOLoss", **args: Any) -> Run:
+        overrides: dict[str, Any] = {"seed": seed}
+        if data == "imbalanced_1to4":
+            overrides["batch_size"] = 40  # its 2500 rows in the same 62 steps as the other runs
+        return Run(method, {"_component_": f"{LOSSES}.{loss}", "beta": beta, **args}, f"beta={beta:g}",
+                   overrides=overrides, config=KTO_CONFIG, data=data, seed=seed)  # fmt: skip
+
+    def variants(seed: int) -> list[Run]:
+        return [kto("KTO 1:4", data="imbalanced_1to4", seed=seed),
+                kto("KTO 1:4 + weights", data="imbalanced_1to4", seed=seed, desirable_weight=4.0),
+                kto("KTO no pairs", data="no_pairs", seed=seed)]  # fmt: skip
+
+    def dpo(beta: float, seed: int = 0, method: str = "DPO", component: str = "DPOLoss") -> Run:
+        return Run(method, {"_component_": f"{LOSSES}.{component}", "beta": beta}, f"beta={beta:g}",
+                   overrides={"seed": seed}, seed=seed)  # fmt: skip
+
+    # the order the runs start in (the order they were added in: a sweep into the same output dir reuses
+    # finished runs); DPO at beta 3 and 7 fills its curve where KTO's points are
+    return [kto("KTO"), *variants(0), *(kto("KTO", beta) for beta in (1.0, 2.0, 10.0)), dpo(5.0, seed=1),
+            kto("KTO", seed=1), *variants(1), kto("KTO", 0.5), dpo(3.0), dpo(7.0), kto("KTO", 1.0, seed=1),
+            kto("KTO", 2.0, seed=1), dpo(10.0, seed=1), kto("KTO 1:4", 1.0, data="imbalanced_1to4"),
+            *(dpo(beta) for beta in (1.0, 2.0, 5.0, 10.0)),
+            *(dpo(beta, method="IPO", component="IPOLoss") for beta in (0.25, 1.0, 4.0)),
+            kto("APO-zero unpaired", loss="APOZeroUnpairedLoss")]  # fmt: skip
 
 
 def sweep(quick: bool, noise: float) -> list[Run]:
@@ -101,14 +145,17 @@ def sweep(quick: bool, noise: float) -> list[Run]:
 
 def _overrides(run: Run, settings: dict[str, Any], run_dir: Path) -> list[str]:
     tiny = Path(settings["tiny"])
-    train = noisy_train_file(tiny, run.noise) if run.noise else tiny / "data/train.jsonl"
+    if run.data:
+        train = unpaired_train_file(tiny, run.data)
+    else:
+        train = noisy_train_file(tiny, run.noise) if run.noise else tiny / "data/train.jsonl"
     values = {"output_dir": run_dir, "prepare.out_dir": tiny, "checkpointer.checkpoint_dir": tiny / "sft_model",
               "dataset.data_files": train, "eval_dataset.data_files": tiny / "data/eval.jsonl",
               "reference.cache_dir": tiny / "reference_cache", "eval_samples": 0,
               "save_every_n_steps": settings["checkpoint_every"] if run.setting == "steps" else None,
               **settings["overrides"], **run.overrides}  # fmt: skip
     args = [f"{k}={'null' if v is None else v}" for k, v in values.items()]
-    shipped = OmegaConf.load(Path(settings["repo_root"]) / CONFIG).loss
+    shipped = OmegaConf.load(Path(settings["repo_root"]) / run.config).loss
     args += [f"~loss.{k}" for k in shipped if k not in run.loss]  # the run's loss replaces the config's
     return args + [f"loss.{k}={v}" for k, v in run.loss.items()]
 
@@ -137,7 +184,7 @@ def run_and_evaluate(run: Run, settings: dict[str, Any], output_dir: Path) -> li
     """Train one run through the recipe, then judge each of its checkpoints (this is one worker process)."""
     tiny, run_dir = Path(settings["tiny"]), output_dir / run.name
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = ["tune", "run", RECIPE, "--config", CONFIG, *_overrides(run, settings, run_dir)]
+    command = ["tune", "run", RECIPE, "--config", run.config, *_overrides(run, settings, run_dir)]
     start = time.perf_counter()
     with open(output_dir / f"{run.name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=settings["repo_root"])
@@ -170,24 +217,34 @@ def _judged_by(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: settings[k] for k in ("tiny", "prompts", "temperatures", "overrides", "checkpoint_every")}
 
 
+def _finished_points(run: Run, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The points of ``run`` from an earlier sweep into the same ``output_dir`` judged the same way, else None."""
+    result = Path(settings["output_dir"]) / f"{run.name}.json"
+    if result.exists() and (done := json.loads(result.read_text()))["judged_by"] == _judged_by(settings):
+        return done["points"]
+    return None
+
+
 def _worker(index: int, settings_file: Path) -> list[dict[str, Any]]:
     """Run ``settings["runs"][index]`` in a process of its own, or reuse its results from an earlier sweep into the
     same ``output_dir`` when the run and the judging settings are the same (a killed sweep picks up there)."""
     settings = json.loads(settings_file.read_text())
-    result = Path(settings["output_dir"]) / f"{Run(**settings['runs'][index]).name}.json"
-    if result.exists() and (done := json.loads(result.read_text()))["judged_by"] == _judged_by(settings):
-        return done["points"]
+    run = Run(**settings["runs"][index])
+    if (finished := _finished_points(run, settings)) is not None:
+        return finished
+    result = Path(settings["output_dir"]) / f"{run.name}.json"
     command = [sys.executable, "-m", "dpo_components.tools.frontier", "--worker", str(index), str(settings_file)]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=settings["repo_root"])
     return json.loads(result.read_text())["points"]
 
 
 def best_per_method(points: list[dict[str, Any]], kl_bound: float) -> dict[str, dict[str, Any]]:
-    """Per method (clean pairs), the checkpoint with the highest true reward among those with KL <= ``kl_bound``
-    (the lowest-KL one when none is that close)."""
+    """Per method (clean pairs, first seed), the checkpoint with the highest true reward among those with
+    KL <= ``kl_bound`` (the lowest-KL one when none is that close)."""
     best = {}
-    for method in dict.fromkeys(p["method"] for p in points if not p["noise"]):
-        mine = [p for p in points if p["method"] == method and not p["noise"]]
+    main = [p for p in points if not p["noise"] and not p.get("seed")]
+    for method in dict.fromkeys(p["method"] for p in main):
+        mine = [p for p in main if p["method"] == method]
         close = [p for p in mine if p["kl"] <= kl_bound]
         best[method] = max(close, key=lambda p: p["reward"]) if close else min(mine, key=lambda p: p["kl"])
     return best
@@ -195,15 +252,19 @@ def best_per_method(points: list[dict[str, Any]], kl_bound: float) -> dict[str, 
 
 def write_markdown(points: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
     temps = settings["temperatures"]
+    configs = " or ".join(f"`{c}`" for c in dict.fromkeys(r["config"] for r in settings["runs"]))
     lines = [f"# Reward vs KL on the tiny sentiment task ({settings['prompts']} prompts)", "",
              f"`{settings['command']}` ({settings['wall_time']}); every run: "
-             f"`tune run {RECIPE} --config {CONFIG}` + the loss below.", "",
+             f"`tune run {RECIPE} --config` {configs} + the loss and data below.", ""]  # fmt: skip
+    lines += [
              "| method | setting | label noise | step | true reward | KL (nats) | held-out accuracy | task words | "
              "well-formed | " + " | ".join(f"win rate T={t:g}" for t in temps) + " |",
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(temps)]  # fmt: skip
     for p in points:
         wins = " | ".join(f"{p['win_rate'][str(t)]:.3f}" for t in temps)
-        lines.append(f"| {p['method']} | {p['setting']} | {p['noise']:g} | {p['step']} | {p['reward']:.3f} | "
+        method = p["method"]
+        setting = p["setting"] + (f", seed {p['seed']}" if p.get("seed") else "")
+        lines.append(f"| {method} | {setting} | {p['noise']:g} | {p['step']} | {p['reward']:.3f} | "
                      f"{p['kl']:.2f} | {p['accuracy']:.3f} | {p['words']:.3f} | {p['well_formed']:.3f} | "
                      f"{wins} |")  # fmt: skip
     bound = settings["kl_bound"]
@@ -211,7 +272,27 @@ def write_markdown(points: list[dict[str, Any]], settings: dict[str, Any], path:
               "| method | setting | step | true reward | KL |", "|---|---|---|---|---|"]  # fmt: skip
     for method, p in best_per_method(points, bound).items():
         lines.append(f"| {method} | {p['setting']} | {p['step']} | {p['reward']:.3f} | {p['kl']:.2f} |")
+    lines += seed_spread_table(points)
     path.write_text("\n".join(lines) + "\n")
+
+
+def seed_spread_table(points: list[dict[str, Any]]) -> list[str]:
+    """Each run trained with a second seed (LoRA init and data order) beside its first-seed run: the noise level."""
+    final = {}
+    for p in points:  # the last checkpoint of each run
+        key = (p["method"], p["setting"], p["noise"], p.get("seed", 0))
+        if key not in final or p["step"] > final[key]["step"]:
+            final[key] = p
+    rows = [(final[(m, s, n, 0)], p) for (m, s, n, seed), p in final.items() if seed and (m, s, n, 0) in final]
+    if not rows:
+        return []
+    lines = ["", "Seed spread (the same run with seed 0 and seed 1: LoRA init and data order; the last checkpoint):",
+             "", "| method | setting | true reward (seed 0 / 1) | KL (seed 0 / 1) | held-out accuracy (seed 0 / 1) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for a, b in rows:
+        lines.append(f"| {a['method']} | {a['setting']} | {a['reward']:.3f} / {b['reward']:.3f} | "
+                     f"{a['kl']:.2f} / {b['kl']:.2f} | {a['accuracy']:.3f} / {b['accuracy']:.3f} |")  # fmt: skip
+    return lines
 
 
 def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> Path:
@@ -224,16 +305,23 @@ def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: 
     methods = list(dict.fromkeys(p["method"] for p in points))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     for method in methods:
-        for noise, marker in ((0.0, "o"), (settings["noise"], "x")):
-            mine = sorted((p for p in points if p["method"] == method and p["noise"] == noise), key=lambda p: p["kl"])
+        for noise, marker in ((0.0, "o"), (settings["noise"], "x"))[: 2 if settings["noise"] else 1]:
+            mine = [p for p in points if p["method"] == method and p["noise"] == noise and not p.get("seed")]
+            mine.sort(key=lambda p: p["kl"])
             if mine and (noise == 0.0 or settings["noise"]):
                 label = method + (f" ({noise:.0%} flipped labels)" if noise else "")
                 left.plot([p["kl"] for p in mine], [p["reward"] for p in mine], marker=marker, color=colors[method],
                           linestyle="-" if not noise else ":", label=label)  # fmt: skip
+        second = [p for p in points if p["method"] == method and p.get("seed")]
+        if second:  # other seeds: hollow markers, no line
+            left.scatter([p["kl"] for p in second], [p["reward"] for p in second], facecolors="none",
+                         edgecolors=colors[method], label=f"{method}, seed 1")  # fmt: skip
     left.set_xscale("symlog", linthresh=1.0)  # linear below 1 nat, where the well-behaved runs sit
     left.set(xlabel="KL(policy || SFT), nats per response (linear below 1, log above)",
              ylabel="true reward of samples (T=1)", title="Reward vs KL (DPO paper Fig. 2 left)")  # fmt: skip
-    left.legend(fontsize=8)
+    if settings.get("study") == "kto":
+        left.set_title("Reward vs KL: KTO on unpaired rows, DPO and IPO on pairs")
+    left.legend(fontsize=7, ncol=2)
     temps = settings["temperatures"]
     for method, p in best_per_method(points, settings["kl_bound"]).items():
         label = method + (f" ({p['setting']}, step {p['step']}, KL {p['kl']:.2g})" if method != "SFT" else "")
@@ -251,6 +339,8 @@ def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 runs of 8 steps of 8 pairs, 32 prompts (a smoke test)")
+    parser.add_argument("--study", choices=("fig2", "kto"), default="fig2",
+                        help="fig2: the DPO paper's methods (default); kto: KTO against DPO and IPO")  # fmt: skip
     parser.add_argument("--noise", type=float, default=0.2, help="share of flipped training pairs (0: no noisy runs)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--kl-bound", type=float, default=1.0, help="KL budget (nats) for 'best reward' and Fig. right")
@@ -270,16 +360,20 @@ def main() -> None:
 
     repo_root = Path(__file__).resolve().parents[2]
     output_dir = (
-        args.output_dir or repo_root / ("outputs/frontier_quick" if args.quick else "outputs/frontier")
+        args.output_dir or repo_root / {"quick": "outputs/frontier_quick", "fig2": "outputs/frontier",
+                                        "kto": "outputs/frontier_kto"}["quick" if args.quick else args.study]
     ).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.tiny_dir and not (args.tiny_dir / "manifest.json").exists():
         parser.error(f"--tiny-dir {args.tiny_dir} is not a prepared directory (python -m dpo_components.tiny.prepare)")
     tiny = args.tiny_dir or prepare_tiny(repo_root / "outputs/tiny")  # a given directory is used as it is
-    runs = sweep(args.quick, args.noise)
+    if args.study == "kto" and args.quick:
+        parser.error("--quick is a smoke run of the fig2 study; the KTO study has no quick preset")
+    runs = kto_sweep() if args.study == "kto" else sweep(args.quick, args.noise)
     settings = {
-        "tiny": str(tiny.resolve()), "repo_root": str(repo_root), "output_dir": str(output_dir), "noise": args.noise,
+        "tiny": str(tiny.resolve()), "repo_root": str(repo_root), "output_dir": str(output_dir),
+        "noise": args.noise if args.study == "fig2" else 0.0, "study": args.study,
         "overrides": QUICK_OVERRIDES if args.quick else {},  # else the config's schedule
         "checkpoint_every": 4 if args.quick else 20,
         "prompts": 32 if args.quick else 256, "temperatures": [0.5, 1.0] if args.quick else [0.25, 0.5, 0.75, 1.0],
@@ -293,10 +387,15 @@ def main() -> None:
         per_run = [json.loads(f.read_text())["points"] for f in finished]
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
+            reused = sum(_finished_points(r, settings) is not None for r in runs)
             per_run = list(pool.map(lambda i: _worker(i, settings_file), range(len(runs))))
     points = [sft_point(settings), *(p for run_points in per_run for p in run_points)]
     seconds = time.perf_counter() - start
-    settings["wall_time"] = "tables of the runs finished so far" if args.tables_only else f"{seconds:.0f} s"
+    if args.tables_only:
+        settings["wall_time"] = "tables of the runs finished so far"
+    else:
+        earlier = f"; {reused} of the {len(runs)} runs were finished by an earlier sweep into this directory"
+        settings["wall_time"] = f"{seconds:.0f} s" + (earlier if reused else "")
     (output_dir / "results.json").write_text(json.dumps({"settings": settings, "points": points}, indent=2) + "\n")
     write_markdown(points, settings, output_dir / "results.md")
     figure = plot_frontier(points, settings, output_dir / "frontier.png")
