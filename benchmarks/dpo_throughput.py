@@ -12,7 +12,20 @@ length-grouped order rebuilt from the seed), throughput is exact:
 
     tokens/s = non-padding tokens of the timed steps' pairs (prompt + chosen + prompt + rejected) / their time
 
-the same count for every row, whatever layout the row computes. Peak memory is the process's peak RSS on CPU
+the same count for every row, whatever layout the row computes. MFU (model FLOPs utilisation) is the policy's
+useful FLOPs per second over the GEMM peak of the same dtype, measured in this process (one thread on CPU), or
+``--peak-tflops`` (a GPU card's dense peak). Per timed step, from the model's shapes (LoRA, frozen base, reference
+cached, so a step is the forward and the backward's input gradients, twice the forward):
+
+    FLOPs = 2 * (2 * N * T + 4 * d * layers * C + 2 * d * V * S)
+
+with N the linear layers' weights (q, k, v, o, MLP; LoRA's rank-16 adapters, norms, RoPE and softmax left out),
+T the data positions the layout computes (a shared prompt once), C the sum over them of the causal context each
+attends to within its own sequence (masked and padded scores not counted), d the width, V the vocabulary and S
+the response tokens the chunked head scores. Rows without the cached reference also run the reference forward,
+counted as one more forward. Padding and the masked scores a dense mask still computes count as waste.
+
+Peak memory is the process's peak RSS on CPU
 and ``torch.cuda.max_memory_allocated`` on GPU. The pairs are synthetic text of random length (prompt 128-384
 tokens, each response 64-320 on CPU; four times that on GPU); the model's vocabulary is 32768 (CPU) or 128256
 (GPU) while the text uses the tiny tokenizer's 551 ids, which changes nothing in the cost.
@@ -38,6 +51,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from dpo_components.data import preference_dataset  # noqa: E402
 from dpo_components.data.order import length_grouped_order  # noqa: E402
+from dpo_components.data.packing import pack_rows  # noqa: E402
 from dpo_components.data.prefix_sharing import packed_lengths  # noqa: E402
 from dpo_components.tiny.model import save_hf_checkpoint  # noqa: E402
 from dpo_components.tiny.synthetic import corpus_lines  # noqa: E402
@@ -55,7 +69,7 @@ PRESETS = {
         "model": dict(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128, max_seq_len=512,
                       intermediate_dim=256, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
         "prompt": (8, 40), "response": (4, 30), "batch_size": 2, "steps": 4, "warmup": 1,
-        "device": "cpu", "dtype": "fp32", "rows": "torchtune,ours,ours+cache+group+prefix",
+        "device": "cpu", "dtype": "fp32", "rows": "torchtune,ours,ours+cache+group+prefix,ours+cache+prefix+pack",
     },
     "gpu": {  # Llama-3.2-1B's architecture, random weights
         "model": dict(vocab_size=128256, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
@@ -67,7 +81,8 @@ PRESETS = {
     },
 }  # fmt: skip
 
-# Our recipe's switches per row name part; "ours" alone is the recipe as the tiny config ships it.
+# Our recipe's switches per row name part ("rows<N>": packing_row_tokens N); "ours" alone is the recipe as the tiny
+# config ships it.
 SWITCHES = {
     "cache": {"reference.mode": "precomputed"},
     "group": {"group_by_length": True, "shuffle": True},
@@ -75,7 +90,15 @@ SWITCHES = {
     "compile": {"compile": True, "pad_to_multiple_of": 128},
     "qlora": {"model.quantize_base": True},
     "sdpa": {"prefix_sharing_attention": "sdpa"},  # shared rows through SDPA + dense mask instead of flex (CUDA)
+    "pack": {"packing": True},  # the batch's pairs packed into rows of up to max_seq_len (data/packing.py)
 }
+
+
+def switch_settings(switch: str) -> dict:
+    """A row name part's config keys: SWITCHES, or ``rows<N>`` for ``packing_row_tokens: N``."""
+    if switch.startswith("rows") and switch[4:].isdigit():
+        return {"packing_row_tokens": int(switch[4:])}
+    return SWITCHES[switch]
 LORA = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
         "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # fmt: skip
 
@@ -126,7 +149,11 @@ def pair_stats(data_file: Path, preset: dict) -> dict:
     samples = [data[i] for i in range(len(data))]
     tokens = [2 * len(s["prompt_ids"]) + len(s["chosen_response_ids"]) + len(s["rejected_response_ids"])
               for s in samples]  # fmt: skip
-    return {"tokens": tokens, "lengths": data.sample_lengths(), "packed": packed_lengths(data)}
+    documents = [[len(s["prompt_ids"]) + len(s[f"{side}_response_ids"]) for side in ("chosen", "rejected")]
+                 for s in samples]  # fmt: skip
+    parts = [(len(s["prompt_ids"]), len(s["chosen_response_ids"]), len(s["rejected_response_ids"])) for s in samples]
+    return {"tokens": tokens, "lengths": data.sample_lengths(), "packed": packed_lengths(data), "documents": documents,
+            "parts": parts}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -176,7 +203,7 @@ def ours_command(preset: dict, model_dir: Path, data_file: Path, out: Path, swit
         "reference": {"mode": "model", "cache_dir": str(out / "reference_cache")},
     })  # fmt: skip
     for switch in switches:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in SWITCHES[switch].items()]))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in switch_settings(switch).items()]))
     path = out.parent / f"{out.name}.yaml"
     OmegaConf.save(cfg, path)
     return ["tune", "run", "recipes/lora_dpo_single_device.py", "--config", str(path)]
@@ -208,14 +235,57 @@ def step_orders(row: str, stats: dict, preset: dict) -> list[list[int]]:
     return [order[i * b : (i + 1) * b] for i in range(n)]
 
 
-def computed_positions(row: str, stats: dict, batch: list[int]) -> int:
+def computed_positions(row: str, stats: dict, batch: list[int], preset: dict) -> int:
     parts = row.split("+")
     multiple = SWITCHES["compile"]["pad_to_multiple_of"] if "compile" in parts else 1
+    if "pack" in parts:  # the recipe's layout: documents in rows of up to max_seq_len, as pack_rows fills them
+        docs = [stats["packed"][i] for i in batch] if "prefix" in parts else [n for i in batch for n in
+                                                                               stats["documents"][i]]  # fmt: skip
+        budget = next((int(p[4:]) for p in parts if p.startswith("rows") and p[4:].isdigit()), None)
+        rows = pack_rows(docs, budget or preset["model"]["max_seq_len"])
+        longest = max(sum(docs[d] for d in r) for r in rows)
+        return len(rows) * (longest + (-longest % multiple))
     if "prefix" in parts:
         rows, longest = len(batch), max(stats["packed"][i] for i in batch)
     else:
         rows, longest = 2 * len(batch), max(stats["lengths"][i] for i in batch)
     return rows * (longest + (-longest % multiple))
+
+
+def step_flops(row: str, stats: dict, batch: list[int], preset: dict) -> float:
+    """The useful FLOPs of one training step (the formula in the module docstring)."""
+    m = preset["model"]
+    d, layers, vocab = m["embed_dim"], m["num_layers"], m["vocab_size"]
+    kv = d // m["num_heads"] * m["num_kv_heads"]
+    weights = layers * (d * (2 * d + 2 * kv) + 3 * d * m["intermediate_dim"])
+
+    def tri(n: int) -> int:  # the causal contexts of n tokens: 1 + 2 + ... + n
+        return n * (n + 1) // 2
+
+    positions = context = scored = 0
+    for i in batch:
+        p, c, r = stats["parts"][i]
+        scored += c + r
+        if "prefix" in row.split("+"):  # the prompt once; each response attends to the prompt and itself
+            positions += p + c + r
+            context += tri(p) + c * p + tri(c) + r * p + tri(r)
+        else:
+            positions += 2 * p + c + r
+            context += tri(p + c) + tri(p + r)
+    forward = 2 * weights * positions + 4 * d * layers * context + 2 * d * vocab * scored
+    return (2 if "cache" in row.split("+") else 3) * forward
+
+
+def gemm_peak_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """The best of ``repeats`` timed [n, n] @ [n, n] products in this process and thread count, in TFLOP/s."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
 
 
 def measure(row: str, command: list[str], stats: dict, preset: dict, out: Path, timeout: float | None) -> dict:
@@ -240,30 +310,33 @@ def measure(row: str, command: list[str], stats: dict, preset: dict, out: Path, 
     tokens = sum(stats["tokens"][i] for s in steps for i in batches[s - 1])
     held = stats["packed"] if "prefix" in row.split("+") else stats["tokens"]  # shared rows hold a prompt once
     data_positions = sum(held[i] for s in steps for i in batches[s - 1])
-    computed = sum(computed_positions(row, stats, batches[s - 1]) for s in steps)
+    computed = sum(computed_positions(row, stats, batches[s - 1], preset) for s in steps)
+    flops = sum(step_flops(row, stats, batches[s - 1], preset) for s in steps)
     memory = timing["cuda_max_allocated_gib"] if preset["device"] == "cuda" else timing["peak_rss_gib"]
     return {
         "row": row, "command": " ".join(command), "s_per_step": statistics.median(durations),
         "tokens_per_s": tokens / sum(durations), "peak_memory_gib": memory,
-        "padding": 1 - data_positions / computed, "first_step_s": times[1], "wall_s": wall,
+        "padding": 1 - data_positions / computed, "tflops_per_s": flops / sum(durations) / 1e12,
+        "first_step_s": times[1], "wall_s": wall,
         "final_loss": timing["last_metrics"].get("loss"),
         "recompiles": (proc.stdout + proc.stderr).count("Recompiling function"),
     }  # fmt: skip
 
 
-def table(results: list[dict], memory_kind: str) -> str:
+def table(results: list[dict], memory_kind: str, peak_tflops: float | None = None) -> str:
     base = next((r for r in results if r["row"] == "torchtune"), None)
     lines = [
         f"| row | s/step (median) | tokens/s | x torchtune | peak memory ({memory_kind}) | x torchtune "
-        "| padding | startup + 1st step (s) | recompiles |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| padding | MFU | startup + 1st step (s) | recompiles |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        mfu = f"{100 * r['tflops_per_s'] / peak_tflops:.0f}%" if peak_tflops and "tflops_per_s" in r else "-"
         mem = f"{r['peak_memory_gib'] / base['peak_memory_gib']:.2f}" if base else "-"
         lines.append(
             f"| {r['row']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {speed} | "
-            f"{r['peak_memory_gib']:.2f} GiB | {mem} | {100 * r['padding']:.0f}% | {r['first_step_s']:.1f} | "
+            f"{r['peak_memory_gib']:.2f} GiB | {mem} | {100 * r['padding']:.0f}% | {mfu} | {r['first_step_s']:.1f} | "
             f"{r.get('recompiles', '-')} |"
         )
     return "\n".join(lines)
@@ -277,10 +350,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the preset's step count")
     parser.add_argument("--json", help="also write the results here (after every row)")
     parser.add_argument("--row-timeout", type=float, help="seconds; a row that takes longer is reported as failed")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="override the preset's dtype (bf16 on CPU: AMX)")
+    parser.add_argument("--peak-tflops", type=float, help="the dense peak for MFU (default: measured GEMM, CPU)")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
     if args.steps:
         preset["steps"] = args.steps
+    if args.dtype:
+        preset["dtype"] = args.dtype
     work = Path(args.work_dir or REPO_ROOT / f"outputs/bench_{args.preset}").resolve()
     model_dir, data_file = make_inputs(preset, work)
     stats = pair_stats(data_file, preset)
@@ -316,12 +393,21 @@ def main() -> None:
             flush=True,
         )
 
+    peak = args.peak_tflops
+    if peak is None and preset["device"] == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the rows' OMP_NUM_THREADS=1
+        peak = gemm_peak_tflops(torch.bfloat16 if preset["dtype"] == "bf16" else torch.float32)
+        torch.set_num_threads(threads)
     memory_kind = "cuda max allocated" if preset["device"] == "cuda" else "RSS"
     device = torch.cuda.get_device_name() if preset["device"] == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread"
     print(f"\n{args.preset} preset on {device}, torch {torch.__version__}\n")
-    print(table(results, memory_kind))
+    print(table(results, memory_kind, peak))
+    if peak:
+        print(f"\nMFU against {peak:.3f} TFLOP/s ({preset['dtype']} GEMM peak, 2048^3, 1 thread)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": args.preset, "device": device, "results": results}, indent=1))
+        summary = {"preset": args.preset, "device": device, "dtype": preset["dtype"], "peak_tflops": peak}
+        Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

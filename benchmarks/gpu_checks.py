@@ -1,5 +1,6 @@
-"""GPU checks of the speed paths, printed as a table: prefix sharing through FlexAttention equals the standard
-layout (values and gradients), in fp32 and bf16; one LoRA and one QLoRA DPO step run and their peak memory.
+"""GPU checks of the speed paths, printed as a table: prefix sharing and packed rows (with and without prefix
+sharing) through FlexAttention equal the standard layout (values and gradients), in fp32 and bf16; one LoRA and
+one QLoRA DPO step run and their peak memory.
 
     python benchmarks/gpu_checks.py          # needs CUDA; benchmarks/gpu_run.sh runs it with the rest
 """
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_components.data import collate_preference_batch  # noqa: E402
+from dpo_components.data.packing import collate_packed  # noqa: E402
 from dpo_components.data.prefix_sharing import collate_prefix_shared  # noqa: E402
 from dpo_components.logprobs import concatenated_logprobs  # noqa: E402
 from dpo_components.losses import DPOLoss  # noqa: E402
@@ -45,12 +47,19 @@ def logps_and_grads(model, batch):
     return logps, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_prefix_sharing(dtype: torch.dtype) -> str:
+LAYOUTS = {
+    "prefix sharing": lambda pairs: collate_prefix_shared(pairs, pad_to_multiple_of=128),
+    "packed rows": lambda pairs: collate_packed(pairs, pad_to_multiple_of=128, share_prompt=False, row_tokens=384),
+    "packed + prefix": lambda pairs: collate_packed(pairs, pad_to_multiple_of=128, share_prompt=True, row_tokens=384),
+}
+
+
+def check_prefix_sharing(dtype: torch.dtype, layout: str = "prefix sharing") -> str:
     torch.manual_seed(0)
     model = tiny_llama().to(DEVICE, dtype)
     pairs = random_pairs(6)
     standard, standard_grads = logps_and_grads(model, collate_preference_batch(pairs))
-    shared, shared_grads = logps_and_grads(model, collate_prefix_shared(pairs, pad_to_multiple_of=128))
+    shared, shared_grads = logps_and_grads(model, LAYOUTS[layout](pairs))
     value_err = max((shared.chosen_logps - standard.chosen_logps).abs().max().item(),
                     (shared.rejected_logps - standard.rejected_logps).abs().max().item())  # fmt: skip
     scale = standard.chosen_logps.abs().max().item()
@@ -59,7 +68,7 @@ def check_prefix_sharing(dtype: torch.dtype) -> str:
     if value_err > tolerance[0] or grad_err > tolerance[1]:
         raise AssertionError(f"{dtype}: logp diff {value_err:.2e}, grad diff {grad_err:.2e} over {tolerance}")
     attention = "FlexAttention" if DEVICE == "cuda" else "SDPA"
-    return (f"| prefix sharing ({attention}) vs standard, {dtype} | max abs logp diff {value_err:.2e} (of {scale:.0f})"
+    return (f"| {layout} ({attention}) vs standard, {dtype} | max abs logp diff {value_err:.2e} (of {scale:.0f})"
             f" | max rel grad diff {grad_err:.2e} |")  # fmt: skip
 
 
@@ -97,8 +106,9 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}")
     print("| check | result | |\n|---|---|---|")
     failed = 0
-    for check in (lambda: check_prefix_sharing(torch.float32), lambda: check_prefix_sharing(torch.bfloat16),
-                  lambda: check_lora_step(False), lambda: check_lora_step(True)):  # fmt: skip
+    layouts = [lambda d=d, layout=layout: check_prefix_sharing(d, layout) for layout in LAYOUTS
+               for d in (torch.float32, torch.bfloat16)]  # fmt: skip
+    for check in (*layouts, lambda: check_lora_step(False), lambda: check_lora_step(True)):
         try:
             print(check(), flush=True)
         except Exception as error:  # report and go on: each check is independent

@@ -117,19 +117,20 @@ def concatenated_logprobs(
     model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256, flex_attention: bool = True
 ) -> SequenceLogProbs:
     """One forward over the batch -> per-pair log-prob sums and counts. The batch is either the standard [2B, L]
-    one (chosen rows, then rejected) or, with prefix sharing, B shared rows (``dpo_components.data.prefix_sharing``;
-    ``flex_attention`` False masks them for SDPA instead of FlexAttention on CUDA).
+    one (chosen rows, then rejected), with prefix sharing B shared rows (``dpo_components.data.prefix_sharing``;
+    ``flex_attention`` False masks them for SDPA instead of FlexAttention on CUDA), or packed rows
+    (``dpo_components.data.packing``: several pairs' documents per row).
 
     Unpaired rows (a ``desirable`` key, KTO) carry their KL completions as the second half; no loss differentiates
     through those (z0 is detached), so with grad enabled the standard layout scores them in a second forward under
-    ``torch.no_grad()``, as TRL does, and the backward pass covers the completions only. (A prefix-shared row holds
-    both in one forward.)"""
+    ``torch.no_grad()``, as TRL does, and the backward pass covers the completions only. (Prefix-shared and packed
+    rows hold both in one forward.)"""
     desirable = batch.get("desirable")
     if "segments" in batch:
         logps, tokens = scored_logprobs(
             model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
-            num_sequences=2 * batch["input_ids"].shape[0], chunk_size=chunk_size,
-            mask=attention_mask(batch["segments"], flex_attention), input_pos=batch["input_pos"],
+            num_sequences=2 * len(batch["index"]), chunk_size=chunk_size, input_pos=batch["input_pos"],
+            mask=attention_mask(batch["segments"], flex_attention, batch.get("documents")),
         )  # fmt: skip
     elif desirable is not None and torch.is_grad_enabled():
         rows, labels = batch["input_ids"].chunk(2), batch["labels"].chunk(2)

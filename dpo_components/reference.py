@@ -204,9 +204,10 @@ def reference_cache_key(
 def reference_variant(cfg: Any) -> str:
     """What else the cached values depend on, from a recipe config: an NF4 base (QLoRA) and the layout (shared
     rows round differently in bf16)."""
-    prefix = cfg.get("prefix_sharing", False)
-    attention = cfg.get("prefix_sharing_attention", "flex") if prefix else "-"
-    return f"quantize_base={cfg.model.get('quantize_base', False)},prefix_sharing={prefix},attention={attention}"
+    prefix, packing = cfg.get("prefix_sharing", False), cfg.get("packing", False)
+    attention = cfg.get("prefix_sharing_attention", "flex") if prefix or packing else "-"
+    variant = f"quantize_base={cfg.model.get('quantize_base', False)},prefix_sharing={prefix},attention={attention}"
+    return variant + (f",packing_row_tokens={cfg.get('packing_row_tokens')}" if packing else "")
 
 
 @torch.no_grad()

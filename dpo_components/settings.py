@@ -62,6 +62,8 @@ class RecipeSettings:
     shuffle: bool = True
     group_by_length: bool = False
     prefix_sharing: bool = False
+    packing: bool = False  # the batch's pairs packed into rows, no padding between them (data/packing.py)
+    packing_row_tokens: int | None = None  # the packed rows' budget; null: the model's max_seq_len
     flex_attention: bool = True  # prefix_sharing_attention: flex (default) or sdpa
     pad_to_multiple_of: int = 1
     compile: bool = False
@@ -106,6 +108,7 @@ class RecipeSettings:
             eval_every_n_steps=cfg.get("eval_every_n_steps"), save_every_n_steps=cfg.get("save_every_n_steps"),
             shuffle=cfg.get("shuffle", True), group_by_length=cfg.get("group_by_length", False),
             prefix_sharing=cfg.get("prefix_sharing", False), flex_attention=attention == "flex",
+            packing=cfg.get("packing", False), packing_row_tokens=cfg.get("packing_row_tokens"),
             pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1), compile=cfg.get("compile", False),
             activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
             resume=cfg.get("resume_from_checkpoint", False),

@@ -15,7 +15,8 @@ PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, t
   over the train and eval pairs before training (the ranks split the batches), cached on disk keyed by (tokenized
   data, reference checkpoint, dtype) and reused by later runs; no reference model is kept then.
 - Speed switches, as in the single-device recipes: ``group_by_length`` (each global batch holds pairs of similar
-  length) and ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once).
+  length), ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once) and ``packing``
+  (each rank's pairs end to end in a few rows, no padding between them).
 - Metrics are all-reduced and averaged over ranks and micro-batches; only rank 0 logs and shows progress.
 - Checkpoints: ``step_<N>/`` with distributed checkpointing (DCP: sharded model and optimizer, each rank writes its
   shard) plus the LR schedule, data position and every rank's RNG, for an exact resume on the same world size;

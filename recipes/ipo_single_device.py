@@ -24,8 +24,9 @@ default loss is ``IPOLoss`` on per-token averaged log-probs; the recipe logs IPO
   responses: text, true reward, KL); atomic HF-layout checkpoints every ``save_every_n_steps`` and
   at the end (full weights, or merged + PEFT adapter for LoRA); exact resume (``resume_from_checkpoint: true``);
   NaN/inf stop; gradient accumulation; clipping; activation checkpointing; ``compile``.
-- Speed switches, as in the LoRA DPO recipe: ``group_by_length`` (similar lengths per batch) and
-  ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once).
+- Speed switches, as in the LoRA DPO recipe: ``group_by_length`` (similar lengths per batch),
+  ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once) and ``packing``
+  (the batch's pairs end to end in a few rows, no padding between them; the same pairs and losses).
 """
 
 from __future__ import annotations

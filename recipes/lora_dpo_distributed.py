@@ -16,8 +16,8 @@ the root); only the adapters train. NCCL on CUDA, gloo on CPU, launched by torch
   batch 8 takes (tested). The ranks take consecutive slices of the same seeded order of each global batch
   (``batch_size`` per rank x world size) and FSDP averages the gradients.
 - ``quantize_base: true`` (QLoRA): the frozen base is NF4, sharded; ``use_dora: true``: DoRA.
-- Speed switches, as in the single-device recipe: ``group_by_length``, ``prefix_sharing``, ``logprob_chunk_size``,
-  ``enable_activation_checkpointing``, ``compile``; gradient accumulation.
+- Speed switches, as in the single-device recipe: ``group_by_length``, ``prefix_sharing``, ``packing``,
+  ``logprob_chunk_size``, ``enable_activation_checkpointing``, ``compile``; gradient accumulation.
 - Metrics are all-reduced and averaged over ranks and micro-batches; only rank 0 logs and shows progress.
 - Checkpoints, ``step_<N>/``: the PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``, gathered by
   rank 0), distributed-checkpoint shards of the adapters and their optimizer state (``dcp/``, the frozen base is not

@@ -23,11 +23,13 @@ A NaN/inf loss or gradient stops the run before the optimizer step, keeping the 
 ``eval_samples: N`` samples responses of the policy and the reference at every eval (text, true reward, KL;
 ``dpo_components.samples``); ``python -m dpo_components.tools.plot <output_dir>`` draws the run.
 
-Speed switches (``benchmarks/README.md`` measures them; the first and third leave the numbers unchanged, the
+Speed switches (``benchmarks/README.md`` measures them; all but the second leave the numbers unchanged, the
 second changes only which pairs share a batch):
 ``reference.mode: precomputed``; ``group_by_length: true`` (batches of similar length, less padding; the
 ``padding_fraction`` is logged); ``prefix_sharing: true`` (one [prompt | chosen | rejected] row per pair, the
-prompt encoded once); ``compile: true`` with ``pad_to_multiple_of`` (a few padded shapes, few recompiles).
+prompt encoded once); ``packing: true`` (the batch's pairs end to end in a few rows of up to ``packing_row_tokens``,
+no padding between them, no attention across pairs; the same pairs, so the numbers do not change);
+``compile: true`` with ``pad_to_multiple_of`` (a few padded shapes, few recompiles).
 """
 
 from __future__ import annotations

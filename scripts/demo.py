@@ -52,13 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     tiny_dir = prepare_tiny(REPO_ROOT / "outputs/tiny")
-    output_dir = REPO_ROOT / "outputs/tiny_lora_dpo"
+    cfg = OmegaConf.merge(OmegaConf.load(REPO_ROOT / CONFIG), OmegaConf.from_dotlist(args.overrides))
+    output_dir = REPO_ROOT / cfg.output_dir  # outputs/tiny_lora_dpo unless overridden
     shutil.rmtree(output_dir, ignore_errors=True)  # a fresh run every time (the recipe would refuse to mix)
     print(f"SFT model and data ready in {tiny_dir} ({time.perf_counter() - start:.0f} s); running DPO ...")
     command = ["tune", "run", "recipes/lora_dpo_single_device.py", "--config", CONFIG, *args.overrides]
     subprocess.run(command, cwd=REPO_ROOT, check=True)
 
-    beta = OmegaConf.merge(OmegaConf.load(REPO_ROOT / CONFIG), OmegaConf.from_dotlist(args.overrides)).loss.beta
+    beta = cfg.loss.beta
     scratch = REPO_ROOT / "outputs/.scratch"
     sft = load_tiny_checkpoint(tiny_dir / "sft_model", scratch)
     dpo = load_tiny_checkpoint(latest_checkpoint(output_dir), scratch)

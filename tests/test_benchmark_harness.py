@@ -17,11 +17,16 @@ def test_throughput_harness_smoke(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = {r["row"]: r for r in json.loads(out.read_text())["results"]}
-    assert list(results) == ["torchtune", "ours", "ours+cache+group+prefix"], proc.stdout[-3000:]
+    rows = ["torchtune", "ours", "ours+cache+group+prefix", "ours+cache+prefix+pack"]
+    assert list(results) == rows, proc.stdout[-3000:]
     for r in results.values():
         assert r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0
         assert 0.6 < r["final_loss"] < 0.8  # a few steps from ln 2 on a random model: each run really trained
     # what each layout computes: the standard rows pad, the grouped shared rows hold each prompt once
     assert results["ours"]["padding"] == results["torchtune"]["padding"] > 0
     assert results["ours+cache+group+prefix"]["padding"] < results["ours"]["padding"]
+    assert results["ours+cache+prefix+pack"]["padding"] < 0.5 * results["ours"]["padding"]  # random order, packed
+    # the MFU column: useful FLOPs over the GEMM peak measured in the same process
+    assert all(0 < r["tflops_per_s"] < json.loads(out.read_text())["peak_tflops"] for r in results.values())
+    assert "| MFU |" in proc.stdout and "GEMM peak" in proc.stdout
     assert "| torchtune |" in proc.stdout and "x torchtune" in proc.stdout

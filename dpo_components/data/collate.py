@@ -1,5 +1,5 @@
 """Batches of preference pairs: the standard [2B, L] layout (chosen rows, then rejected), the recipe's collator
-(standard or prefix-shared rows), and the check that every row fits the model."""
+(standard, prefix-shared or packed rows), and the check that every row fits the model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
+from dpo_components.data.packing import check_documents_fit, collate_packed
 from dpo_components.data.prefix_sharing import PADDING, check_fits, collate_prefix_shared
 
 
@@ -45,8 +46,18 @@ def collate_preference_batch(
     return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index, **desirable_of(batch)}
 
 
-def preference_collator(padding_idx: int, pad_to_multiple_of: int = 1, prefix_sharing: bool = False) -> Callable:
-    """The batch collator a recipe uses: standard [2B, L] rows, or shared [prompt | chosen | rejected] rows."""
+def preference_collator(
+    padding_idx: int,
+    pad_to_multiple_of: int = 1,
+    prefix_sharing: bool = False,
+    packing: bool = False,
+    packing_row_tokens: int | None = None,
+) -> Callable:
+    """The batch collator a recipe uses: standard [2B, L] rows, shared [prompt | chosen | rejected] rows, or
+    (``packing``) the same pairs' documents packed into rows (:mod:`dpo_components.data.packing`)."""
+    if packing:
+        return partial(collate_packed, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of,
+                       share_prompt=prefix_sharing, row_tokens=packing_row_tokens)  # fmt: skip
     collate = collate_prefix_shared if prefix_sharing else collate_preference_batch
     return partial(collate, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of)
 
@@ -57,13 +68,19 @@ def make_collator(
     pad_to_multiple_of: int = 1,
     prefix_sharing: bool = False,
     datasets: dict[str, PreferenceDataset | None] | None = None,
+    packing: bool = False,
+    packing_row_tokens: int | None = None,
 ) -> Callable:
     """A recipe's collator (:func:`preference_collator`), after checking that every row of ``datasets`` (by config
     key; None is skipped) fits the model's ``max_seq_len`` in that layout, padding included: a pair too long is
     named at setup instead of crashing the step that draws it."""
-    check = check_fits if prefix_sharing else check_rows_fit
-    check(max_seq_len, pad_to_multiple_of, **(datasets or {}))
-    return preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing)
+    if packing:
+        check_documents_fit(max_seq_len, prefix_sharing, packing_row_tokens, **(datasets or {}))
+    else:
+        check = check_fits if prefix_sharing else check_rows_fit
+        check(max_seq_len, pad_to_multiple_of, **(datasets or {}))
+    row_tokens = packing_row_tokens or max_seq_len  # packing: rows up to the model's length by default
+    return preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing, packing, row_tokens)
 
 
 def check_rows_fit(max_seq_len: int, pad_to_multiple_of: int = 1, **datasets: PreferenceDataset | None) -> None:

@@ -120,9 +120,12 @@ def collate_prefix_shared(
     }  # fmt: skip
 
 
-def _allowed(segments: Tensor, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+def _allowed(segments: Tensor, documents: Tensor | None, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
     segment_q, segment_k = segments[b, q], segments[b, k]
-    return (k <= q) & ((segment_k == segment_q) | ((segment_k == PROMPT) & (segment_q != PADDING)))
+    allowed = (k <= q) & ((segment_k == segment_q) | ((segment_k == PROMPT) & (segment_q != PADDING)))
+    if documents is not None:  # packed rows (dpo_components.data.packing): only within one's own document
+        allowed = allowed & (documents[b, k] == documents[b, q])
+    return allowed
 
 
 # A torchtune patch (listed in dpo_components/models/__init__.py): whether torchtune's flex_attention compile has been
@@ -154,9 +157,10 @@ def _compile_flex_dynamic() -> None:
     _FLEX["dynamic"] = True
 
 
-def attention_mask(segments: Tensor, flex_attention: bool = True):
+def attention_mask(segments: Tensor, flex_attention: bool = True, documents: Tensor | None = None):
     """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex) unless
-    ``flex_attention`` is False, else a dense [B, L, L] boolean for SDPA (True = may attend)."""
+    ``flex_attention`` is False, else a dense [B, L, L] boolean for SDPA (True = may attend). With ``documents``
+    (packed rows), a token attends only within its own document."""
     n, length = segments.shape
     if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION and flex_attention:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -164,9 +168,9 @@ def attention_mask(segments: Tensor, flex_attention: bool = True):
         _compile_flex_dynamic()
 
         def mask_mod(b, h, q, k):
-            return _allowed(segments, b, q, k)
+            return _allowed(segments, documents, b, q, k)
 
         return create_block_mask(mask_mod, n, None, length, length, device=segments.device)
     idx = torch.arange(length, device=segments.device)
-    return _allowed(segments, torch.arange(n, device=segments.device)[:, None, None], idx[None, :, None],
-                    idx[None, None, :])  # fmt: skip
+    return _allowed(segments, documents, torch.arange(n, device=segments.device)[:, None, None],
+                    idx[None, :, None], idx[None, None, :])  # fmt: skip

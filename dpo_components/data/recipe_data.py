@@ -50,7 +50,8 @@ def load_recipe_data(
         check_data_kind(loss, dataset=train, eval_dataset=held_out)
     check_datasets(settings, train, held_out, world_size)
     collate = make_collator(tokenizer.pad_id, max_seq_len, settings.pad_to_multiple_of, settings.prefix_sharing,
-                            datasets={"dataset": train, "eval_dataset": held_out})  # fmt: skip
+                            datasets={"dataset": train, "eval_dataset": held_out}, packing=settings.packing,
+                            packing_row_tokens=settings.packing_row_tokens)  # fmt: skip
     return RecipeData(train, held_out, collate)
 
 
