@@ -1,4 +1,5 @@
-"""What a step logs: per-pair DPO metrics averaged over the micro-batches of a step, and peak memory."""
+"""What a step logs: per-pair DPO metrics averaged over the micro-batches of a step, and peak memory; the
+warning when the gradient stays exactly 0."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import resource
 
 import torch
 from torch import Tensor
+from torchtune.utils import get_logger
 
 from dpo_components.data.collate import batch_positions
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
 
+log = get_logger("INFO")
 TOTALS = ("count/desirable", "count/undesirable")  # logged as totals over the interval, not averaged
 
 
@@ -96,3 +99,29 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class ZeroGradientWatch:
+    """Warns, once, when the gradient norm is exactly 0 for ``patience`` optimizer steps in a row: the loss is
+    saturated and the run trains nothing while its loss still prints. KTO does this on unbalanced classes without
+    the weight correction: the desirable rows fall far below z0, where the sigmoid is flat
+    (docs/losses.md#kto-unpaired-feedback). The run goes on; the warning says what to change."""
+
+    def __init__(self, loss: object, patience: int = 5) -> None:
+        self.loss_name, self.patience = type(loss).__name__, patience
+        self.zero_steps, self.warned = 0, False
+        unpaired = getattr(loss, "data_kind", "pairs") == "unpaired"
+        self.hint = ("; with unbalanced classes set the weights the setup warning names (loss.desirable_weight or "
+                     "loss.undesirable_weight)") if unpaired else ""
+
+    def update(self, grad_norm: float, step: int) -> str | None:
+        """Record the norm of optimizer step ``step``; returns the warning when it is issued (and logs it)."""
+        self.zero_steps = self.zero_steps + 1 if grad_norm == 0.0 else 0
+        if self.zero_steps < self.patience or self.warned:
+            return None
+        self.warned = True
+        steps = f"steps {step - self.patience + 1}-{step}"
+        message = (f"the gradient norm was exactly 0 for {self.patience} steps in a row ({steps}): "
+                   f"{self.loss_name} is saturated and nothing trains{self.hint}")  # fmt: skip
+        log.warning(message)
+        return message

@@ -62,7 +62,7 @@ from dpo_components.checkpointing import (
 from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.logprobs import concatenated_logprobs
-from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
+from dpo_components.metrics import PreferenceMetrics, ZeroGradientWatch, peak_memory_gib
 from dpo_components.models import apply_model_fixes
 from dpo_components.models.quantization import plain_state_dict
 from dpo_components.precision import MasterWeights
@@ -192,6 +192,7 @@ class IPORecipeSingleDevice:
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
+        zero_gradients = ZeroGradientWatch(self._loss_fn)  # warns when the loss saturates (KTO at 1:4)
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc="IPO", dynamic_ncols=True)
         s = self.settings
         for epoch in range(self.epochs_run, s.epochs):
@@ -219,6 +220,7 @@ class IPORecipeSingleDevice:
                                                            max_norm=float(s.clip_grad_norm or math.inf))
                 if not torch.isfinite(grad_norm):
                     self._stop_on_nonfinite("gradient norm", grad_norm.item())
+                zero_gradients.update(grad_norm.item(), self.global_step + 1)
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
                 logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
                 # optimizer.step() on the master weights, then into the model; on logging steps also the share of

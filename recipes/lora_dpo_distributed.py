@@ -71,7 +71,7 @@ from dpo_components.distributed import (
     shard_and_load,
 )
 from dpo_components.logprobs import concatenated_logprobs
-from dpo_components.metrics import PreferenceMetrics, peak_memory_gib
+from dpo_components.metrics import PreferenceMetrics, ZeroGradientWatch, peak_memory_gib
 from dpo_components.models import apply_model_fixes
 from dpo_components.precision import MasterWeights, fsdp_mixed_precision, trainable_to
 from dpo_components.reference import build_reference, reference_variant
@@ -171,6 +171,7 @@ class LoRADPORecipeDistributed:
 
     def train(self) -> None:
         metrics, interval_start = PreferenceMetrics(), time.perf_counter()
+        zero_gradients = ZeroGradientWatch(self._loss_fn)  # warns when the loss saturates (KTO at 1:4)
         loss_name = type(self._loss_fn).__name__.removesuffix("Loss")  # the progress bar: "DPO", "KTO", ...
         progress = tqdm(total=self._total_steps, initial=self.global_step, desc=loss_name, dynamic_ncols=True,
                         disable=not self._is_rank_zero)  # fmt: skip
@@ -201,6 +202,8 @@ class LoRADPORecipeDistributed:
                 logged = all_reduce_metrics(metrics, self.settings.device)
                 if not (math.isfinite(logged["loss"]) and torch.isfinite(grad_norm)):
                     self._stop_on_nonfinite(logged["loss"], grad_norm.item())
+                if self._is_rank_zero:
+                    zero_gradients.update(grad_norm.item(), self.global_step + 1)
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
                 logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
                 # optimizer.step(); on logging steps also the share of sampled weights the step left unchanged

@@ -426,3 +426,24 @@ def test_the_tiny_kto_config_runs_through_tune_run(tiny_setup, tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "step_2" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_zero_gradient_watch_warns_once_after_its_patience():
+    from dpo_components.metrics import ZeroGradientWatch
+
+    watch = ZeroGradientWatch(KTOLoss(), patience=3)
+    assert [watch.update(g, s) for s, g in enumerate([0.0, 0.0, 0.3, 0.0, 0.0], start=1)] == [None] * 5  # reset
+    message = watch.update(0.0, 6)
+    assert "exactly 0 for 3 steps in a row (steps 4-6): KTOLoss is saturated" in message
+    assert "loss.desirable_weight" in message  # the unpaired hint
+    assert watch.update(0.0, 7) is None  # once
+
+
+def test_a_saturated_loss_is_named_by_the_recipe(recipe_cfg, caplog):
+    """SimPO with a target margin of -1000: the sigmoid is flat from step 1, every gradient exactly 0."""
+    caplog.set_level(logging.WARNING)
+    cfg = recipe_cfg(max_steps_per_epoch=6, batch_size=8, eval_dataset=None,
+                     **{"loss._component_": "dpo_components.losses.SimPOLoss", "loss.gamma": -1000.0})  # fmt: skip
+    train(cfg)
+    assert logged(cfg)[6]["grad_norm"] == 0.0
+    assert "exactly 0 for 5 steps in a row (steps 1-5): SimPOLoss is saturated and nothing trains" in caplog.text
