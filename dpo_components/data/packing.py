@@ -32,13 +32,8 @@ from torch import Tensor
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
 from dpo_components.data.prefix_sharing import CHOSEN, PADDING, PROMPT, REJECTED
 
-
-def documents_of(sample: dict[str, Any], share_prompt: bool) -> list[list[str]]:
-    """The documents of one pair, as the parts they hold in order: one [prompt, chosen, rejected] document with
-    prefix sharing, else [prompt, chosen] and [prompt, rejected]."""
-    if share_prompt:
-        return [["prompt", "chosen", "rejected"]]
-    return [["prompt", "chosen"], ["prompt", "rejected"]]
+# the documents of one pair, as the parts each holds in order: one with prefix sharing, else one per response
+DOCUMENTS = {True: [["prompt", "chosen", "rejected"]], False: [["prompt", "chosen"], ["prompt", "rejected"]]}
 
 
 def _part_ids(sample: dict[str, Any], part: str) -> list[int]:
@@ -47,7 +42,7 @@ def _part_ids(sample: dict[str, Any], part: str) -> list[int]:
 
 def document_lengths(dataset: PreferenceDataset, share_prompt: bool) -> list[int]:
     """The longest document of each pair of ``dataset``."""
-    return [max(sum(len(_part_ids(s, part)) for part in doc) for doc in documents_of(s, share_prompt))
+    return [max(sum(len(_part_ids(s, part)) for part in doc) for doc in DOCUMENTS[share_prompt])
             for s in (dataset[i] for i in range(len(dataset)))]  # fmt: skip
 
 
@@ -134,7 +129,7 @@ def collate_packed(
     ``desirable`` [B].
     """
     n = len(batch)
-    docs = [(i, parts) for i, sample in enumerate(batch) for parts in documents_of(sample, share_prompt)]
+    docs = [(i, parts) for i, sample in enumerate(batch) for parts in DOCUMENTS[share_prompt]]
     doc_lengths = [sum(len(_part_ids(batch[i], part)) for part in parts) for i, parts in docs]
     rows = pack_rows(doc_lengths, row_tokens or max(doc_lengths))
     fullest = max(sum(doc_lengths[d] for d in members) for members in rows)
