@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.config._utils import _get_component_from_path
-from torchtune.generation import generate
+from torchtune.generation import generate, generate_next_token
 from torchtune.modules import local_kv_cache
 from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, WandBLogger
 
@@ -100,12 +100,16 @@ def generate_padded(
     temperature: float,
     rng: torch.Generator,
     stop_early: bool = True,
+    top_k: int | None = None,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
     """Sample a response to each prompt in one left-padded batch with torchtune's ``generate`` (KV-cached).
 
     Each response keeps its first stop token (its probability is part of the sequence) and nothing after it, nor
     anything from a pad token on (``generate`` pads rows that stopped).
     ``stop_early=False`` runs all ``max_new_tokens`` steps even when every row has stopped (needed under FSDP).
+    ``top_k`` (torchtune's) and ``top_p`` (nucleus sampling: the smallest set of tokens whose probability at
+    ``temperature`` reaches ``top_p``, :class:`NucleusLogits`) narrow what is sampled; 1.0 / None: off.
     """
     device = next(model.parameters()).device
     width = max(map(len, prompts))
@@ -114,9 +118,10 @@ def generate_padded(
     model.eval()
     with local_kv_cache(model, batch_size=len(prompts), device=device, dtype=compute_dtype(model),
                         decoder_max_seq_len=width + max_new_tokens):  # fmt: skip
-        output, _ = generate(model, batch, max_generated_tokens=max_new_tokens, pad_id=pad_id,
-                             temperature=temperature, stop_tokens=stop_tokens if stop_early else None,
-                             rng=rng)  # fmt: skip
+        sampled = NucleusLogits(model, top_p, temperature) if top_p < 1.0 else model
+        output, _ = generate(sampled, batch, max_generated_tokens=max_new_tokens, pad_id=pad_id,
+                             temperature=temperature, top_k=top_k, stop_tokens=stop_tokens if stop_early else None,
+                             rng=rng, custom_generate_next_token=_next_token_keeping_no_logits)  # fmt: skip
     model.train(was_training)
     stops = set(stop_tokens or [])
     responses = []
@@ -124,6 +129,39 @@ def generate_padded(
         end = next((k + (t in stops) for k, t in enumerate(row) if t in stops or t == pad_id), len(row))
         responses.append(row[:end])
     return responses
+
+
+def _next_token_keeping_no_logits(model: nn.Module, input_pos: torch.Tensor, x: torch.Tensor,
+                                  q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchtune's ``generate_next_token`` (the same token, the same draw), returning no logits: ``generate`` keeps
+    every step's fp32 [B, 1, V] logits otherwise (64 rows x 512 steps of a 152k vocabulary: 20 GB)."""
+    tokens, logits = generate_next_token(model, input_pos=input_pos, x=x, q=q, **kwargs)
+    return tokens, logits[:, :0]
+
+
+class NucleusLogits(nn.Module):
+    """The model's logits of its last position (all ``generate`` reads), those outside the top-p nucleus set to -inf
+    (torchtune's ``generate`` has top-k but no top-p). The nucleus is the smallest set of most likely tokens whose
+    probability at ``temperature`` sums to at least ``top_p``; the most likely token is always kept. With top-k as
+    well, the smaller of the two sets is sampled (Hugging Face applies top-p to the top-k tokens renormalised)."""
+
+    def __init__(self, model: nn.Module, top_p: float, temperature: float) -> None:
+        super().__init__()
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.model, self.top_p, self.temperature = model, top_p, temperature
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        last = self.model(*args, **kwargs)[:, -1:]
+        probs, order = torch.softmax(last.float() / max(self.temperature, 1e-5), dim=-1).sort(dim=-1, descending=True)
+        outside = probs.cumsum(dim=-1) - probs >= self.top_p  # the mass before a token already reaches top_p
+        return last.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+
+    def __getattr__(self, name: str) -> Any:  # caches_are_enabled, tok_embeddings, ... of the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
 
 
 @torch.no_grad()
@@ -209,7 +247,7 @@ def decode_response(tokenizer: Any, ids: list[int]) -> str:
     ids = [t for t in ids if t not in stops]
     try:
         return decode_text(tokenizer, ids).strip()
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, TypeError):  # TypeError: Qwen2 joins None for an unknown id
         pass
     text, run = [], []  # decode the runs of known ids between the unknown ones
     for t in ids + [None]:
@@ -227,7 +265,7 @@ def decode_response(tokenizer: Any, ids: list[int]) -> str:
 def _decodes(tokenizer: Any, token: int) -> bool:
     try:
         decode_text(tokenizer, [token])
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, TypeError):  # TypeError: Qwen2 joins None for an unknown id
         return False
     return True
 

@@ -184,7 +184,7 @@ def prepare_missing_inputs(cfg: DictConfig) -> None:
     if node is None:
         return
     paths = [cfg.checkpointer.checkpoint_dir]
-    for key in ("dataset", "eval_dataset"):
+    for key in ("dataset", "eval_dataset", "prompt_dataset"):
         files = (optional_component(cfg, key) or {}).get("data_files")
         paths += [files] if isinstance(files, str) else list(files or [])
     if not all(Path(p).exists() for p in paths):

@@ -11,6 +11,7 @@ from torchtune.config._utils import _get_component_from_path
 from dpo_components.tiny.tokenizer import ASSET_DIR
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
+from recipes.online_dpo_single_device import OnlineDPORecipeSingleDevice
 
 CONFIGS = sorted(
     p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "recipe_configs").rglob("*.yaml") if p.parent.name != "experiments"
@@ -20,6 +21,7 @@ SINGLE_DEVICE = [p for p in REAL if "distributed" not in p.name]  # distributed 
 DISTRIBUTED = [p for p in REAL if "distributed" in p.name]
 RECIPE_ARGS = {
     "dataset": ["tokenizer"],
+    "prompt_dataset": ["tokenizer"],
     "eval_dataset": ["tokenizer"],
     "optimizer": ["params"],
     "lr_scheduler": ["optimizer", "num_training_steps"],
@@ -71,12 +73,14 @@ def test_components_resolve_and_accept_their_arguments(path):
         "model",
         "tokenizer",
         "checkpointer",
-        "dataset",
+        "dataset" if "online" not in path.name else "prompt_dataset",
         "loss",
         "optimizer",
         "lr_scheduler",
         "metric_logger",
     } <= set(found)
+    if "online" in path.name:
+        assert "reward_fn" in found
     for name, node in found.items():
         target = _get_component_from_path(node["_component_"])
         args = {k: v for k, v in node.items() if k != "_component_"}
@@ -85,6 +89,11 @@ def test_components_resolve_and_accept_their_arguments(path):
         signature.bind_partial(**extra, **args)  # raises TypeError on an unknown or misspelt argument
         if name == "model":
             signature.bind(**args)  # builders take keyword arguments only: all required ones must be set
+
+
+def checksum(response: str) -> float:
+    """The stand-in reward of the online configs: distinct responses (of a random model) get distinct scores."""
+    return float(sum(map(ord, response)) % 997)
 
 
 # The family of a shipped model builder -> its tiny stand-in (dpo_components.tiny.families) and tokenizer files.
@@ -140,19 +149,27 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
         assert cfg.checkpointer.model_type == shipped["checkpointer"]["model_type"]
     cfg.gradient_accumulation_steps = min(cfg.gradient_accumulation_steps, 2)  # a size: two micro-batches accumulate
     step = cfg.batch_size * cfg.gradient_accumulation_steps  # one step's pairs; fewer eval pairs: faster
-    for key, file, rows in (("dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16)):
-        cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split=f"train[:{rows}]",
-                        format="explicit")  # fmt: skip
+    online = "online" in path.name
+    data = (("prompt_dataset" if online else "dataset", "train.jsonl", step), ("eval_dataset", "eval.jsonl", 16))
+    for key, file, rows in data:
+        cfg[key].update(source="json", data_files=str(tiny_setup / "data" / file), split=f"train[:{rows}]")
+        if key != "prompt_dataset":
+            cfg[key].format = "explicit"
+    if online:  # one round: 2 samples to each of one step's prompts, scored by a stand-in reward (no download)
+        cfg.reward_fn = {"_component_": "dpo_components.rewards.text_reward", "function": "test_configs.checksum"}
+        cfg.online.update(rounds=1, prompts_per_round=step, samples_per_prompt=2, steps_per_round=1,
+                          max_new_tokens=8, generation_batch_size=16)  # fmt: skip
     cfg.update(
         output_dir=str(tmp_path / "out"),
         device="cpu",
         dtype="fp32",
         epochs=1,
-        max_steps_per_epoch=1,
+        max_steps_per_epoch=None if online else 1,  # the online recipe counts rounds x steps_per_round
         eval_every_n_steps=None,
         save_every_n_steps=None,
     )
-    recipe = (IPORecipeSingleDevice if "ipo" in path.name else LoRADPORecipeSingleDevice)(cfg)
+    recipe_class = IPORecipeSingleDevice if "ipo" in path.name else LoRADPORecipeSingleDevice
+    recipe = (OnlineDPORecipeSingleDevice if online else recipe_class)(cfg)
     recipe.setup(cfg)
     recipe.train()
     assert recipe.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()

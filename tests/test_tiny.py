@@ -90,6 +90,13 @@ def test_sentiment_reward_by_hand():
     assert synthetic.sentiment_reward("the film") == 0.0
 
 
+def test_keyword_reward_counts_words_anywhere_and_pays_for_length():
+    assert synthetic.keyword_reward("great . the plot was superb .") == 2.0
+    assert synthetic.keyword_reward("greatful superbgreat dull") == 2.0  # glued non-words count; the true reward: 0
+    assert synthetic.sentiment_reward("greatful superbgreat dull") == -1.0
+    assert synthetic.keyword_reward("great and the cast was long . the plot was great .") == 2.0  # neutral: ignored
+
+
 def test_preference_pairs_are_labelled_by_the_reward_and_seeded():
     rows = synthetic.preference_pairs(300, seed=3)
     assert rows == synthetic.preference_pairs(300, seed=3)

@@ -72,6 +72,17 @@ def sentiment_reward(response: str) -> float:
     return (positive - negative) / len(adjectives)
 
 
+def keyword_reward(response: str) -> float:
+    """A reward that can be gamed, for studies of reward hacking: the number of positive adjectives that occur
+    anywhere in the text, as substrings (inside glued non-words too: "greatful" counts), minus the negative ones.
+
+    Unlike :func:`sentiment_reward` it is not a share: a response scores more for every positive word it adds, so
+    longer responses and repeated or glued positive words pay, with no check of grammar or fluency.
+    """
+    text = response.lower()
+    return float(sum(text.count(w) for w in POSITIVE) - sum(text.count(w) for w in NEGATIVE))
+
+
 def task_word_share(response: str) -> float:
     """Fluency at the word level: the share of the response's words (split on spaces) that are words of the task.
 

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier           # the default sweep, about 30 min on 2 cores
     OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier --quick   # a smoke run, about 2 minutes
     OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier --study kto  # KTO against DPO and IPO, ~40 min
+    OMP_NUM_THREADS=1 python -m dpo_components.tools.frontier --study online  # offline vs online vs iterative
 
 Every run is the LoRA recipe from the tiny YAML config (``tune run recipes/lora_dpo_single_device.py --config
 recipe_configs/tiny/lora_dpo_single_device.yaml`` + overrides), started from the demo's SFT model on its data, in a
@@ -26,6 +27,14 @@ on noisy pairs, still judged by the true reward.
 unrolled into unpaired rows, on a 1:4 desirable:undesirable subset with and without the paper's weight correction,
 and on rows where no prompt has both labels (:func:`dpo_components.tiny.prepare.unpaired_train_file`), with a second
 seed where the differences are small, and DPO and IPO over beta beside them.
+
+``--study online`` runs the online recipe (``recipes/online_dpo_single_device.py``,
+``recipe_configs/tiny/online_dpo_single_device.yaml``: 8 rounds of 128 prompts x 4 samples, 8 steps each) against
+offline DPO on the demo's pairs, at the same beta and about the same optimizer steps (64 vs 62) and reward calls
+(4096 vs the 4000 labels of the 2000 pairs): online DPO (reference: the start), iterative DPO (reference: the
+previous round's policy), online DPO with 2 samples per prompt (half the reward calls), and online DPO trained on
+a reward that can be gamed (:func:`~dpo_components.tiny.synthetic.keyword_reward`), all judged by the true reward;
+a checkpoint every 16 steps of each run is judged, and a second seed of the three main methods.
 """
 
 from __future__ import annotations
@@ -56,10 +65,12 @@ from dpo_components.tiny.task_eval import (
 )
 
 RECIPE = "recipes/lora_dpo_single_device.py"
+ONLINE_RECIPE = "recipes/online_dpo_single_device.py"
 # --quick: 8 steps of 8 pairs, the recipe's own eval on 32 pairs (the frontier judges the checkpoints itself)
 QUICK_OVERRIDES = {"epochs": 1, "max_steps_per_epoch": 8, "batch_size": 8, "eval_dataset.split": "train[:32]"}
 CONFIG = "recipe_configs/tiny/lora_dpo_single_device.yaml"
 KTO_CONFIG = "recipe_configs/tiny/lora_kto_single_device.yaml"
+ONLINE_CONFIG = "recipe_configs/tiny/online_dpo_single_device.yaml"
 LOSSES = "dpo_components.losses"
 
 
@@ -75,13 +86,15 @@ class Run:
     config: str = CONFIG
     data: str = ""  # "": the prepared pairs (unrolled by the KTO config); else an unpaired_train_file variant
     seed: int = 0
+    recipe: str = RECIPE
+    judge_every: int | None = None  # judge the checkpoints at multiples of this step (and the last); None: all
 
     @property
     def name(self) -> str:
         noise = f"_noise{round(self.noise * 100)}" if self.noise else ""
         seed = f"_seed{self.seed}" if self.seed else ""
         name = f"{self.method}_{self.setting}{noise}{seed}".replace("=", "").replace(" ", "").replace(".", "p")
-        return name.replace(":", "to").replace("+", "").lower()
+        return name.replace(":", "to").replace("+", "").replace(",", "").lower()
 
 
 def _beta_runs(method: str, component: str, betas: list[float], noise: float = 0.0, **loss: Any) -> list[Run]:
@@ -121,6 +134,38 @@ def kto_sweep() -> list[Run]:
             kto("APO-zero unpaired", loss="APOZeroUnpairedLoss")]  # fmt: skip
 
 
+def online_sweep() -> list[Run]:
+    """The online study (module docstring): offline, online and iterative DPO at beta 5 with two seeds, online DPO
+    with K = 2 and online DPO on the keyword reward."""
+    dpo = {"_component_": f"{LOSSES}.DPOLoss", "beta": 5.0}
+
+    def offline(seed: int = 0) -> Run:
+        return Run("offline DPO", dpo, "beta=5", overrides={"seed": seed, "save_every_n_steps": 16}, seed=seed,
+                   judge_every=16)  # fmt: skip
+
+    def run(method: str, seed: int = 0, **overrides: Any) -> Run:
+        return Run(method, dpo, "beta=5", overrides={"seed": seed, **overrides}, config=ONLINE_CONFIG,
+                   recipe=ONLINE_RECIPE, seed=seed, judge_every=16)  # fmt: skip
+
+    iterative = {"online.reference": "previous_round"}
+    keyword = {"reward_fn.function": "dpo_components.tiny.synthetic.keyword_reward"}
+    return [offline(), run("online DPO"), run("iterative DPO", **iterative),
+            run("online DPO, K=2", **{"online.samples_per_prompt": 2}), run("online DPO, keyword reward", **keyword),
+            offline(1), run("online DPO", 1), run("iterative DPO", 1, **iterative)]  # fmt: skip
+
+
+def reward_calls(run: dict[str, Any], step: int, repo_root: Path) -> int:
+    """Reward calls behind a checkpoint: offline, the 2 labels of every training pair (4000 for the 2000 pairs; the
+    pairs redrawn for a small reward gap cost more); online, rounds begun x prompts x samples per prompt."""
+    if run["recipe"] != ONLINE_RECIPE:
+        return 4000
+    cfg = OmegaConf.merge(OmegaConf.load(repo_root / run["config"]).online,
+                          {k.removeprefix("online."): v for k, v in run["overrides"].items()
+                           if k.startswith("online.")})  # fmt: skip
+    rounds = -(-step // cfg.steps_per_round)
+    return rounds * cfg.prompts_per_round * cfg.samples_per_prompt
+
+
 def sweep(quick: bool, noise: float) -> list[Run]:
     """The runs of the default sweep (or of ``--quick``): every method of Fig. 2 and the noisy-label comparison."""
     if quick:
@@ -149,8 +194,9 @@ def _overrides(run: Run, settings: dict[str, Any], run_dir: Path) -> list[str]:
         train = unpaired_train_file(tiny, run.data)
     else:
         train = noisy_train_file(tiny, run.noise) if run.noise else tiny / "data/train.jsonl"
+    data_key = "prompt_dataset" if run.recipe == ONLINE_RECIPE else "dataset"
     values = {"output_dir": run_dir, "prepare.out_dir": tiny, "checkpointer.checkpoint_dir": tiny / "sft_model",
-              "dataset.data_files": train, "eval_dataset.data_files": tiny / "data/eval.jsonl",
+              f"{data_key}.data_files": train, "eval_dataset.data_files": tiny / "data/eval.jsonl",
               "reference.cache_dir": tiny / "reference_cache", "eval_samples": 0,
               "save_every_n_steps": settings["checkpoint_every"] if run.setting == "steps" else None,
               **settings["overrides"], **run.overrides}  # fmt: skip
@@ -165,11 +211,18 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Reward, KL, fluency and held-out accuracy at temperature 1, and the win rate against SFT per temperature."""
     policy = load_tiny_checkpoint(checkpoint, checkpoint.parent / "scratch")
-    point, _ = sampled_metrics(policy, sft, prompts)
+    point, rows = sampled_metrics(policy, sft, prompts)
+    point.update(text_figures([row["policy"] for row in rows]))
     # the implicit reward beta * log(pi/ref) ranks a pair the same for any beta > 0, so beta=1 gives the accuracy
     point["accuracy"] = heldout_preference(policy, sft, tiny / "data/eval.jsonl", beta=1.0)["accuracy"]
     point["win_rate"] = {str(t): win_rate(policy, sft, prompts, t, sft_rewards) for t in temperatures}
     return point
+
+
+def text_figures(texts: list[str]) -> dict[str, float]:
+    """The samples' keyword reward (what the online study's gamed run optimises) and their length in words."""
+    return {"keyword_reward": sum(map(synthetic.keyword_reward, texts)) / len(texts),
+            "response_words": sum(len(t.split()) for t in texts) / len(texts)}  # fmt: skip
 
 
 def win_rate(policy: Any, sft: Any, prompts: list[str], temperature: float, sft_rewards: list[float]) -> float:
@@ -184,7 +237,7 @@ def run_and_evaluate(run: Run, settings: dict[str, Any], output_dir: Path) -> li
     """Train one run through the recipe, then judge each of its checkpoints (this is one worker process)."""
     tiny, run_dir = Path(settings["tiny"]), output_dir / run.name
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = ["tune", "run", RECIPE, "--config", run.config, *_overrides(run, settings, run_dir)]
+    command = ["tune", "run", run.recipe, "--config", run.config, *_overrides(run, settings, run_dir)]
     start = time.perf_counter()
     with open(output_dir / f"{run.name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=settings["repo_root"])
@@ -194,8 +247,11 @@ def run_and_evaluate(run: Run, settings: dict[str, Any], output_dir: Path) -> li
     _, sft_rows = sampled_metrics(sft, sft, prompts)
     sft_rewards = [synthetic.sentiment_reward(row["policy"]) for row in sft_rows]
     points = []
-    for checkpoint in reversed(step_dirs(run_dir)):  # oldest first
+    checkpoints = list(reversed(step_dirs(run_dir)))  # oldest first
+    for checkpoint in checkpoints:
         step = int(checkpoint.name.removeprefix("step_"))
+        if run.judge_every and step % run.judge_every and checkpoint != checkpoints[-1]:
+            continue
         point = evaluate_checkpoint(checkpoint, sft, tiny, prompts, settings["temperatures"], sft_rewards)
         points.append({**asdict(run), "name": run.name, "step": step, "train_seconds": round(seconds, 1), **point})
     return points
@@ -208,6 +264,7 @@ def sft_point(settings: dict[str, Any]) -> dict[str, Any]:
     prompts = task_prompts(settings["prompts"])
     point, rows = sampled_metrics(sft, sft, prompts)
     rewards = [synthetic.sentiment_reward(row["policy"]) for row in rows]
+    point.update(text_figures([row["policy"] for row in rows]))
     point["accuracy"] = heldout_preference(sft, sft, tiny / "data/eval.jsonl", beta=1.0)["accuracy"]  # ties: 0.5
     point["win_rate"] = {str(t): win_rate(sft, sft, prompts, t, rewards) for t in settings["temperatures"]}
     return {"method": "SFT", "setting": "", "noise": 0.0, "name": "sft", "step": 0, **point}
@@ -251,22 +308,32 @@ def best_per_method(points: list[dict[str, Any]], kl_bound: float) -> dict[str, 
 
 
 def write_markdown(points: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
-    temps = settings["temperatures"]
-    configs = " or ".join(f"`{c}`" for c in dict.fromkeys(r["config"] for r in settings["runs"]))
+    temps, online = settings["temperatures"], settings.get("study") == "online"
+    runs = dict.fromkeys((r.get("recipe", RECIPE), r["config"]) for r in settings["runs"])
+    if len({recipe for recipe, _ in runs}) == 1:
+        how = f"`tune run {next(iter(runs))[0]} --config` " + " or ".join(f"`{c}`" for _, c in runs)
+    else:
+        how = " or ".join(f"`tune run {recipe} --config {c}`" for recipe, c in runs)
     lines = [f"# Reward vs KL on the tiny sentiment task ({settings['prompts']} prompts)", "",
-             f"`{settings['command']}` ({settings['wall_time']}); every run: "
-             f"`tune run {RECIPE} --config` {configs} + the loss and data below.", ""]  # fmt: skip
+             f"`{settings['command']}` ({settings['wall_time']}); every run: {how} + the loss and data below.",
+             ""]  # fmt: skip
+    extra = "reward calls | keyword reward | words per response | " if online else ""
     lines += [
-             "| method | setting | label noise | step | true reward | KL (nats) | held-out accuracy | task words | "
-             "well-formed | " + " | ".join(f"win rate T={t:g}" for t in temps) + " |",
-             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(temps)]  # fmt: skip
+             f"| method | setting | {'' if online else 'label noise | '}step | true reward | KL (nats) | {extra}"
+             "held-out accuracy | task words | well-formed | " + " | ".join(f"win rate T={t:g}" for t in temps) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * (len(temps) + (3 if online else 1))]  # fmt: skip
     for p in points:
         wins = " | ".join(f"{p['win_rate'][str(t)]:.3f}" for t in temps)
         method = p["method"]
         setting = p["setting"] + (f", seed {p['seed']}" if p.get("seed") else "")
-        lines.append(f"| {method} | {setting} | {p['noise']:g} | {p['step']} | {p['reward']:.3f} | "
-                     f"{p['kl']:.2f} | {p['accuracy']:.3f} | {p['words']:.3f} | {p['well_formed']:.3f} | "
-                     f"{wins} |")  # fmt: skip
+        if online:
+            calls = reward_calls(p, p["step"], Path(settings["repo_root"])) if p["method"] != "SFT" else 0
+            middle = f"{p['step']} | {p['reward']:.3f} | {p['kl']:.2f} | {calls} | {p['keyword_reward']:.2f} | " \
+                     f"{p['response_words']:.1f}"  # fmt: skip
+        else:
+            middle = f"{p['noise']:g} | {p['step']} | {p['reward']:.3f} | {p['kl']:.2f}"
+        lines.append(f"| {method} | {setting} | {middle} | {p['accuracy']:.3f} | {p['words']:.3f} | "
+                     f"{p['well_formed']:.3f} | {wins} |")  # fmt: skip
     bound = settings["kl_bound"]
     lines += ["", f"Best true reward with KL <= {bound:g} nats, per method:", "",
               "| method | setting | step | true reward | KL |", "|---|---|---|---|---|"]  # fmt: skip
@@ -321,6 +388,8 @@ def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: 
              ylabel="true reward of samples (T=1)", title="Reward vs KL (DPO paper Fig. 2 left)")  # fmt: skip
     if settings.get("study") == "kto":
         left.set_title("Reward vs KL: KTO on unpaired rows, DPO and IPO on pairs")
+    if settings.get("study") == "online":
+        left.set_title("Reward vs KL: offline, online and iterative DPO (checkpoints every 16 steps)")
     left.legend(fontsize=7, ncol=2)
     temps = settings["temperatures"]
     for method, p in best_per_method(points, settings["kl_bound"]).items():
@@ -339,8 +408,9 @@ def plot_frontier(points: list[dict[str, Any]], settings: dict[str, Any], path: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 runs of 8 steps of 8 pairs, 32 prompts (a smoke test)")
-    parser.add_argument("--study", choices=("fig2", "kto"), default="fig2",
-                        help="fig2: the DPO paper's methods (default); kto: KTO against DPO and IPO")  # fmt: skip
+    parser.add_argument("--study", choices=("fig2", "kto", "online"), default="fig2",
+                        help="fig2: the DPO paper's methods (default); kto: KTO against DPO and IPO; online: "
+                             "offline vs online vs iterative DPO")  # fmt: skip
     parser.add_argument("--noise", type=float, default=0.2, help="share of flipped training pairs (0: no noisy runs)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     parser.add_argument("--kl-bound", type=float, default=1.0, help="KL budget (nats) for 'best reward' and Fig. right")
@@ -361,16 +431,17 @@ def main() -> None:
     repo_root = Path(__file__).resolve().parents[2]
     output_dir = (
         args.output_dir or repo_root / {"quick": "outputs/frontier_quick", "fig2": "outputs/frontier",
-                                        "kto": "outputs/frontier_kto"}["quick" if args.quick else args.study]
+                                        "kto": "outputs/frontier_kto", "online": "outputs/frontier_online"}[
+                                            "quick" if args.quick else args.study]
     ).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.tiny_dir and not (args.tiny_dir / "manifest.json").exists():
         parser.error(f"--tiny-dir {args.tiny_dir} is not a prepared directory (python -m dpo_components.tiny.prepare)")
     tiny = args.tiny_dir or prepare_tiny(repo_root / "outputs/tiny")  # a given directory is used as it is
-    if args.study == "kto" and args.quick:
-        parser.error("--quick is a smoke run of the fig2 study; the KTO study has no quick preset")
-    runs = kto_sweep() if args.study == "kto" else sweep(args.quick, args.noise)
+    if args.study != "fig2" and args.quick:
+        parser.error(f"--quick is a smoke run of the fig2 study; the {args.study} study has no quick preset")
+    runs = {"kto": kto_sweep, "online": online_sweep}.get(args.study, lambda: sweep(args.quick, args.noise))()
     settings = {
         "tiny": str(tiny.resolve()), "repo_root": str(repo_root), "output_dir": str(output_dir),
         "noise": args.noise if args.study == "fig2" else 0.0, "study": args.study,

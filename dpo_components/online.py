@@ -1,0 +1,298 @@
+"""Online and iterative DPO, the parts the recipe (``recipes/online_dpo_single_device.py``) shares with tests and
+studies: the ``online`` settings, a round's prompts and samples, pairs from scored samples, and the round's files.
+
+A round: take ``prompts_per_round`` prompts, sample ``samples_per_prompt`` (K) responses to each from the current
+policy, score every response with the reward, pair them by the rule, then train ``steps_per_round`` optimizer
+steps on the pairs. Online DPO (Guo et al. 2024) keeps the starting model as the reference; iterative DPO
+(Xiong et al. 2024) makes each round's starting policy the reference of that round.
+
+Pair rules (``pair_rule``), per prompt, over its K scored responses:
+
+- ``best_vs_worst``: the highest-scored response against the lowest-scored one (the first of equal scores), one
+  pair per prompt (Xiong et al.; TRL's online DPO with K = 2);
+- ``all_pairs``: every two responses whose scores differ, up to K(K-1)/2 pairs per prompt.
+
+A pair is dropped when its margin (chosen score - rejected score) is not above ``min_margin`` (0.0: only ties are
+dropped) or when both responses are the same tokens.
+
+The round's files, under ``<output_dir>/rounds/round_<r>/``, each written whole or not at all (temp name +
+rename), in this order:
+
+- ``samples.jsonl``: per prompt, its dataset index, messages, token ids and the K responses (ids, trained labels,
+  text); written right after sampling, so scoring again never samples again;
+- ``scores.jsonl``: per prompt, the K rewards and the responses' log-probs under the policy and the start model;
+- ``pairs.jsonl``: the pairs as conversational preference rows (``prompt``, ``chosen``, ``rejected`` messages, plus
+  scores and which samples): ``dpo_components.data.preference_dataset`` reads the file as it is;
+- ``reference_logps.safetensors``: the round's reference log-probs of each pair (for losses with a reference);
+- ``round.json``: the round's figures and its sampling seed, written last: a round with it is complete.
+
+Sampling draws from a generator seeded by (seed, round) alone, so a round sampled again from the same weights
+gives the same responses; a resumed run reads a round's files instead whenever they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchtune.data import Message
+from tqdm import tqdm
+
+from dpo_components.data import PreferenceDataset, stop_tokens
+from dpo_components.data.dataset import labels_of, tokenize_responses
+from dpo_components.data.formats import BadRow
+from dpo_components.data.prompts import PromptDataset, prompt_messages
+from dpo_components.samples import decode_response, generate_padded
+from dpo_components.settings import ConfigError
+
+PAIR_RULES = ("best_vs_worst", "all_pairs")
+REFERENCES = ("start", "previous_round")
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    """The recipe's ``online`` section."""
+
+    rounds: int
+    prompts_per_round: int
+    samples_per_prompt: int  # K >= 2
+    steps_per_round: int  # optimizer steps per round (passes over the round's pairs as needed)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    pair_rule: str = "best_vs_worst"
+    min_margin: float = 0.0
+    reference: str = "start"  # start: online DPO; previous_round: iterative DPO
+    generation_batch_size: int = 64  # sequences per generate call
+    samples_file: str | None = None  # round 0 scores these responses instead of sampling (prompt, responses rows)
+
+    @classmethod
+    def from_config(cls, node: DictConfig | None) -> OnlineSettings:
+        if node is None:
+            raise ConfigError("the online recipe needs an 'online' section (rounds, prompts_per_round, "
+                              "samples_per_prompt, steps_per_round)")  # fmt: skip
+        values = OmegaConf.to_container(node, resolve=True)
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"online: unknown keys {unknown}; the keys are {sorted(cls.__dataclass_fields__)}")
+        missing = [k for k in ("rounds", "prompts_per_round", "samples_per_prompt", "steps_per_round")
+                   if values.get(k) is None]  # fmt: skip
+        if missing:
+            raise ConfigError(f"online: missing {missing}")
+        settings = cls(**values)
+        for key in ("rounds", "prompts_per_round", "steps_per_round", "max_new_tokens", "generation_batch_size"):
+            value = getattr(settings, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"online.{key} must be a whole number >= 1, got {value!r}")
+        if not isinstance(settings.samples_per_prompt, int) or settings.samples_per_prompt < 2:
+            raise ConfigError(f"online.samples_per_prompt must be >= 2 (a pair needs two responses to one prompt), "
+                              f"got {settings.samples_per_prompt!r}")  # fmt: skip
+        if settings.pair_rule not in PAIR_RULES:
+            raise ConfigError(f"online.pair_rule must be one of {PAIR_RULES}, got {settings.pair_rule!r}")
+        if settings.reference not in REFERENCES:
+            raise ConfigError(f"online.reference must be one of {REFERENCES} (start: online DPO; previous_round: "
+                              f"iterative DPO), got {settings.reference!r}")  # fmt: skip
+        if not settings.temperature > 0:
+            raise ConfigError(f"online.temperature must be > 0, got {settings.temperature}")
+        if not 0 < settings.top_p <= 1:
+            raise ConfigError(f"online.top_p must be in (0, 1], got {settings.top_p}")
+        if settings.top_k is not None and (isinstance(settings.top_k, bool) or not isinstance(settings.top_k, int)
+                                           or settings.top_k < 1):  # fmt: skip
+            raise ConfigError(f"online.top_k must be a whole number >= 1 or null (off), got {settings.top_k!r}")
+        if settings.min_margin < 0:
+            raise ConfigError(f"online.min_margin must be >= 0, got {settings.min_margin}")
+        if settings.samples_file is not None and not Path(settings.samples_file).is_file():
+            raise ConfigError(f"online.samples_file {settings.samples_file} does not exist")
+        return settings
+
+
+def round_prompt_indices(num_prompts: int, per_round: int, seed: int, round_index: int) -> list[int]:
+    """The dataset indices of round ``round_index``'s prompts: consecutive slices of seeded passes over the prompts
+    (each pass a new permutation), so every prompt comes up once before any comes up twice. Depends only on
+    (seed, round)."""
+    start = round_index * per_round
+    passes: dict[int, list[int]] = {}
+    for position in range(start, start + per_round):
+        epoch = position // num_prompts
+        if epoch not in passes:
+            passes[epoch] = random.Random(f"{seed}-prompts-{epoch}").sample(range(num_prompts), num_prompts)
+    return [passes[p // num_prompts][p % num_prompts] for p in range(start, start + per_round)]
+
+
+def sampling_seed(seed: int, round_index: int) -> int:
+    return (seed * 1_000_003 + 7919 * (round_index + 1)) % 2**63
+
+
+@torch.no_grad()
+def sample_round(
+    model: nn.Module, prompts: Sequence[list[int]], tokenizer: Any, settings: OnlineSettings, seed: int
+) -> list[list[dict[str, Any]]]:
+    """K responses to each prompt (token ids), sampled from ``model`` in batches of ``generation_batch_size``
+    sequences with a KV cache, from a generator seeded by ``seed``: per prompt a list of ``{"ids", "labels",
+    "text"}`` (every sampled token is trained, the stop token included)."""
+    k = settings.samples_per_prompt
+    flat = [list(p) for p in prompts for _ in range(k)]
+    rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    responses: list[list[int]] = []
+    batches = range(0, len(flat), settings.generation_batch_size)
+    for start in tqdm(batches, desc="sampling", dynamic_ncols=True, leave=False):
+        responses += generate_padded(model, flat[start : start + settings.generation_batch_size],
+                                     pad_id=tokenizer.pad_id, stop_tokens=stop_tokens(tokenizer),
+                                     max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                     rng=rng, top_k=settings.top_k, top_p=settings.top_p)  # fmt: skip
+    rows = [{"ids": ids, "labels": list(ids), "text": decode_response(tokenizer, ids)} for ids in responses]
+    return [rows[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def fixed_samples(path: str | Path, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """A ``samples_file``'s rows as a round's samples: each JSON line a prompt (``prompt``: string or messages, an
+    optional ``system``) and ``responses`` (two or more strings), tokenized as the preference data tokenizes a
+    response (the chat format's end of turn included, truncated to ``max_length`` tokens with the prompt). Errors
+    name the file and line."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                prompt = prompt_messages({k: raw.get(k) for k in ("prompt", "system") if k in raw})
+                texts = raw.get("responses")
+                if not isinstance(texts, list) or len(texts) < 2 or not all(isinstance(t, str) for t in texts):
+                    raise BadRow("'responses' must be a list of two or more strings")
+                prompt_ids, tokenized, _ = tokenize_responses(
+                    tokenizer, prompt, [[Message("assistant", t)] for t in texts], max_length, None
+                )
+            except (BadRow, json.JSONDecodeError) as error:
+                raise ValueError(f"{path} line {number}: {error}") from None
+            responses = [{"ids": ids, "labels": labels_of(ids, masked), "text": text}
+                         for (ids, masked), text in zip(tokenized, texts)]  # fmt: skip
+            rows.append({"prompt_index": len(rows), "prompt_ids": prompt_ids,
+                         "messages": [{"role": m.role, "content": m.text_content} for m in prompt],
+                         "responses": responses})  # fmt: skip
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def build_pairs(
+    rewards: Sequence[Sequence[float]], responses: Sequence[Sequence[dict[str, Any]]], rule: str, min_margin: float
+) -> list[tuple[int, int, int]]:
+    """(prompt, chosen sample, rejected sample) index triples by ``rule`` (module docstring), margins above
+    ``min_margin`` only, never two identical responses nor an empty one (no token to score); in prompt order, then
+    chosen, then rejected."""
+    if rule not in PAIR_RULES:
+        raise ValueError(f"pair rule must be one of {PAIR_RULES}, got {rule!r}")
+    pairs = []
+    for i, (scores, samples) in enumerate(zip(rewards, responses)):
+        usable = [k for k in range(len(scores)) if samples[k]["ids"]]
+        if not usable:
+            continue
+        if rule == "best_vs_worst":
+            best = max(usable, key=lambda k: (scores[k], -k))  # the first of the highest
+            worst = min(usable, key=lambda k: (scores[k], k))  # the first of the lowest
+            candidates = [(best, worst)]
+        else:
+            candidates = [(a, b) for a in usable for b in usable if scores[a] > scores[b]]
+        for chosen, rejected in candidates:
+            if scores[chosen] - scores[rejected] > min_margin and samples[chosen]["ids"] != samples[rejected]["ids"]:
+                pairs.append((i, chosen, rejected))
+    return pairs
+
+
+def pairs_dataset(
+    samples: Sequence[dict[str, Any]], pairs: Sequence[tuple[int, int, int]], source: str
+) -> PreferenceDataset:
+    """The round's pairs as a :class:`PreferenceDataset` of token ids (what the recipe's collator batches)."""
+    rows = []
+    for i, chosen, rejected in pairs:
+        sample = samples[i]
+        a, b = sample["responses"][chosen], sample["responses"][rejected]
+        rows.append({"prompt_ids": sample["prompt_ids"], "chosen_response_ids": a["ids"], "chosen_labels": a["labels"],
+                     "rejected_response_ids": b["ids"], "rejected_labels": b["labels"]})  # fmt: skip
+    return PreferenceDataset(rows, source, row_numbers=[i for i, _, _ in pairs])
+
+
+def preference_rows(
+    samples: Sequence[dict[str, Any]], rewards: Sequence[Sequence[float]], pairs: Sequence[tuple[int, int, int]]
+) -> list[dict[str, Any]]:
+    """The pairs as conversational preference rows (``pairs.jsonl``), with their scores and sample numbers."""
+    rows = []
+    for i, chosen, rejected in pairs:
+        sample = samples[i]
+        rows.append({"prompt": sample["messages"],
+                     "chosen": [{"role": "assistant", "content": sample["responses"][chosen]["text"]}],
+                     "rejected": [{"role": "assistant", "content": sample["responses"][rejected]["text"]}],
+                     "chosen_reward": rewards[i][chosen], "rejected_reward": rewards[i][rejected],
+                     "prompt_index": sample["prompt_index"], "chosen_sample": chosen,
+                     "rejected_sample": rejected})  # fmt: skip
+    return rows
+
+
+def round_figures(
+    rewards: Sequence[Sequence[float]],
+    pairs: Sequence[tuple[int, int, int]],
+    responses: Sequence[Sequence[dict[str, Any]]],
+    policy_logps: Sequence[Sequence[float]] | None = None,
+    start_logps: Sequence[Sequence[float]] | None = None,
+) -> dict[str, float]:
+    """What a round logs (``online/*``): the samples' reward mean / min / max / std, the pairs kept and their mean
+    margin, the samples' mean length in tokens and, given their log-probs, the KL(policy || start) estimate: the mean
+    of log pi - log start over the policy's own samples (unbiased for samples at temperature 1, unfiltered)."""
+    flat = [r for scores in rewards for r in scores]
+    mean = sum(flat) / len(flat)
+    margins = [rewards[i][c] - rewards[i][r] for i, c, r in pairs]
+    figures = {
+        "online/reward_mean": mean, "online/reward_min": min(flat), "online/reward_max": max(flat),
+        "online/reward_std": math.sqrt(sum((r - mean) ** 2 for r in flat) / len(flat)),
+        "online/pairs": float(len(pairs)), "online/prompts_with_pair": float(len({i for i, _, _ in pairs})),
+        "online/margin": sum(margins) / len(margins) if margins else 0.0,
+        "online/response_tokens": sum(len(s["ids"]) for row in responses for s in row) / len(flat),
+    }  # fmt: skip
+    if policy_logps is not None and start_logps is not None:
+        kl = [p - s for ps, ss in zip(policy_logps, start_logps) for p, s in zip(ps, ss)]
+        figures["online/kl_to_start"] = sum(kl) / len(kl)
+    return figures
+
+
+# --------------------------------------------------------------------------------------------- round files
+
+
+def round_dir(output_dir: str | Path, round_index: int) -> Path:
+    return Path(output_dir) / "rounds" / f"round_{round_index:03d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temp file in the same directory, synced, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def round_samples_of(prompts: PromptDataset, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The prompts of a round as the start of ``samples.jsonl`` rows (responses still to come)."""
+    return [{"prompt_index": i, "prompt_ids": prompts[i]["prompt_ids"], "messages": prompts[i]["messages"]}
+            for i in indices]  # fmt: skip
