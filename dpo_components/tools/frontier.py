@@ -33,8 +33,9 @@ seed where the differences are small, and DPO and IPO over beta beside them.
 offline DPO on the demo's pairs, at the same beta and about the same optimizer steps (64 vs 62) and reward calls
 (4096 vs the 4000 labels of the 2000 pairs): online DPO (reference: the start), iterative DPO (reference: the
 previous round's policy), online DPO with 2 samples per prompt (half the reward calls), and online DPO trained on
-a reward that can be gamed (:func:`~dpo_components.tiny.synthetic.keyword_reward`), all judged by the true reward;
-a checkpoint every 16 steps of each run is judged, and a second seed of the three main methods.
+a reward that can be gamed (:func:`~dpo_components.tiny.synthetic.keyword_reward`, at beta 5 and 1, beside the
+true reward at beta 1), all judged by the true reward; a checkpoint every 16 steps of each run is judged, and a
+second seed of the three main methods.
 """
 
 from __future__ import annotations
@@ -136,22 +137,24 @@ def kto_sweep() -> list[Run]:
 
 def online_sweep() -> list[Run]:
     """The online study (module docstring): offline, online and iterative DPO at beta 5 with two seeds, online DPO
-    with K = 2 and online DPO on the keyword reward."""
+    with K = 2, and online DPO on the keyword reward against the true one at beta 5 and at beta 1 (further out,
+    where a gameable reward can be gamed)."""
     dpo = {"_component_": f"{LOSSES}.DPOLoss", "beta": 5.0}
 
     def offline(seed: int = 0) -> Run:
         return Run("offline DPO", dpo, "beta=5", overrides={"seed": seed, "save_every_n_steps": 16}, seed=seed,
                    judge_every=16)  # fmt: skip
 
-    def run(method: str, seed: int = 0, **overrides: Any) -> Run:
-        return Run(method, dpo, "beta=5", overrides={"seed": seed, **overrides}, config=ONLINE_CONFIG,
-                   recipe=ONLINE_RECIPE, seed=seed, judge_every=16)  # fmt: skip
+    def run(method: str, seed: int = 0, beta: float = 5.0, **overrides: Any) -> Run:
+        return Run(method, {**dpo, "beta": beta}, f"beta={beta:g}", overrides={"seed": seed, **overrides},
+                   config=ONLINE_CONFIG, recipe=ONLINE_RECIPE, seed=seed, judge_every=16)  # fmt: skip
 
     iterative = {"online.reference": "previous_round"}
     keyword = {"reward_fn.function": "dpo_components.tiny.synthetic.keyword_reward"}
     return [offline(), run("online DPO"), run("iterative DPO", **iterative),
             run("online DPO, K=2", **{"online.samples_per_prompt": 2}), run("online DPO, keyword reward", **keyword),
-            offline(1), run("online DPO", 1), run("iterative DPO", 1, **iterative)]  # fmt: skip
+            offline(1), run("online DPO", 1), run("iterative DPO", 1, **iterative),
+            run("online DPO", beta=1.0), run("online DPO, keyword reward", beta=1.0, **keyword)]  # fmt: skip
 
 
 def reward_calls(run: dict[str, Any], step: int, repo_root: Path) -> int:
