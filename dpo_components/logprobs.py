@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from dpo_components.data.dataset import IGNORE_INDEX
 from dpo_components.data.prefix_sharing import attention_mask
 from dpo_components.losses import SequenceLogProbs
+from dpo_components.models.document_attention import supports_document_attention
 
 
 def _target_logprobs(hidden: Tensor, targets: Tensor, output: Callable[[Tensor], Tensor]) -> Tensor:
@@ -130,7 +131,8 @@ def concatenated_logprobs(
         logps, tokens = scored_logprobs(
             model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
             num_sequences=2 * len(batch["index"]), chunk_size=chunk_size, input_pos=batch["input_pos"],
-            mask=attention_mask(batch["segments"], flex_attention, batch.get("documents")),
+            mask=attention_mask(batch["segments"], flex_attention, batch.get("documents"),
+                                by_document=supports_document_attention(model)),
         )  # fmt: skip
     elif desirable is not None and torch.is_grad_enabled():
         rows, labels = batch["input_ids"].chunk(2), batch["labels"].chunk(2)

@@ -15,6 +15,13 @@ from dpo_components.data.packing import check_documents_fit, collate_packed, pac
 from dpo_components.data.prefix_sharing import CHOSEN, PADDING, PROMPT, REJECTED, attention_mask
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.losses import DPOLoss, KTOLoss, SimPOLoss
+from dpo_components.models.document_attention import (
+    Document,
+    DocumentMask,
+    attention_by_document,
+    document_attention,
+    supports_document_attention,
+)
 from dpo_components.tiny.model import tiny_llama
 
 
@@ -42,6 +49,38 @@ def test_packed_layout_by_hand():
     unshared = collate_packed([a, b], share_prompt=False)  # 4 documents, rows of the longest (4 tokens)
     assert unshared["input_ids"].tolist() == [[5, 6, 8, 9], [5, 6, 7, 0], [3, 4, 3, 2]]
     assert unshared["input_pos"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    # the same row for attention one document at a time: a = [2 | 1 | 2] from 0, b = [1 | 1 | 1] from 5
+    by_document = attention_mask(batch["segments"], documents=batch["documents"], by_document=True)
+    assert by_document.documents == (Document(0, 0, 2, 1, 2), Document(0, 5, 1, 1, 1))
+    assert by_document.second_masks[2, 2].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]  # = mask[3:5, [0,1,3,4]]
+    unshared_documents = DocumentMask.from_segments(unshared["segments"], unshared["documents"]).documents
+    assert unshared_documents == (Document(0, 0, 2, 2, 0), Document(1, 0, 2, 1, 0), Document(2, 0, 1, 1, 0),
+                                  Document(2, 2, 1, 1, 0))  # fmt: skip
+
+
+def test_document_mask_refuses_a_row_that_is_no_document():
+    segments = torch.tensor([[PROMPT, CHOSEN, PROMPT, REJECTED]])  # without ``documents``: two documents, fine
+    assert len(DocumentMask.from_segments(segments).documents) == 2
+    with pytest.raises(ValueError, match=r"row 0 at 0 is not \[prompt \| response"):
+        DocumentMask.from_segments(torch.tensor([[CHOSEN, REJECTED, PADDING]]))
+
+
+def test_attention_by_document_equals_sdpa_with_the_dense_mask():
+    """q, k, v of two packed rows (shared and unshared documents, padding): every non-padding position's output
+    equals dense-mask SDPA's, and padding positions are zero."""
+    for share_prompt in (True, False):
+        batch = collate_packed(random_pairs(6), share_prompt=share_prompt, row_tokens=64 if share_prompt else 40)
+        segments, documents = batch["segments"], batch["documents"]
+        n, length = segments.shape
+        assert n >= 2 and documents.max() >= 1
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(n, 2, length, 16, generator=g) for _ in range(3))
+        dense = attention_mask(segments, documents=documents)[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        out = attention_by_document(q, k, v, DocumentMask.from_segments(segments, documents))
+        real = (segments != PADDING)[:, None, :, None].expand_as(q)
+        torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-6)
+        assert torch.equal(out[~real], torch.zeros_like(out[~real]))
 
 
 def test_pack_rows_by_hand():
@@ -69,12 +108,16 @@ LOSSES = {
 }
 
 
+@pytest.mark.parametrize("attention", ["dense", "by_document"])
 @pytest.mark.parametrize("share_prompt", [True, False])
 @pytest.mark.parametrize("kind", sorted(LOSSES))
-def test_packed_losses_and_gradients_equal_the_standard_layout(kind, share_prompt):
+def test_packed_losses_and_gradients_equal_the_standard_layout(kind, share_prompt, attention):
+    """dense: SDPA with the [R, L, L] mask (a model as torchtune builds it); by_document: the recipes' model
+    (``apply_model_fixes``), attention one document at a time."""
     make_loss, unpaired = LOSSES[kind]
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = tiny_llama() if attention == "dense" else document_attention(tiny_llama())
+    assert supports_document_attention(model) == (attention == "by_document")
     pairs = random_pairs(7)
     if unpaired:
         for i, pair in enumerate(pairs):
@@ -103,11 +146,12 @@ def test_packed_losses_and_gradients_equal_the_standard_layout(kind, share_promp
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_no_token_sees_another_pair():
+@pytest.mark.parametrize("attention", ["dense", "by_document"])
+def test_no_token_sees_another_pair(attention):
     """Change every token of the other pairs in a row: this pair's log-probs stay exactly as they were. The same
-    check on a mask without the document test (a leak) fails, so the test can catch one."""
+    check on a dense mask without the document test (a leak) fails, so the test can catch one."""
     torch.manual_seed(0)
-    model = tiny_llama().eval()
+    model = tiny_llama().eval() if attention == "dense" else document_attention(tiny_llama().eval())
     pairs = random_pairs(6)
     batch = collate_packed(pairs, share_prompt=True, row_tokens=128)
     assert batch["input_ids"].shape[0] == 1  # all six pairs in one row
@@ -126,7 +170,8 @@ def test_no_token_sees_another_pair():
         return logps.chosen_logps[0], logps.rejected_logps[0]
 
     assert pair0(batch) == pair0(other)
-    assert pair0(batch, leak=True) != pair0(other, leak=True)
+    if attention == "dense":
+        assert pair0(batch, leak=True) != pair0(other, leak=True)
 
 
 def test_check_documents_fit_names_the_pair_and_the_budget():

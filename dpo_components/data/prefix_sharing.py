@@ -19,9 +19,11 @@ predicted by the last prompt token; for the rejected response that hidden state 
 so tokens are scored from explicit (position, target) lists instead of a shift by one.
 
 The saving is the prompt's share of the tokens: with prompts as long as each response a third of the
-computed tokens go. The mask is a dense [B, L, L] boolean for SDPA on CPU (torch 2.13's flex_attention has no
-CPU backward) and a FlexAttention ``BlockMask`` on CUDA, which skips the fully masked blocks
-(``prefix_sharing_attention: sdpa`` gives SDPA with the dense mask there too: ``flex_attention=False``).
+computed tokens go. On CUDA the mask is a FlexAttention ``BlockMask``, which skips the fully masked blocks. Without
+it (CPU: torch 2.13's flex_attention has no CPU backward; or ``prefix_sharing_attention: sdpa``,
+``flex_attention=False``) attention runs one document at a time through SDPA
+(``dpo_components.models.document_attention``, which computes no masked score), or, for a model whose attention
+modules do not take that (Gemma 2), through SDPA with a dense [B, L, L] boolean mask.
 
 torchtune compiles flex_attention with ``dynamic=False``, made for packed rows of one fixed length: every new
 row length recompiles it, and past dynamo's recompile limit it runs uncompiled, materialising the scores. Our
@@ -157,10 +159,14 @@ def _compile_flex_dynamic() -> None:
     _FLEX["dynamic"] = True
 
 
-def attention_mask(segments: Tensor, flex_attention: bool = True, documents: Tensor | None = None):
+def attention_mask(
+    segments: Tensor, flex_attention: bool = True, documents: Tensor | None = None, by_document: bool = False
+):
     """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex) unless
-    ``flex_attention`` is False, else a dense [B, L, L] boolean for SDPA (True = may attend). With ``documents``
-    (packed rows), a token attends only within its own document."""
+    ``flex_attention`` is False; else, with ``by_document`` (a model whose attention takes it:
+    ``dpo_components.models.document_attention``), a ``DocumentMask`` for attention one document at a time;
+    else a dense [B, L, L] boolean for SDPA (True = may attend). With ``documents`` (packed rows), a token
+    attends only within its own document."""
     n, length = segments.shape
     if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION and flex_attention:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -171,6 +177,10 @@ def attention_mask(segments: Tensor, flex_attention: bool = True, documents: Ten
             return _allowed(segments, documents, b, q, k)
 
         return create_block_mask(mask_mod, n, None, length, length, device=segments.device)
+    if by_document:
+        from dpo_components.models.document_attention import DocumentMask
+
+        return DocumentMask.from_segments(segments, documents)
     idx = torch.arange(length, device=segments.device)
     return _allowed(segments, documents, torch.arange(n, device=segments.device)[:, None, None],
                     idx[None, :, None], idx[None, None, :])  # fmt: skip

@@ -8,6 +8,7 @@
     chat_formats.py  tokenizers whose chat format equals the released templates (Gemma 2, Mistral v0.3,
                      Qwen2.5 Instruct, Phi-4)
     dora.py          DoRA with the bias outside the magnitude scaling
+    document_attention.py  attention one document at a time for prefix-shared and packed rows (CPU, SDPA)
     norms.py         RMSNorm that reaches PyTorch's fused kernel under bf16
     quantization.py  int8 / float8 training transforms, CPU-offloaded AdamW, plain state dicts for saving
 
@@ -32,6 +33,9 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
 - ``torchtune.modules.attention_utils.flex_attention_compiled`` (compiled with ``dynamic=False``: a recompile per
   row length) -> swapped for a ``dynamic=True`` compile the first time a prefix-sharing ``BlockMask`` is built
   on CUDA, falling back to torchtune's on a compiler error (``dpo_components.data.prefix_sharing``).
+- ``torchtune.modules.MultiHeadAttention._attention_call`` (SDPA with the dense mask of a prefix-shared or packed
+  row computes every masked score) -> wrapped per instance to take a ``DocumentMask`` one document at a time
+  (``document_attention.document_attention``, in ``apply_model_fixes``).
 - ``torchtune.training.FullModelHFCheckpointer``: its ``_output_dir`` is pointed at a temporary directory during a
   save and its log level lowered, its pickled ``adapter_model.pt`` deleted (``dpo_components.checkpointing.hf``);
   its PEFT export permutes every q/k ``lora_B`` and no DoRA magnitude, and has no export for Phi's fused
@@ -46,11 +50,13 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
 
 from torch import nn
 
+from dpo_components.models.document_attention import document_attention
 from dpo_components.models.dora import unscale_dora_bias
 from dpo_components.models.norms import fused_rms_norm
 
 
 def apply_model_fixes(model: nn.Module) -> nn.Module:
     """The per-instance fixes of torchtune's modules, applied by every recipe to a model it has just built: DoRA's
-    bias outside the magnitude scaling, RMSNorm on PyTorch's fused kernel under bf16. Returns ``model``."""
-    return fused_rms_norm(unscale_dora_bias(model))
+    bias outside the magnitude scaling, RMSNorm on PyTorch's fused kernel under bf16, attention that takes the
+    documents of prefix-shared and packed rows one at a time. Returns ``model``."""
+    return document_attention(fused_rms_norm(unscale_dora_bias(model)))
