@@ -27,7 +27,8 @@ import statistics
 import time
 
 import torch
-from torchtune.models.llama3 import lora_llama3
+from dpo_throughput import LORA, PRESETS  # the same directory: the throughput benchmark's model
+from torchtune.models.llama3_2 import lora_llama3_2
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from dpo_components.data.packing import collate_packed
@@ -35,8 +36,6 @@ from dpo_components.data.prefix_sharing import PADDING, attention_mask, collate_
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.models.document_attention import document_attention
 
-MODEL = dict(vocab_size=32768, num_layers=6, num_heads=6, num_kv_heads=2, embed_dim=384, max_seq_len=8192,
-             intermediate_dim=1024, rope_base=500_000, norm_eps=1e-5)  # fmt: skip
 LAYOUTS = {
     "shared rows": lambda pairs: collate_prefix_shared(pairs),
     "packed shared, rows <= 2048": lambda pairs: collate_packed(pairs, share_prompt=True, row_tokens=2048),
@@ -83,8 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    dense = lora_llama3(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-                        lora_rank=16, lora_alpha=32, **MODEL)  # fmt: skip
+    dense = lora_llama3_2(**PRESETS["cpu"]["model"], **LORA, apply_lora_to_output=False)
     set_trainable_params(dense, get_adapter_params(dense))
     by_document = document_attention(copy.deepcopy(dense))
     rng = random.Random(0)

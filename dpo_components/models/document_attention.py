@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PROMPT, PADDING = 0, 3  # as dpo_components.data.prefix_sharing numbers the segments
+from dpo_components.data.prefix_sharing import PADDING, PROMPT
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def attention_by_document(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask, d
     out = []
     for row in pieces:
         parts, at = [], 0
-        for start, piece in sorted(row, key=lambda item: item[0]):
+        for start, piece in row:  # in position order: from_segments finds the documents left to right
             if start > at:  # padding before this piece
                 parts.append(q.new_zeros(1, q.shape[1], start - at, v.shape[-1]))
             parts.append(piece)
