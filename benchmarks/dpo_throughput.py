@@ -50,6 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from dpo_components.data import preference_dataset  # noqa: E402
+from dpo_components.data.collate import PreferenceCollator  # noqa: E402
+from dpo_components.data.micro_batches import plan_micro_batches  # noqa: E402
 from dpo_components.data.order import length_grouped_order  # noqa: E402
 from dpo_components.data.packing import pack_rows  # noqa: E402
 from dpo_components.data.prefix_sharing import packed_lengths  # noqa: E402
@@ -70,7 +72,8 @@ PRESETS = {
         "model": dict(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128, max_seq_len=512,
                       intermediate_dim=256, rope_base=500_000, norm_eps=1e-5, scale_factor=32),
         "prompt": (8, 40), "response": (4, 30), "batch_size": 2, "steps": 4, "warmup": 1,
-        "device": "cpu", "dtype": "fp32", "rows": "torchtune,ours,ours+cache+group+prefix,ours+cache+prefix+pack",
+        "device": "cpu", "dtype": "fp32",
+        "rows": "torchtune,ours,ours+cache+group+prefix,ours+cache+prefix+pack+tokens128",
     },
     "gpu": {  # Llama-3.2-1B's architecture, random weights
         "model": dict(vocab_size=128256, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
@@ -82,8 +85,9 @@ PRESETS = {
     },
 }  # fmt: skip
 
-# Our recipe's switches per row name part ("rows<N>": packing_row_tokens N); "ours" alone is the recipe as the tiny
-# config ships it.
+# Our recipe's switches per row name part ("rows<N>": packing_row_tokens N; "tokens<N>": max_micro_batch_tokens N,
+# the step's pairs in micro-batches of at most N computed positions); "ours" alone is the recipe as the tiny config
+# ships it.
 SWITCHES = {
     "cache": {"reference.mode": "precomputed"},
     "group": {"group_by_length": True, "shuffle": True},
@@ -96,9 +100,11 @@ SWITCHES = {
 
 
 def switch_settings(switch: str) -> dict:
-    """A row name part's config keys: SWITCHES, or ``rows<N>`` for ``packing_row_tokens: N``."""
-    if switch.startswith("rows") and switch[4:].isdigit():
-        return {"packing_row_tokens": int(switch[4:])}
+    """A row name part's config keys: SWITCHES, ``rows<N>`` for ``packing_row_tokens: N`` or ``tokens<N>`` for
+    ``max_micro_batch_tokens: N``."""
+    for prefix, key in (("rows", "packing_row_tokens"), ("tokens", "max_micro_batch_tokens")):
+        if switch.startswith(prefix) and switch[len(prefix) :].isdigit():
+            return {key: int(switch[len(prefix) :])}
     return SWITCHES[switch]
 LORA = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
         "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # fmt: skip
@@ -238,6 +244,15 @@ def step_orders(row: str, stats: dict, preset: dict) -> list[list[int]]:
 
 def computed_positions(row: str, stats: dict, batch: list[int], preset: dict) -> int:
     parts = row.split("+")
+    settings = {k: v for part in parts[1:] for k, v in switch_settings(part).items()}
+    if settings.get("max_micro_batch_tokens"):  # the step in micro-batches by tokens, as the recipe splits it
+        collate = PreferenceCollator(0, settings.get("pad_to_multiple_of", 1), settings.get("prefix_sharing", False),
+                                     settings.get("packing", False),
+                                     settings.get("packing_row_tokens") or preset["model"]["max_seq_len"])
+        samples = [{"prompt_ids": [0] * p, "chosen_response_ids": [0] * c, "rejected_response_ids": [0] * r}
+                   for p, c, r in (stats["parts"][i] for i in batch)]  # fmt: skip
+        micro_batches = plan_micro_batches(samples, len(batch), settings["max_micro_batch_tokens"], collate)
+        return sum(collate.computed_positions([samples[i] for i in members]) for members in micro_batches)
     multiple = SWITCHES["compile"]["pad_to_multiple_of"] if "compile" in parts else 1
     if "pack" in parts:  # the recipe's layout: documents in rows of up to max_seq_len, as pack_rows fills them
         docs = [stats["packed"][i] for i in batch] if "prefix" in parts else [n for i in batch for n in

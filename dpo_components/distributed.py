@@ -1,5 +1,6 @@
-"""What the FSDP2 recipes share: rank-0 work sent to every rank, each rank's slice of a global batch, metrics
-averaged over ranks, the sharded model build, and the LoRA starting weights that do not depend on the world size.
+"""What the FSDP2 recipes share: rank-0 work sent to every rank, each rank's slice of a global batch, as many
+micro-batches on every rank, metrics averaged over ranks, the sharded model build, and the LoRA starting weights
+that do not depend on the world size.
 
 Every function here is a collective where it says so: all ranks must call it, in the same order.
 """
@@ -18,6 +19,7 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune import modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
+from dpo_components.data.micro_batches import split_to_count
 from dpo_components.metrics import PreferenceMetrics, averages
 from dpo_components.settings import ConfigError
 
@@ -56,6 +58,15 @@ def eval_batch_starts(num_items: int, batch_size: int) -> list[tuple[int, bool]]
     mine = starts[dist.get_rank() :: dist.get_world_size()]
     rounds = -(-len(starts) // dist.get_world_size())
     return [(mine[min(i, len(mine) - 1)] if mine else 0, i < len(mine)) for i in range(rounds)]
+
+
+def agree_micro_batches(micro_batches: list[list[int]], device: torch.device) -> list[list[int]]:
+    """This rank's micro-batches of a step (:func:`dpo_components.data.micro_batches.plan_micro_batches`), split
+    until every rank has as many as the rank with the most: each is a forward and a backward through the sharded
+    model, so all ranks must run the same number (collective)."""
+    count = torch.tensor([len(micro_batches)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return split_to_count(micro_batches, int(count.item()))
 
 
 def all_reduce_metrics(metrics: PreferenceMetrics, device: torch.device) -> dict[str, float]:

@@ -64,6 +64,9 @@ class RecipeSettings:
     prefix_sharing: bool = False
     packing: bool = False  # the batch's pairs packed into rows, no padding between them (data/packing.py)
     packing_row_tokens: int | None = None  # the packed rows' budget; null: the model's max_seq_len
+    # a step's batch_size x gradient_accumulation_steps pairs in micro-batches of at most this many computed tokens
+    # (data/micro_batches.py); null: gradient_accumulation_steps micro-batches of batch_size pairs
+    max_micro_batch_tokens: int | None = None
     flex_attention: bool = True  # prefix_sharing_attention: flex (default) or sdpa
     pad_to_multiple_of: int = 1
     compile: bool = False
@@ -97,6 +100,9 @@ class RecipeSettings:
         check_step_counts(cfg)
         if cfg.get("group_by_length", False) and not cfg.get("shuffle", True):
             raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
+        budget = cfg.get("max_micro_batch_tokens")
+        if budget is not None and not (isinstance(budget, int) and budget > 0):
+            raise ConfigError(f"max_micro_batch_tokens must be a positive integer or null, got {budget}")
         attention = cfg.get("prefix_sharing_attention", "flex")
         if attention not in ATTENTION_KERNELS:
             raise ConfigError(f"prefix_sharing_attention must be one of {ATTENTION_KERNELS}, got '{attention}'")
@@ -109,6 +115,7 @@ class RecipeSettings:
             shuffle=cfg.get("shuffle", True), group_by_length=cfg.get("group_by_length", False),
             prefix_sharing=cfg.get("prefix_sharing", False), flex_attention=attention == "flex",
             packing=cfg.get("packing", False), packing_row_tokens=cfg.get("packing_row_tokens"),
+            max_micro_batch_tokens=cfg.get("max_micro_batch_tokens"),
             pad_to_multiple_of=cfg.get("pad_to_multiple_of", 1), compile=cfg.get("compile", False),
             activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
             resume=cfg.get("resume_from_checkpoint", False),

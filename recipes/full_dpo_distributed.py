@@ -16,7 +16,8 @@ PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, t
   data, reference checkpoint, dtype) and reused by later runs; no reference model is kept then.
 - Speed switches, as in the single-device recipes: ``group_by_length`` (each global batch holds pairs of similar
   length), ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once) and ``packing``
-  (each rank's pairs end to end in a few rows, no padding between them).
+  (each rank's pairs end to end in a few rows, no padding between them); ``max_micro_batch_tokens`` (each rank's
+  step in micro-batches of at most that many computed tokens, as many on every rank).
 - Metrics are all-reduced and averaged over ranks and micro-batches; only rank 0 logs and shows progress.
 - Checkpoints: ``step_<N>/`` with distributed checkpointing (DCP: sharded model and optimizer, each rank writes its
   shard) plus the LR schedule, data position and every rank's RNG, for an exact resume on the same world size;
@@ -57,7 +58,14 @@ from dpo_components.checkpointing import (
 )
 from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
-from dpo_components.distributed import all_reduce_metrics, eval_batch_starts, from_rank_zero, rank_slice, shard_and_load
+from dpo_components.distributed import (
+    agree_micro_batches,
+    all_reduce_metrics,
+    eval_batch_starts,
+    from_rank_zero,
+    rank_slice,
+    shard_and_load,
+)
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.metrics import PreferenceMetrics, ZeroGradientWatch, peak_memory_gib
 from dpo_components.models import apply_model_fixes
@@ -184,20 +192,24 @@ class FullDPORecipeDistributed:
         s = self.settings
         for epoch in range(self.epochs_run, s.epochs):
             order = self._rank_order(epoch)
-            loader = DataLoader(self._data.train, batch_size=s.batch_size, collate_fn=self._data.collate,
-                                sampler=order[self._batches_done_in_epoch * s.batch_size :], drop_last=True,
-                                generator=torch.Generator())  # fmt: skip
+            # one step's pairs at a time, split into micro-batches below
+            loader = DataLoader(self._data.train, batch_size=s.batch_size * s.gradient_accumulation_steps,
+                                collate_fn=list, sampler=order[self._batches_done_in_epoch * s.batch_size :],
+                                drop_last=True, generator=torch.Generator())  # fmt: skip
             self._model.train()
-            for batch in loader:
+            for samples in loader:
                 if self._batches_done_in_epoch // s.gradient_accumulation_steps >= self._steps_per_epoch:
                     break
-                out, policy = self._forward(batch, "train")
-                loss = out.losses.mean()
-                (loss / s.gradient_accumulation_steps).backward()
-                metrics.update(out, policy, batch)
-                self._batches_done_in_epoch += 1
-                if self._batches_done_in_epoch % s.gradient_accumulation_steps:
-                    continue
+                # gradient_accumulation_steps micro-batches of batch_size pairs, or by max_micro_batch_tokens, as
+                # many on every rank (each is a forward and backward through the sharded model)
+                for members in agree_micro_batches(self._data.micro_batches(samples), s.device):
+                    batch = self._data.collate([samples[i] for i in members])
+                    out, policy = self._forward(batch, "train")
+                    loss = out.losses.mean()
+                    # weighted by its share of the step's pairs: the step's loss is the mean over all of them
+                    (loss / (len(samples) / len(members))).backward()
+                    metrics.update(out, policy, batch)
+                self._batches_done_in_epoch += s.gradient_accumulation_steps
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self._master.params, max_norm=float(s.clip_grad_norm or math.inf)

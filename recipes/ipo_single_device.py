@@ -26,7 +26,8 @@ default loss is ``IPOLoss`` on per-token averaged log-probs; the recipe logs IPO
   NaN/inf stop; gradient accumulation; clipping; activation checkpointing; ``compile``.
 - Speed switches, as in the LoRA DPO recipe: ``group_by_length`` (similar lengths per batch),
   ``prefix_sharing`` (one [prompt | chosen | rejected] row per pair, the prompt encoded once) and ``packing``
-  (the batch's pairs end to end in a few rows, no padding between them; the same pairs and losses).
+  (the batch's pairs end to end in a few rows, no padding between them; the same pairs and losses);
+  ``max_micro_batch_tokens`` (the step's pairs in micro-batches of at most that many computed tokens).
 """
 
 from __future__ import annotations
@@ -198,23 +199,26 @@ class IPORecipeSingleDevice:
         for epoch in range(self.epochs_run, s.epochs):
             order = batch_order(self._data.train, self.seed, epoch, s.batch_size, s.shuffle, s.group_by_length,
                                 s.prefix_sharing)  # fmt: skip
-            loader = DataLoader(self._data.train, batch_size=s.batch_size, collate_fn=self._data.collate,
-                                sampler=order[self._batches_done_in_epoch * s.batch_size :], drop_last=True,
-                                generator=torch.Generator())  # fmt: skip
+            # one step's pairs at a time, split into micro-batches below
+            loader = DataLoader(self._data.train, batch_size=s.batch_size * s.gradient_accumulation_steps,
+                                collate_fn=list, sampler=order[self._batches_done_in_epoch * s.batch_size :],
+                                drop_last=True, generator=torch.Generator())  # fmt: skip
             self._model.train()
-            for batch in loader:
+            for samples in loader:
                 if self._batches_done_in_epoch // s.gradient_accumulation_steps >= self._steps_per_epoch:
                     break
-                out, policy = self._forward(batch, "train")
-                loss = out.losses.mean()
-                if not torch.isfinite(loss):
-                    self._stop_on_nonfinite("loss", loss.item())
-                (loss / s.gradient_accumulation_steps).backward()
-                self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
-                metrics.update(out, policy, batch)
-                self._batches_done_in_epoch += 1
-                if self._batches_done_in_epoch % s.gradient_accumulation_steps:
-                    continue
+                # gradient_accumulation_steps micro-batches of batch_size pairs, or by max_micro_batch_tokens
+                for members in self._data.micro_batches(samples):
+                    batch = self._data.collate([samples[i] for i in members])
+                    out, policy = self._forward(batch, "train")
+                    loss = out.losses.mean()
+                    if not torch.isfinite(loss):
+                        self._stop_on_nonfinite("loss", loss.item())
+                    # weighted by its share of the step's pairs: the step's loss is the mean over all of them
+                    (loss / (len(samples) / len(members))).backward()
+                    self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
+                    metrics.update(out, policy, batch)
+                self._batches_done_in_epoch += s.gradient_accumulation_steps
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
                                                            max_norm=float(s.clip_grad_norm or math.inf))

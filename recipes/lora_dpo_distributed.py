@@ -17,7 +17,8 @@ the root); only the adapters train. NCCL on CUDA, gloo on CPU, launched by torch
   (``batch_size`` per rank x world size) and FSDP averages the gradients.
 - ``quantize_base: true`` (QLoRA): the frozen base is NF4, sharded; ``use_dora: true``: DoRA.
 - Speed switches, as in the single-device recipe: ``group_by_length``, ``prefix_sharing``, ``packing``,
-  ``logprob_chunk_size``, ``enable_activation_checkpointing``, ``compile``; gradient accumulation.
+  ``max_micro_batch_tokens`` (as many micro-batches on every rank), ``logprob_chunk_size``,
+  ``enable_activation_checkpointing``, ``compile``; gradient accumulation.
 - Metrics are all-reduced and averaged over ranks and micro-batches; only rank 0 logs and shows progress.
 - Checkpoints, ``step_<N>/``: the PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``, gathered by
   rank 0), distributed-checkpoint shards of the adapters and their optimizer state (``dcp/``, the frozen base is not
@@ -63,6 +64,7 @@ from dpo_components.checkpointing import (
 from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.distributed import (
+    agree_micro_batches,
     all_reduce_metrics,
     eval_batch_starts,
     from_rank_zero,
@@ -180,20 +182,24 @@ class LoRADPORecipeDistributed:
             # the same order on every rank; with group_by_length each global batch holds pairs of similar length
             order = rank_slice(batch_order(self._data.train, self.seed, epoch, self._global_batch, s.shuffle,
                                            s.group_by_length, s.prefix_sharing), s.batch_size)  # fmt: skip
-            loader = DataLoader(self._data.train, batch_size=s.batch_size, collate_fn=self._data.collate,
-                                sampler=order[self._batches_done_in_epoch * s.batch_size :], drop_last=True,
-                                generator=torch.Generator())  # fmt: skip
+            # one step's pairs at a time, split into micro-batches below
+            loader = DataLoader(self._data.train, batch_size=s.batch_size * s.gradient_accumulation_steps,
+                                collate_fn=list, sampler=order[self._batches_done_in_epoch * s.batch_size :],
+                                drop_last=True, generator=torch.Generator())  # fmt: skip
             self._model.train()
-            for batch in loader:
+            for samples in loader:
                 if self._batches_done_in_epoch // s.gradient_accumulation_steps >= self._steps_per_epoch:
                     break
-                out, policy = self._forward(batch, "train")
-                loss = out.losses.mean()
-                (loss / s.gradient_accumulation_steps).backward()
-                metrics.update(out, policy, batch)
-                self._batches_done_in_epoch += 1
-                if self._batches_done_in_epoch % s.gradient_accumulation_steps:
-                    continue
+                # gradient_accumulation_steps micro-batches of batch_size pairs, or by max_micro_batch_tokens, as
+                # many on every rank (each is a forward and backward through the sharded model)
+                for members in agree_micro_batches(self._data.micro_batches(samples), s.device):
+                    batch = self._data.collate([samples[i] for i in members])
+                    out, policy = self._forward(batch, "train")
+                    loss = out.losses.mean()
+                    # weighted by its share of the step's pairs: the step's loss is the mean over all of them
+                    (loss / (len(samples) / len(members))).backward()
+                    metrics.update(out, policy, batch)
+                self._batches_done_in_epoch += s.gradient_accumulation_steps
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
                                                            max_norm=float(s.clip_grad_norm or math.inf))

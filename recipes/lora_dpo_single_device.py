@@ -13,10 +13,12 @@ preference dataset, loss (any ``dpo_components.losses`` class; KTO on unpaired r
 or torchao optimizer),
 LR schedule and metric logger.
 
-Features: fp32 / bf16; gradient accumulation (each micro-batch loss is divided by the number of micro-batches,
-so a step equals one big batch); activation checkpointing; ``compile``; gradient clipping; chunked log-probs
-(no [2B, L, V] logits); metrics averaged over the micro-batches of a step, every ``log_every_n_steps``; eval on
-held-out pairs every ``eval_every_n_steps`` and at the end; checkpoints every ``save_every_n_steps`` and at the
+Features: fp32 / bf16; gradient accumulation (each micro-batch's mean loss is weighted by its share of the step's
+pairs, so a step equals one big batch), with micro-batches of ``batch_size`` pairs or, with
+``max_micro_batch_tokens: N``, of at most N computed tokens (``dpo_components.data.micro_batches``); activation
+checkpointing; ``compile``; gradient clipping; chunked log-probs (no [2B, L, V] logits); metrics averaged over
+the micro-batches of a step, every ``log_every_n_steps``; eval on held-out pairs every ``eval_every_n_steps`` and
+at the end; checkpoints every ``save_every_n_steps`` and at the
 end in Hugging Face layout (PEFT adapter + merged model), written atomically; exact resume from the latest
 checkpoint (``resume_from_checkpoint: true``): data order and position, optimizer, LR schedule and RNG.
 A NaN/inf loss or gradient stops the run before the optimizer step, keeping the last good checkpoint.
@@ -178,26 +180,28 @@ class LoRADPORecipeSingleDevice:
                                 s.prefix_sharing)  # fmt: skip
             loader = DataLoader(
                 self._data.train,
-                batch_size=s.batch_size,
+                batch_size=s.batch_size * s.gradient_accumulation_steps,  # one optimizer step's pairs
                 sampler=order[self._batches_done_in_epoch * s.batch_size :],
-                collate_fn=self._data.collate,
+                collate_fn=list,
                 drop_last=True,
                 generator=torch.Generator(),  # not the global RNG: a resumed run must draw the same dropout masks
             )
             self._model.train()
-            for batch in loader:
+            for samples in loader:
                 if self._batches_done_in_epoch // s.gradient_accumulation_steps >= self._steps_per_epoch:
                     break
-                out, policy = self._forward(batch)
-                loss = out.losses.mean()
-                if not torch.isfinite(loss):
-                    self._stop_on_nonfinite("loss", loss.item())
-                (loss / s.gradient_accumulation_steps).backward()
-                self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
-                metrics.update(out, policy, batch)
-                self._batches_done_in_epoch += 1
-                if self._batches_done_in_epoch % s.gradient_accumulation_steps:
-                    continue
+                # gradient_accumulation_steps micro-batches of batch_size pairs, or by max_micro_batch_tokens
+                for members in self._data.micro_batches(samples):
+                    batch = self._data.collate([samples[i] for i in members])
+                    out, policy = self._forward(batch)
+                    loss = out.losses.mean()
+                    if not torch.isfinite(loss):
+                        self._stop_on_nonfinite("loss", loss.item())
+                    # weighted by its share of the step's pairs: the step's loss is the mean over all of them
+                    (loss / (len(samples) / len(members))).backward()
+                    self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
+                    metrics.update(out, policy, batch)
+                self._batches_done_in_epoch += s.gradient_accumulation_steps
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
                                                            max_norm=float(s.clip_grad_norm or math.inf))

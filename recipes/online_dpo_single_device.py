@@ -99,6 +99,9 @@ class OnlineDPORecipeSingleDevice:
         if cfg.get("max_steps_per_epoch") is not None:
             raise ConfigError("max_steps_per_epoch is not used by the online recipe: online.rounds x "
                               "online.steps_per_round set the number of steps")  # fmt: skip
+        if self.settings.max_micro_batch_tokens is not None:
+            raise ConfigError("max_micro_batch_tokens is not supported by the online recipe yet: its steps are "
+                              "gradient_accumulation_steps micro-batches of batch_size pairs")  # fmt: skip
         self.seed = training.set_seed(self.settings.seed)
         prepare_and_check_inputs(cfg)  # the tiny configs build their model and data on first use
         self.global_step = 0  # optimizer steps taken

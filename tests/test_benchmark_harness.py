@@ -17,7 +17,7 @@ def test_throughput_harness_smoke(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = {r["row"]: r for r in json.loads(out.read_text())["results"]}
-    rows = ["torchtune", "ours", "ours+cache+group+prefix", "ours+cache+prefix+pack"]
+    rows = ["torchtune", "ours", "ours+cache+group+prefix", "ours+cache+prefix+pack+tokens128"]
     assert list(results) == rows, proc.stdout[-3000:]
     for r in results.values():
         assert r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0
@@ -25,7 +25,8 @@ def test_throughput_harness_smoke(tmp_path):
     # what each layout computes: the standard rows pad, the grouped shared rows hold each prompt once
     assert results["ours"]["padding"] == results["torchtune"]["padding"] > 0
     assert results["ours+cache+group+prefix"]["padding"] < results["ours"]["padding"]
-    assert results["ours+cache+prefix+pack"]["padding"] < 0.5 * results["ours"]["padding"]  # random order, packed
+    packed = results["ours+cache+prefix+pack+tokens128"]  # random order, packed, in micro-batches by tokens
+    assert packed["padding"] < 0.5 * results["ours"]["padding"]
     # the MFU column: useful FLOPs over the GEMM peak measured in the same process
     assert all(0 < r["tflops_per_s"] < json.loads(out.read_text())["peak_tflops"] for r in results.values())
     assert "| MFU |" in proc.stdout and "GEMM peak" in proc.stdout

@@ -27,6 +27,8 @@ MERGED = "model-00001-of-00001.safetensors"
 # reduction-order noise in near-zero gradients into lr-sized differences), and resume must restore the momentum.
 SGD = {"optimizer._component_": "torch.optim.SGD", "optimizer.lr": 0.5, "optimizer.momentum": 0.9,
        "~optimizer.weight_decay": None}  # fmt: skip
+# micro-batches by tokens: of 1 or 2 pairs here, and in step 3 four on rank 0 but three on rank 1 until they agree
+BUDGET = {"max_micro_batch_tokens": 140}
 
 
 def overrides(tiny_setup, out, **extra):
@@ -68,15 +70,17 @@ def sbatch(tmp_path, config, args):
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_setup, tmp_path_factory):
-    """2 ranks x batch 4, SGD, 3 steps, a checkpoint after every step (the merged model only at the end), launched
-    through the SLURM script."""
+    """2 ranks x batch 4 in micro-batches by tokens (BUDGET), SGD, 3 steps, a checkpoint after every step (the
+    merged model only at the end), launched through the SLURM script."""
     scratch = tmp_path_factory.mktemp("lora_fsdp")
     out = scratch / "two"
-    sbatch(scratch, RECIPE["config"], overrides(tiny_setup, out, max_steps_per_epoch=3, save_every_n_steps=1, **SGD))
+    sbatch(scratch, RECIPE["config"], overrides(tiny_setup, out, max_steps_per_epoch=3, save_every_n_steps=1, **SGD,
+                                                **BUDGET))  # fmt: skip
     return out
 
 
 def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_setup, two_ranks, tmp_path):
+    """Two ranks in micro-batches by tokens, one process in one batch of 8: the same steps."""
     one = tmp_path / "one"
     args = overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, **SGD)
     run_distributed_in_process(LoRADPORecipeDistributed, recipe_config(RECIPE["config"], args), tmp_path / "pg")
@@ -96,7 +100,7 @@ def test_resume_equals_the_uninterrupted_run(tiny_setup, two_ranks, tmp_path):
     resumed.mkdir()
     shutil.copytree(two_ranks / "step_1", resumed / "step_1")  # as if killed after step 1
     output = torchrun(overrides(tiny_setup, resumed, max_steps_per_epoch=3, save_every_n_steps=1,
-                                resume_from_checkpoint="true", **SGD), **RECIPE)  # fmt: skip
+                                resume_from_checkpoint="true", **SGD, **BUDGET), **RECIPE)  # fmt: skip
     assert "resumed from" in output and min(logged(Cfg(resumed))) == 2
     for step in (2, 3):
         assert logged(Cfg(resumed))[step]["loss"] == logged(Cfg(two_ranks))[step]["loss"]
@@ -106,12 +110,14 @@ def test_resume_equals_the_uninterrupted_run(tiny_setup, two_ranks, tmp_path):
 
 def test_precomputed_reference_matches_the_live_reference(tiny_setup, two_ranks, tmp_path):
     cached = tmp_path / "cached"
-    output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=3, **SGD,
+    output = torchrun(overrides(tiny_setup, cached, max_steps_per_epoch=3, **SGD, **BUDGET,
                                 **{"reference.mode": "precomputed"}), **RECIPE)  # fmt: skip
     assert "reference log-probs for train: computed" in output
     for step in (1, 2, 3):
         assert logged(Cfg(cached))[step]["loss"] == pytest.approx(logged(Cfg(two_ranks))[step]["loss"], rel=1e-5)
-    assert_same(adapter(cached, 3), adapter(two_ranks, 3), rtol=1e-5, atol=1e-7)
+    # the live reference runs in the micro-batches of 1 or 2 pairs, the cached one in batches of 4: other shapes,
+    # other rounding
+    assert_same(adapter(cached, 3), adapter(two_ranks, 3), rtol=1e-4, atol=1e-6)
 
 
 def test_the_adapter_loads_in_peft_with_the_merged_models_logits(tiny_setup, two_ranks):

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
-from dpo_components.data.packing import check_documents_fit, collate_packed
+from dpo_components.data.packing import check_documents_fit, collate_packed, documents_of, pack_rows
 from dpo_components.data.prefix_sharing import PADDING, check_fits, collate_prefix_shared
 
 
@@ -46,20 +45,61 @@ def collate_preference_batch(
     return {"input_ids": input_ids, "labels": label_ids, "lengths": lengths, "index": index, **desirable_of(batch)}
 
 
+@dataclass(frozen=True)
+class PreferenceCollator:
+    """The batch collator a recipe uses: standard [2B, L] rows, shared [prompt | chosen | rejected] rows
+    (``prefix_sharing``), or the same pairs' documents packed into rows of at most ``packing_row_tokens``
+    (``packing``, :mod:`dpo_components.data.packing`; None: the longest document)."""
+
+    padding_idx: int
+    pad_to_multiple_of: int = 1
+    prefix_sharing: bool = False
+    packing: bool = False
+    packing_row_tokens: int | None = None
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
+        if self.packing:
+            return collate_packed(batch, padding_idx=self.padding_idx, pad_to_multiple_of=self.pad_to_multiple_of,
+                                  share_prompt=self.prefix_sharing, row_tokens=self.packing_row_tokens)  # fmt: skip
+        collate = collate_prefix_shared if self.prefix_sharing else collate_preference_batch
+        return collate(batch, padding_idx=self.padding_idx, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def data_positions(self, batch: list[dict[str, Any]]) -> int:
+        """The positions that hold data in the batch this collator makes of ``batch`` (the first number of
+        :func:`batch_positions`): a sum over its pairs, and never more than :meth:`computed_positions`."""
+        if self.packing:
+            return sum(n for sample in batch for n in documents_of(sample, self.prefix_sharing))
+        prompts = 1 if self.prefix_sharing else 2
+        return sum(prompts * len(sample["prompt_ids"]) + len(sample["chosen_response_ids"])
+                   + len(sample["rejected_response_ids"]) for sample in batch)  # fmt: skip
+
+    def computed_positions(self, batch: list[dict[str, Any]]) -> int:
+        """Rows x length of the batch this collator makes of ``batch``, padding included (the second number of
+        :func:`batch_positions`), counted without building it: what a forward over it computes."""
+        def padded(length: int) -> int:
+            return length + (-length % self.pad_to_multiple_of)
+
+        prompts = [len(sample["prompt_ids"]) for sample in batch]
+        chosen = [len(sample["chosen_response_ids"]) for sample in batch]
+        rejected = [len(sample["rejected_response_ids"]) for sample in batch]
+        if self.packing:
+            lengths = [n for sample in batch for n in documents_of(sample, self.prefix_sharing)]
+            rows = pack_rows(lengths, self.packing_row_tokens or max(lengths))
+            return len(rows) * padded(max(sum(lengths[d] for d in row) for row in rows))
+        if self.prefix_sharing:
+            return len(batch) * padded(max(p + c + r for p, c, r in zip(prompts, chosen, rejected)))
+        return 2 * len(batch) * padded(max(p + max(c, r) for p, c, r in zip(prompts, chosen, rejected)))
+
+
 def preference_collator(
     padding_idx: int,
     pad_to_multiple_of: int = 1,
     prefix_sharing: bool = False,
     packing: bool = False,
     packing_row_tokens: int | None = None,
-) -> Callable:
-    """The batch collator a recipe uses: standard [2B, L] rows, shared [prompt | chosen | rejected] rows, or
-    (``packing``) the same pairs' documents packed into rows (:mod:`dpo_components.data.packing`)."""
-    if packing:
-        return partial(collate_packed, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of,
-                       share_prompt=prefix_sharing, row_tokens=packing_row_tokens)  # fmt: skip
-    collate = collate_prefix_shared if prefix_sharing else collate_preference_batch
-    return partial(collate, padding_idx=padding_idx, pad_to_multiple_of=pad_to_multiple_of)
+) -> PreferenceCollator:
+    """The batch collator a recipe uses (:class:`PreferenceCollator`)."""
+    return PreferenceCollator(padding_idx, pad_to_multiple_of, prefix_sharing, packing, packing_row_tokens)
 
 
 def make_collator(
@@ -70,7 +110,7 @@ def make_collator(
     datasets: dict[str, PreferenceDataset | None] | None = None,
     packing: bool = False,
     packing_row_tokens: int | None = None,
-) -> Callable:
+) -> PreferenceCollator:
     """A recipe's collator (:func:`preference_collator`), after checking that every row of ``datasets`` (by config
     key; None is skipped) fits the model's ``max_seq_len`` in that layout, padding included: a pair too long is
     named at setup instead of crashing the step that draws it."""

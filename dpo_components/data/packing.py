@@ -40,10 +40,15 @@ def _part_ids(sample: dict[str, Any], part: str) -> list[int]:
     return sample["prompt_ids"] if part == "prompt" else sample[f"{part}_response_ids"]
 
 
+def documents_of(sample: dict[str, Any], share_prompt: bool) -> list[int]:
+    """The lengths of one pair's documents, in order: [prompt + chosen + rejected] or [prompt + chosen, prompt +
+    rejected]."""
+    return [sum(len(_part_ids(sample, part)) for part in doc) for doc in DOCUMENTS[share_prompt]]
+
+
 def document_lengths(dataset: PreferenceDataset, share_prompt: bool) -> list[int]:
     """The longest document of each pair of ``dataset``."""
-    return [max(sum(len(_part_ids(s, part)) for part in doc) for doc in DOCUMENTS[share_prompt])
-            for s in (dataset[i] for i in range(len(dataset)))]  # fmt: skip
+    return [max(documents_of(dataset[i], share_prompt)) for i in range(len(dataset))]
 
 
 def check_documents_fit(
@@ -130,7 +135,7 @@ def collate_packed(
     """
     n = len(batch)
     docs = [(i, parts) for i, sample in enumerate(batch) for parts in DOCUMENTS[share_prompt]]
-    doc_lengths = [sum(len(_part_ids(batch[i], part)) for part in parts) for i, parts in docs]
+    doc_lengths = [n for sample in batch for n in documents_of(sample, share_prompt)]
     rows = pack_rows(doc_lengths, row_tokens or max(doc_lengths))
     fullest = max(sum(doc_lengths[d] for d in members) for members in rows)
     length = fullest + (-fullest % pad_to_multiple_of)

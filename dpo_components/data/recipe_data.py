@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +9,9 @@ from omegaconf import DictConfig
 from torchtune import config
 from torchtune.utils import get_logger
 
-from dpo_components.data.collate import make_collator
+from dpo_components.data.collate import PreferenceCollator, make_collator
 from dpo_components.data.dataset import PreferenceDataset
+from dpo_components.data.micro_batches import check_pairs_fit_budget, plan_micro_batches
 from dpo_components.losses import PreferenceLoss
 from dpo_components.settings import ConfigError, RecipeSettings, check_datasets, optional_component
 
@@ -20,14 +20,22 @@ log = get_logger("INFO")
 
 @dataclass
 class RecipeData:
-    """The train pairs, the held-out pairs (or None) and the collator for both."""
+    """The train pairs, the held-out pairs (or None), the collator for both, and how a train step's pairs are split
+    into micro-batches (``batch_size`` pairs each, or by ``max_micro_batch_tokens``)."""
 
     train: PreferenceDataset
     eval: PreferenceDataset | None
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    collate: PreferenceCollator
+    batch_size: int = 1
+    max_micro_batch_tokens: int | None = None
 
     def splits(self) -> dict[str, PreferenceDataset | None]:
         return {"train": self.train, "eval": self.eval}
+
+    def micro_batches(self, samples: list[dict[str, Any]]) -> list[list[int]]:
+        """One step's ``samples`` (batch_size x gradient_accumulation_steps pairs) as micro-batches of indices
+        into them (:func:`dpo_components.data.micro_batches.plan_micro_batches`)."""
+        return plan_micro_batches(samples, self.batch_size, self.max_micro_batch_tokens, self.collate)
 
 
 def load_recipe_data(
@@ -52,7 +60,17 @@ def load_recipe_data(
     collate = make_collator(tokenizer.pad_id, max_seq_len, settings.pad_to_multiple_of, settings.prefix_sharing,
                             datasets={"dataset": train, "eval_dataset": held_out}, packing=settings.packing,
                             packing_row_tokens=settings.packing_row_tokens)  # fmt: skip
-    return RecipeData(train, held_out, collate)
+    if settings.max_micro_batch_tokens is not None:
+        if loss is not None and loss.data_kind == "unpaired":
+            raise ConfigError(f"max_micro_batch_tokens is not supported with {type(loss).__name__}: its reference "
+                              "point z0 is estimated over each micro-batch's rows, so micro-batches of uneven size "
+                              "would estimate it unevenly. Set max_micro_batch_tokens=null and size the micro-batch "
+                              "with batch_size")  # fmt: skip
+        check_pairs_fit_budget(settings.max_micro_batch_tokens, collate.computed_positions, dataset=train)
+        log.info(f"micro-batches by tokens: each step's {settings.batch_size * settings.gradient_accumulation_steps} "
+                 f"pairs{' per rank' if world_size > 1 else ''} in micro-batches of at most "
+                 f"{settings.max_micro_batch_tokens} computed positions")  # fmt: skip
+    return RecipeData(train, held_out, collate, settings.batch_size, settings.max_micro_batch_tokens)
 
 
 def check_data_kind(loss: PreferenceLoss, **datasets: Any) -> None:
