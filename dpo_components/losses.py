@@ -93,11 +93,14 @@ class PreferenceLoss(nn.Module):
     Subclasses implement :meth:`pair_losses` on the summed log-probs, taking :meth:`log_ratios` (per token when
     ``average_logprobs``) and :meth:`policy_logps`, and set ``needs_reference`` as a class attribute.
     ``data_kind`` says what the loss trains on: ``"pairs"`` (every loss here but KTO's) or ``"unpaired"``
-    (:class:`KTOLoss`, :class:`APOZeroUnpairedLoss`), matching the dataset's ``data_kind``.
+    (:class:`KTOLoss`, :class:`APOZeroUnpairedLoss`), matching the dataset's ``data_kind``. ``batch_coupled``: a
+    row's loss depends on the other rows of its micro-batch (AOT sorts them, the unpaired losses take their KL
+    completions), so the micro-batch size is part of the loss and ``max_micro_batch_tokens`` is refused.
     """
 
     needs_reference: bool = True
     data_kind: str = "pairs"
+    batch_coupled: bool = False
 
     def __init__(self, beta: float, *, average_logprobs: bool = False, nll_weight: float = 0.0) -> None:
         super().__init__()
@@ -435,6 +438,8 @@ class AOTLoss(PreferenceLoss):
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
         self.unpaired = unpaired
 
+    batch_coupled = True
+
     def pair_losses(self, policy, reference):
         chosen, rejected = self.log_ratios(policy, reference)
         if self.unpaired:
@@ -640,6 +645,7 @@ class WeightedSum(PreferenceLoss):
         self.terms = nn.ModuleList(losses)
         self.weights = weights
         self.needs_reference = any(loss.needs_reference for loss in losses)
+        self.batch_coupled = any(loss.batch_coupled for loss in losses)
         self.data_kind = kinds.pop()
 
     def forward(self, policy: SequenceLogProbs, reference: SequenceLogProbs | None = None) -> PreferenceLossOutput:
@@ -676,6 +682,7 @@ class UnpairedLoss(PreferenceLoss):
     """
 
     data_kind = "unpaired"
+    batch_coupled = True  # z0 and the KL completions come from the micro-batch
 
     def __init__(self, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
         super().__init__(beta)

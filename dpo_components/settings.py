@@ -101,7 +101,7 @@ class RecipeSettings:
         if cfg.get("group_by_length", False) and not cfg.get("shuffle", True):
             raise ConfigError("group_by_length: true needs shuffle: true (the groups are drawn from a shuffled order)")
         budget = cfg.get("max_micro_batch_tokens")
-        if budget is not None and not (isinstance(budget, int) and budget > 0):
+        if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and budget > 0):
             raise ConfigError(f"max_micro_batch_tokens must be a positive integer or null, got {budget}")
         attention = cfg.get("prefix_sharing_attention", "flex")
         if attention not in ATTENTION_KERNELS:
@@ -198,14 +198,22 @@ def prepare_missing_inputs(cfg: DictConfig) -> None:
         config.instantiate(node)
 
 
-def instantiate_loss(cfg_loss: DictConfig) -> PreferenceLoss:
-    """Build the loss from YAML; anything but a ``PreferenceLoss`` is refused with the config that was given."""
+def instantiate_loss(cfg_loss: DictConfig, settings: RecipeSettings | None = None) -> PreferenceLoss:
+    """Build the loss from YAML; anything but a ``PreferenceLoss`` is refused with the config that was given, and
+    (given the ``settings``) a batch-coupled loss with ``max_micro_batch_tokens``, whose uneven micro-batches would
+    change it."""
     try:
         loss = config.instantiate(cfg_loss)
     except (InstantiationError, ImportError, AttributeError, ValueError, TypeError) as error:
         raise ConfigError(f"cannot build loss {OmegaConf.to_container(cfg_loss)}: {error}") from error
     if not isinstance(loss, PreferenceLoss):
         raise ConfigError(f"loss must be a dpo_components.losses.PreferenceLoss, got {type(loss).__name__}")
+    if settings is not None and settings.max_micro_batch_tokens is not None and loss.batch_coupled:
+        raise ConfigError(f"max_micro_batch_tokens is not supported with {type(loss).__name__}: a row's loss "
+                          "depends on the other rows of its micro-batch (AOT sorts them; KTO's z0 and the unpaired "
+                          "losses' KL completions come from them), and micro-batches by tokens have uneven sizes "
+                          "that follow the pairs' lengths. Set max_micro_batch_tokens=null and size the "
+                          "micro-batch with batch_size")  # fmt: skip
     return loss
 
 

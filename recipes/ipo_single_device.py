@@ -95,6 +95,7 @@ class IPORecipeSingleDevice:
 
     def setup(self, cfg: DictConfig) -> None:
         s = self.settings
+        self._loss_fn = instantiate_loss(cfg.loss, s)  # first: a loss the settings refuse stops here
         # no mixing with an earlier run; leftovers of killed saves removed; the newest complete checkpoint
         resume_dir = prepare_output_dir(s.output_dir, s.resume, s.overwrite_output_dir)
         self._metric_logger = config.instantiate(cfg.metric_logger)
@@ -105,7 +106,6 @@ class IPORecipeSingleDevice:
         self._model = self._build_model(cfg.model, base_state)
         self._is_lora = bool(get_adapter_params(self._model))
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._loss_fn = instantiate_loss(cfg.loss)
         self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, loss=self._loss_fn)
         # what this run is trained with (config keys, data and checkpoint hashes): a resume must match it
         self._fingerprint = run_fingerprint(cfg, self._data.train, seed=self.seed)

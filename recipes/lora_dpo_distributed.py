@@ -101,6 +101,7 @@ class LoRADPORecipeDistributed:
 
     def setup(self, cfg: DictConfig) -> None:
         s = self.settings
+        self._loss_fn = instantiate_loss(cfg.loss, s)  # first: a loss the settings refuse stops here
         # rank 0: no mixing with an earlier run, leftovers of killed saves removed, the newest complete checkpoint
         resume_dir = from_rank_zero(prepare_output_dir, s.output_dir, s.resume, s.overwrite_output_dir)
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
@@ -110,7 +111,6 @@ class LoRADPORecipeDistributed:
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         self._model = self._setup_model(cfg, self._checkpointer.load_checkpoint()[training.MODEL_KEY])
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._loss_fn = instantiate_loss(cfg.loss)
         self._global_batch = s.batch_size * self._world_size  # batch_size is per rank
         self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, self._world_size,
                                       loss=self._loss_fn)

@@ -84,7 +84,7 @@ class LoRADPORecipeSingleDevice:
         prepare_and_check_inputs(cfg)  # the tiny configs build their model and data on first use
         self.global_step = 0  # optimizer steps taken
         self.epochs_run = 0
-        self._batches_done_in_epoch = 0  # micro-batches of the current epoch already trained on
+        self._batches_done_in_epoch = 0  # of the epoch, in batch_size units: steps done x gradient_accumulation_steps
         self._last_checkpoint: Path | None = None
         self._last_eval_step: int | None = None
 
@@ -92,6 +92,7 @@ class LoRADPORecipeSingleDevice:
 
     def setup(self, cfg: DictConfig) -> None:
         s = self.settings
+        self._loss_fn = instantiate_loss(cfg.loss, s)  # first: a loss the settings refuse stops here
         # no mixing with an earlier run; leftovers of killed saves removed; the newest complete checkpoint
         resume_dir = prepare_output_dir(s.output_dir, s.resume, s.overwrite_output_dir)
         self._metric_logger = config.instantiate(cfg.metric_logger)
@@ -101,7 +102,6 @@ class LoRADPORecipeSingleDevice:
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._model = self._setup_model(cfg, base_state, resume_dir)
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._loss_fn = instantiate_loss(cfg.loss)
         self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, loss=self._loss_fn)
         # what this run is trained with (config keys, data and base checkpoint hashes): a resume must match it
         self._fingerprint = run_fingerprint(cfg, self._data.train, seed=self.seed)

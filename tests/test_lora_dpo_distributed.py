@@ -68,6 +68,28 @@ def sbatch(tmp_path, config, args):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def unequal_micro_batch_counts(tiny_setup, steps):
+    """The steps (1-based) in which the two ranks plan different numbers of micro-batches under BUDGET: the
+    recipe's order (seed 0, shuffled) cut into global batches of 8, rank r taking pairs 4r..4r+3 of each."""
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    from dpo_components.data.collate import PreferenceCollator
+    from dpo_components.data.micro_batches import plan_micro_batches
+    from dpo_components.data.order import batch_order
+
+    cfg = OmegaConf.load(REPO_ROOT / RECIPE["config"])
+    cfg.dataset.data_files = str(tiny_setup / "data/train.jsonl")
+    tokenizer = config.instantiate(cfg.tokenizer)
+    data = config.instantiate(cfg.dataset, tokenizer)
+    order = batch_order(data, 0, 0, 8, True, False, False)
+    collate = PreferenceCollator(tokenizer.pad_id)
+    counts = [[len(plan_micro_batches([data[i] for i in order[8 * step + 4 * rank : 8 * step + 4 * rank + 4]], 4,
+                                      BUDGET["max_micro_batch_tokens"], collate)) for rank in (0, 1)]
+              for step in range(steps)]  # fmt: skip
+    return [step + 1 for step, (a, b) in enumerate(counts) if a != b]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_setup, tmp_path_factory):
     """2 ranks x batch 4 in micro-batches by tokens (BUDGET), SGD, 3 steps, a checkpoint after every step (the
@@ -81,6 +103,7 @@ def two_ranks(tiny_setup, tmp_path_factory):
 
 def test_two_ranks_take_the_same_step_as_one_process_with_the_global_batch(tiny_setup, two_ranks, tmp_path):
     """Two ranks in micro-batches by tokens, one process in one batch of 8: the same steps."""
+    assert unequal_micro_batch_counts(tiny_setup, steps=3)  # so the ranks' agreement on the count was exercised
     one = tmp_path / "one"
     args = overrides(tiny_setup, one, batch_size=8, max_steps_per_epoch=1, **SGD)
     run_distributed_in_process(LoRADPORecipeDistributed, recipe_config(RECIPE["config"], args), tmp_path / "pg")

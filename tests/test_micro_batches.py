@@ -175,8 +175,12 @@ def test_the_recipe_takes_the_same_steps_by_tokens_and_resumes_exactly(recipe_cf
         assert torch.equal(again[key], value), key
 
 
-def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp_path):
+def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp_path, monkeypatch):
     """FSDP2 in-process with 1 rank (2 ranks: test_lora_dpo_distributed.py) and the IPO recipe: by tokens == fixed."""
+    sizes = []
+    plan = RecipeData.micro_batches
+    monkeypatch.setattr(RecipeData, "micro_batches", lambda self, samples: sizes.append(
+        (self.max_micro_batch_tokens, [len(m) for m in plan(self, samples)])) or plan(self, samples))  # fmt: skip
     from test_ipo_recipe import CONFIG as IPO_CONFIG
     from test_ipo_recipe import run as run_ipo
 
@@ -199,6 +203,8 @@ def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp
     for cfg in ipo.values():
         run_ipo(cfg)
     out.update({f"ipo_{budget}": Path(cfg.output_dir) for budget, cfg in ipo.items()})
+    by_tokens = [split for budget, split in sizes if budget]
+    assert by_tokens and all(sum(split) == 8 for split in by_tokens) and any(len(set(s)) > 1 for s in by_tokens)
     for fixed, by_tokens in (("null", 200), ("ipo_null", "ipo_200")):
         rows = [logged(type("Cfg", (), {"output_dir": str(out[key])})) for key in (fixed, by_tokens)]
         assert sorted(rows[0]) == sorted(rows[1]) and len(rows[0]) >= 2
@@ -213,15 +219,19 @@ def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp
         assert moved > 1e-3  # the steps changed the weights
 
 
-def test_kto_and_the_online_recipe_refuse_a_budget(recipe_cfg):
+def test_batch_coupled_losses_and_the_online_recipe_refuse_a_budget(recipe_cfg):
     from test_kto import KTO_CONFIG
 
     from recipes.online_dpo_single_device import OnlineDPORecipeSingleDevice
 
-    with pytest.raises(ConfigError, match="max_micro_batch_tokens is not supported with KTOLoss: its reference"):
+    with pytest.raises(ConfigError, match="max_micro_batch_tokens is not supported with KTOLoss: a row's loss"):
         run(recipe_cfg(KTO_CONFIG, max_micro_batch_tokens=4096), train=False)
-    with pytest.raises(ConfigError, match="max_micro_batch_tokens must be a positive integer"):
-        run(recipe_cfg(max_micro_batch_tokens=0), train=False)
+    with pytest.raises(ConfigError, match="max_micro_batch_tokens is not supported with AOTLoss: a row's loss"):
+        run(recipe_cfg(**{"loss._component_": "dpo_components.losses.AOTLoss", "max_micro_batch_tokens": 4096}),
+            train=False)  # fmt: skip
+    for bad in (0, True):
+        with pytest.raises(ConfigError, match="max_micro_batch_tokens must be a positive integer"):
+            run(recipe_cfg(max_micro_batch_tokens=bad), train=False)
     with pytest.raises(ConfigError, match="max_micro_batch_tokens is not supported by the online recipe"):
         OnlineDPORecipeSingleDevice(recipe_cfg("recipe_configs/tiny/online_dpo_single_device.yaml",
                                                max_micro_batch_tokens=4096))  # fmt: skip

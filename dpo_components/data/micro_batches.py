@@ -70,7 +70,8 @@ def split_to_count(micro_batches: list[list[int]], count: int) -> list[list[int]
     """``micro_batches`` split until there are ``count``: each time the one with the most pairs (the first of
     those) into its first and second half. Under FSDP every rank must run the same number of forward and backward
     passes (each is a collective), so the ranks agree on the largest count and the others split to it; that is
-    always possible, since each rank's step holds the same number of pairs."""
+    always possible, since each rank's step holds the same number of pairs. A half computes no more positions than
+    its whole in the padded layouts; packed, it holds fewer tokens and is not re-checked against the budget."""
     micro_batches = [list(members) for members in micro_batches]
     if count < len(micro_batches) or count > sum(len(members) for members in micro_batches):
         raise ValueError(f"cannot split {len(micro_batches)} micro-batches of "

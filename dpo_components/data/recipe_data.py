@@ -60,12 +60,7 @@ def load_recipe_data(
     collate = make_collator(tokenizer.pad_id, max_seq_len, settings.pad_to_multiple_of, settings.prefix_sharing,
                             datasets={"dataset": train, "eval_dataset": held_out}, packing=settings.packing,
                             packing_row_tokens=settings.packing_row_tokens)  # fmt: skip
-    if settings.max_micro_batch_tokens is not None:
-        if loss is not None and loss.data_kind == "unpaired":
-            raise ConfigError(f"max_micro_batch_tokens is not supported with {type(loss).__name__}: its reference "
-                              "point z0 is estimated over each micro-batch's rows, so micro-batches of uneven size "
-                              "would estimate it unevenly. Set max_micro_batch_tokens=null and size the micro-batch "
-                              "with batch_size")  # fmt: skip
+    if settings.max_micro_batch_tokens is not None:  # a batch-coupled loss is refused by instantiate_loss
         check_pairs_fit_budget(settings.max_micro_batch_tokens, collate.computed_positions, dataset=train)
         log.info(f"micro-batches by tokens: each step's {settings.batch_size * settings.gradient_accumulation_steps} "
                  f"pairs{' per rank' if world_size > 1 else ''} in micro-batches of at most "
