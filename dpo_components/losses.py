@@ -431,14 +431,14 @@ class AOTLoss(PreferenceLoss):
     accumulation, only each micro-batch is sorted).
     """
 
+    batch_coupled = True
+
     def __init__(
         self, beta: float = 0.1, label_smoothing: float = 0.0, unpaired: bool = False, nll_weight: float = 0.0
     ) -> None:
         super().__init__(beta, nll_weight=nll_weight)
         self.label_smoothing = _check_smoothing(type(self).__name__, label_smoothing)
         self.unpaired = unpaired
-
-    batch_coupled = True
 
     def pair_losses(self, policy, reference):
         chosen, rejected = self.log_ratios(policy, reference)

@@ -60,11 +60,11 @@ def test_a_pair_over_the_budget_is_named_at_setup():
     collate = PreferenceCollator(0)
     pairs = Data(random_pairs(6))
     costs = [collate.computed_positions([pair]) for pair in pairs]
-    check_pairs_fit_budget(max(costs), collate.computed_positions, dataset=pairs)
+    check_pairs_fit_budget(max(costs), collate, dataset=pairs)
     worst = costs.index(max(costs))
     with pytest.raises(ValueError, match=rf"pair {worst} of dataset \(train.jsonl row {worst + 2}\) alone computes "
                                          rf"{max(costs)} positions .* max_micro_batch_tokens {max(costs) - 1}"):
-        check_pairs_fit_budget(max(costs) - 1, collate.computed_positions, dataset=pairs)
+        check_pairs_fit_budget(max(costs) - 1, collate, dataset=pairs)
     with pytest.raises(ValueError, match="alone computes"):
         plan_micro_batches(list(pairs), 2, max(costs) - 1, collate)
 

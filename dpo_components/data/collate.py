@@ -79,16 +79,14 @@ class PreferenceCollator:
         def padded(length: int) -> int:
             return length + (-length % self.pad_to_multiple_of)
 
-        prompts = [len(sample["prompt_ids"]) for sample in batch]
-        chosen = [len(sample["chosen_response_ids"]) for sample in batch]
-        rejected = [len(sample["rejected_response_ids"]) for sample in batch]
         if self.packing:
             lengths = [n for sample in batch for n in documents_of(sample, self.prefix_sharing)]
             rows = pack_rows(lengths, self.packing_row_tokens or max(lengths))
             return len(rows) * padded(max(sum(lengths[d] for d in row) for row in rows))
-        if self.prefix_sharing:
-            return len(batch) * padded(max(p + c + r for p, c, r in zip(prompts, chosen, rejected)))
-        return 2 * len(batch) * padded(max(p + max(c, r) for p, c, r in zip(prompts, chosen, rejected)))
+        # one [prompt | chosen | rejected] row per pair, or a [prompt | chosen] and a [prompt | rejected] row
+        rows_per_pair, longest = (1, sum) if self.prefix_sharing else (2, max)
+        return rows_per_pair * len(batch) * padded(max(longest(documents_of(sample, self.prefix_sharing))
+                                                       for sample in batch))  # fmt: skip
 
 
 def preference_collator(

@@ -17,13 +17,13 @@ micro-batch's mean by the number of micro-batches instead, as a loop written for
 weight a pair of a small micro-batch more than one of a large one: the error trainers made with gradient
 accumulation over uneven batches.
 
-KTO is refused with a budget: its reference point z0 is estimated over each micro-batch's rows, so a micro-batch of
-a few long rows would get a noisier z0 than one of many short rows.
+Batch-coupled losses (``PreferenceLoss.batch_coupled``: KTO and the other unpaired losses, whose z0 and KL
+completions come from the micro-batch, and AOT, which sorts within it) are refused with a budget
+(``dpo_components.settings.instantiate_loss``): with them the micro-batch size is part of the loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from dpo_components.data.collate import PreferenceCollator
@@ -83,16 +83,12 @@ def split_to_count(micro_batches: list[list[int]], count: int) -> list[list[int]
     return micro_batches
 
 
-def check_pairs_fit_budget(
-    max_tokens: int, computed_positions: Callable[[list[Sample]], int], **datasets: Any
-) -> None:
-    """Refuse a dataset (by config key; None is skipped) with a pair that alone, in the batch layout, computes more
-    than ``max_tokens`` positions, naming it: at setup, not at the step that draws it."""
-    if max_tokens <= 0:
-        raise ValueError(f"max_micro_batch_tokens must be positive, got {max_tokens}")
+def check_pairs_fit_budget(max_tokens: int, collate: PreferenceCollator, **datasets: Any) -> None:
+    """Refuse a dataset (by config key; None is skipped) with a pair that alone, in ``collate``'s layout, computes
+    more than ``max_tokens`` positions, naming it: at setup, not at the step that draws it."""
     for where, dataset in datasets.items():
         for i in range(len(dataset) if dataset is not None else 0):
-            cost = computed_positions([dataset[i]])
+            cost = collate.computed_positions([dataset[i]])
             if cost > max_tokens:
                 raise ValueError(f"max_micro_batch_tokens: pair {i} of {where} ({dataset.source} row "
                                  f"{dataset.row_numbers[i]}) alone computes {cost} positions in the batch layout, "

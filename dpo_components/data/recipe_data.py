@@ -61,7 +61,7 @@ def load_recipe_data(
                             datasets={"dataset": train, "eval_dataset": held_out}, packing=settings.packing,
                             packing_row_tokens=settings.packing_row_tokens)  # fmt: skip
     if settings.max_micro_batch_tokens is not None:  # a batch-coupled loss is refused by instantiate_loss
-        check_pairs_fit_budget(settings.max_micro_batch_tokens, collate.computed_positions, dataset=train)
+        check_pairs_fit_budget(settings.max_micro_batch_tokens, collate, dataset=train)
         log.info(f"micro-batches by tokens: each step's {settings.batch_size * settings.gradient_accumulation_steps} "
                  f"pairs{' per rank' if world_size > 1 else ''} in micro-batches of at most "
                  f"{settings.max_micro_batch_tokens} computed positions")  # fmt: skip
