@@ -1,5 +1,5 @@
-"""What the FSDP2 recipes share: rank-0 work sent to every rank, each rank's slice of a global batch, as many
-micro-batches on every rank, metrics averaged over ranks, the sharded model build, and the LoRA starting weights
+"""What the FSDP2 recipes share: the process group around a run, rank-0 work sent to every rank, each rank's slice
+of a global batch, as many micro-batches on every rank, the sharded model build, and the LoRA starting weights
 that do not depend on the world size.
 
 Every function here is a collective where it says so: all ranks must call it, in the same order.
@@ -7,8 +7,13 @@ Every function here is a collective where it says so: all ranks must call it, in
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -18,10 +23,33 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune import modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
+from torchtune.utils import get_logger
 
 from dpo_components.data.micro_batches import split_to_count
-from dpo_components.metrics import PreferenceMetrics, averages
 from dpo_components.settings import ConfigError
+
+log = get_logger("INFO")
+
+
+@contextlib.contextmanager
+def process_group(device: str, timeout_seconds: float = 1800) -> Iterator[None]:
+    """The process group around an FSDP2 recipe's run (torchrun starts the processes): NCCL for ``device`` cuda,
+    gloo for CPU. A collective that waits longer than ``timeout_seconds`` fails instead of hanging; the default, 30
+    minutes, leaves time for rank 0 to write a consolidated checkpoint of a large model while the others wait.
+
+    An error on one rank is printed and ends that rank at once, with no barrier and no teardown: the other ranks may
+    sit in a collective this rank will never join, and torchrun stops them. After a run every rank meets at a
+    barrier before the group goes away (gloo aborts on an early teardown)."""
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_seconds))
+    try:
+        yield
+    except BaseException:
+        log.error(f"rank {dist.get_rank()} failed:\n{traceback.format_exc()}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def from_rank_zero(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -51,15 +79,6 @@ def rank_slice(order: list[int], batch_size: int) -> list[int]:
     return [order[g + start + i] for g in range(0, usable, global_batch) for i in range(batch_size)]
 
 
-def eval_batch_starts(num_items: int, batch_size: int) -> list[tuple[int, bool]]:
-    """(start, counted) of this rank's eval batches: rank r takes batches r, r + W, ... Every rank gets the same
-    number of entries, as FSDP's forwards need; a rank short of batches repeats its last one with counted False."""
-    starts = list(range(0, num_items, batch_size))
-    mine = starts[dist.get_rank() :: dist.get_world_size()]
-    rounds = -(-len(starts) // dist.get_world_size())
-    return [(mine[min(i, len(mine) - 1)] if mine else 0, i < len(mine)) for i in range(rounds)]
-
-
 def agree_micro_batches(micro_batches: list[list[int]], device: torch.device) -> list[list[int]]:
     """This rank's micro-batches of a step (:func:`dpo_components.data.micro_batches.plan_micro_batches`), split
     until every rank has as many as the rank with the most: each is a forward and a backward through the sharded
@@ -67,24 +86,6 @@ def agree_micro_batches(micro_batches: list[list[int]], device: torch.device) ->
     count = torch.tensor([len(micro_batches)], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return split_to_count(micro_batches, int(count.item()))
-
-
-def all_reduce_metrics(metrics: PreferenceMetrics, device: torch.device) -> dict[str, float]:
-    """Sums over ranks of every metric sum and count and of the token and position counts -> averages over all pairs
-    (or rows of a class) of all ranks, the total token count (``tokens``) and the padding fraction of all ranks'
-    batches (collective)."""
-    names = sorted(metrics.sums)
-    counts = [metrics.tokens, metrics.data_positions, metrics.computed_positions]
-    totals = torch.tensor([metrics.sums[n] for n in names] + [metrics.counts[n] for n in names] + counts,
-                          dtype=torch.float64, device=device)  # fmt: skip
-    dist.all_reduce(totals)
-    values = totals.tolist()
-    averaged = averages(dict(zip(names, values[: len(names)])), dict(zip(names, values[len(names) : 2 * len(names)])))
-    tokens, data_positions, computed_positions = values[-3:]
-    averaged["tokens"] = tokens
-    if computed_positions:
-        averaged["padding_fraction"] = 1 - data_positions / computed_positions
-    return averaged
 
 
 def shard_and_load(

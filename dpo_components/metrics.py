@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchtune.utils import get_logger
 
@@ -92,6 +93,24 @@ def averages(sums: dict[str, float], counts: dict[str, float]) -> dict[str, floa
     if "count/desirable" in sums and "rewards/chosen" in results and "rewards/rejected" in results:
         results["rewards/margins"] = results["rewards/chosen"] - results["rewards/rejected"]
     return results
+
+
+def all_reduce_metrics(metrics: PreferenceMetrics, device: torch.device) -> dict[str, float]:
+    """Sums over ranks of every metric sum and count and of the token and position counts -> averages over all pairs
+    (or rows of a class) of all ranks, the total token count (``tokens``) and the padding fraction of all ranks'
+    batches (collective)."""
+    names = sorted(metrics.sums)
+    counts = [metrics.tokens, metrics.data_positions, metrics.computed_positions]
+    totals = torch.tensor([metrics.sums[n] for n in names] + [metrics.counts[n] for n in names] + counts,
+                          dtype=torch.float64, device=device)  # fmt: skip
+    dist.all_reduce(totals)
+    values = totals.tolist()
+    averaged = averages(dict(zip(names, values[: len(names)])), dict(zip(names, values[len(names) : 2 * len(names)])))
+    tokens, data_positions, computed_positions = values[-3:]
+    averaged["tokens"] = tokens
+    if computed_positions:
+        averaged["padding_fraction"] = 1 - data_positions / computed_positions
+    return averaged
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -113,7 +113,6 @@ def build_reference(
     datasets: dict[str, PreferenceDataset | None],
     collate_fn: Callable,
     fingerprint: dict[str, Any],
-    variant: str,
 ) -> Reference:
     """Decide the reference once, from ``settings.reference`` and the policy.
 
@@ -121,7 +120,7 @@ def build_reference(
     reference. ``frozen_copy(checkpointer_cfg)`` builds a frozen reference model (the recipe knows how: sharded or
     not), from ``reference.checkpointer`` or, given None, from the policy's starting checkpoint. ``datasets``: the
     pairs to precompute, by split (None skipped). ``fingerprint``: the run's (``checkpointing.run_fingerprint``), for
-    the checkpoint hashes of the cache key; ``variant``: :func:`reference_variant` of the config.
+    the checkpoint hashes of the cache key (with :func:`reference_variant` of the settings).
 
     With ``reference.mode: precomputed`` and every split already cached, no reference model is built at all.
     """
@@ -137,7 +136,7 @@ def build_reference(
         digest = fingerprint.get("reference_checkpoint", fingerprint["base_checkpoint"])
         for split, data in datasets.items():
             if data is not None:
-                key = reference_cache_key(data, digest, settings.dtype, variant)
+                key = reference_cache_key(data, digest, settings.dtype, reference_variant(settings))
                 paths[split] = ref.cache_dir / f"reference_logps_{key}.safetensors"
         if _cached_on_every_rank(paths.values(), settings.device):  # nothing to compute: build no reference model
             cache = {split: load_file(path) for split, path in paths.items()}
@@ -201,13 +200,13 @@ def reference_cache_key(
     return digest.hexdigest()[:20]
 
 
-def reference_variant(cfg: Any) -> str:
-    """What else the cached values depend on, from a recipe config: an NF4 base (QLoRA) and the layout (shared
-    rows round differently in bf16)."""
-    prefix, packing = cfg.get("prefix_sharing", False), cfg.get("packing", False)
-    attention = cfg.get("prefix_sharing_attention", "flex") if prefix or packing else "-"
-    variant = f"quantize_base={cfg.model.get('quantize_base', False)},prefix_sharing={prefix},attention={attention}"
-    return variant + (f",packing_row_tokens={cfg.get('packing_row_tokens')}" if packing else "")
+def reference_variant(settings: RecipeSettings) -> str:
+    """What else the cached values depend on: an NF4 base (QLoRA) and the layout (shared rows round differently in
+    bf16)."""
+    prefix, packing = settings.prefix_sharing, settings.packing
+    attention = ("flex" if settings.flex_attention else "sdpa") if prefix or packing else "-"
+    variant = f"quantize_base={settings.quantize_base},prefix_sharing={prefix},attention={attention}"
+    return variant + (f",packing_row_tokens={settings.packing_row_tokens}" if packing else "")
 
 
 @torch.no_grad()

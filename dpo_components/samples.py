@@ -68,15 +68,26 @@ class SampleSettings:
         return cls(n, int(cfg.get("max_new_tokens", 40)), temperature, reward_fn)
 
 
-def eval_sampling(cfg: Any, eval_data: Any) -> tuple[SampleSettings | None, list[list[int]]]:
-    """A recipe's sample settings and the prompts to sample for; off (with a warning) without an eval dataset."""
+@dataclass
+class EvalSampling:
+    """``eval_samples``: what to sample at every eval (the settings, the held-out prompts, the tokenizer, the
+    seed)."""
+
+    settings: SampleSettings
+    prompts: list[list[int]]
+    tokenizer: Any
+    seed: int
+
+
+def eval_sampling(cfg: Any, eval_data: Any, tokenizer: Any, seed: int) -> EvalSampling | None:
+    """A recipe's eval sampling, or None: ``eval_samples`` 0, or (with a warning) no eval dataset."""
     settings = SampleSettings.from_config(cfg)
     if settings is None:
-        return None, []
+        return None
     if eval_data is None:
         log.warning("eval_samples is set but there is no eval_dataset: no samples are drawn")
-        return None, []
-    return settings, eval_prompts(eval_data, settings.prompts)
+        return None
+    return EvalSampling(settings, eval_prompts(eval_data, settings.prompts), tokenizer, seed)
 
 
 def eval_prompts(dataset: Any, n: int) -> list[list[int]]:

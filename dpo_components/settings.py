@@ -75,6 +75,7 @@ class RecipeSettings:
     overwrite_output_dir: bool = False
     reference: ReferenceSettings = ReferenceSettings()
     master_dtype: torch.dtype = torch.float32  # what the optimizer steps: fp32 master weights for bf16 compute
+    quantize_base: bool = False  # model.quantize_base: an NF4 base (QLoRA)
     # the FSDP2 recipes
     consolidate_every_save: bool = False
     fsdp_reshard_after_forward: bool = True
@@ -121,6 +122,7 @@ class RecipeSettings:
             resume=cfg.get("resume_from_checkpoint", False),
             overwrite_output_dir=cfg.get("overwrite_output_dir", False),
             reference=_reference_settings(cfg, reference_checkpointer), master_dtype=master_dtype,
+            quantize_base=bool(cfg.model.get("quantize_base", False)) if cfg.get("model") else False,
             consolidate_every_save=cfg.get("consolidate_every_save", False),
             fsdp_reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
             collective_timeout_seconds=cfg.get("collective_timeout_seconds", 1800),

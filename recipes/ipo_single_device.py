@@ -32,9 +32,7 @@ default loss is ``IPOLoss`` on per-token averaged log-probs; the recipe logs IPO
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,14 +42,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
-from tqdm import tqdm
 
 from dpo_components.checkpointing import (
     check_same_run,
     checkpoint_fingerprint,
-    load_peft_adapter,
     lora_settings,
-    peft_layout,
     prepare_output_dir,
     restore_training_state,
     run_fingerprint,
@@ -63,12 +58,20 @@ from dpo_components.checkpointing import (
 from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.logprobs import concatenated_logprobs
-from dpo_components.metrics import PreferenceMetrics, ZeroGradientWatch, peak_memory_gib
-from dpo_components.models import apply_model_fixes
+from dpo_components.models.builders import full_or_lora_model, load_resumed_weights
 from dpo_components.models.quantization import plain_state_dict
 from dpo_components.precision import MasterWeights
-from dpo_components.reference import build_reference, reference_variant
-from dpo_components.samples import eval_sampling, log_samples, sample_and_score
+from dpo_components.reference import build_reference
+from dpo_components.run import (
+    RunProgress,
+    StepLog,
+    clip_gradients,
+    close_metric_logger,
+    due,
+    evaluate,
+    start_metric_logger,
+)
+from dpo_components.samples import eval_sampling
 from dpo_components.settings import (
     ConfigError,
     RecipeSettings,
@@ -85,11 +88,7 @@ class IPORecipeSingleDevice:
         self.settings = RecipeSettings.from_config(cfg)  # every shared key, its default and its check
         self.seed = training.set_seed(self.settings.seed)
         prepare_and_check_inputs(cfg)  # the tiny configs build their model and data on first use
-        self.global_step = 0
-        self.epochs_run = 0
-        self._batches_done_in_epoch = 0
-        self._last_checkpoint: Path | None = None
-        self._last_eval_step: int | None = None
+        self.progress = RunProgress()  # steps taken, position in the data, last checkpoint (dpo_components.run)
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -98,12 +97,10 @@ class IPORecipeSingleDevice:
         self._loss_fn = instantiate_loss(cfg.loss, s)  # first: a loss the settings refuse stops here
         # no mixing with an earlier run; leftovers of killed saves removed; the newest complete checkpoint
         resume_dir = prepare_output_dir(s.output_dir, s.resume, s.overwrite_output_dir)
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
-
+        self._metric_logger = start_metric_logger(cfg.metric_logger, cfg)  # None on ranks > 0
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        self._model = self._build_model(cfg.model, base_state)
+        self._model = full_or_lora_model(cfg.model, s, base_state)  # a LoRA builder: LoRA; else every parameter
         self._is_lora = bool(get_adapter_params(self._model))
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._data = load_recipe_data(cfg, s, self._tokenizer, self._model.max_seq_len, loss=self._loss_fn)
@@ -112,22 +109,20 @@ class IPORecipeSingleDevice:
         if resume_dir is not None:  # checked before the long parts of setup (reference log-probs)
             check_same_run(resume_dir, checkpoint_fingerprint(resume_dir), self._fingerprint)
         # eval_samples: responses of policy and reference to held-out prompts, sampled at every eval
-        self._samples, self._sample_prompts = eval_sampling(cfg, self._data.eval)
-
+        self._sampling = eval_sampling(cfg, self._data.eval, self._tokenizer, self.seed)
         # The reference is built from the starting weights, before the policy loads a resumed state: the policy with
         # adapters off (LoRA), else a frozen copy of the start or of reference.checkpointer; or precomputed.
         self._reference = build_reference(
             s, self._loss_fn, self._model, has_adapters=self._is_lora,
-            frozen_copy=partial(self._frozen_copy, cfg.model, base_state),
-            datasets=self._data.splits(), collate_fn=self._data.collate, fingerprint=self._fingerprint,
-            variant=reference_variant(cfg),
+            frozen_copy=partial(self._frozen_copy, cfg.model, base_state), datasets=self._data.splits(),
+            collate_fn=self._data.collate, fingerprint=self._fingerprint,
         )  # fmt: skip
         del base_state
         if self._is_lora:
             self._lora = lora_settings(cfg.model)
             set_trainable_params(self._model, get_adapter_params(self._model))
         if resume_dir is not None:
-            self._load_policy_weights(cfg, resume_dir)
+            load_resumed_weights(self._model, cfg.checkpointer, self._checkpointer, resume_dir)
         transform = optional_component(cfg, "model_transform")  # e.g. int8 / float8 training, full-parameter only
         if transform is not None:
             if self._is_lora:
@@ -153,146 +148,86 @@ class IPORecipeSingleDevice:
             f"{s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}"
         )
 
-    def _build_model(self, cfg_model: DictConfig, state: dict[str, Any]) -> torch.nn.Module:
-        with training.set_default_dtype(self.settings.dtype), self.settings.device:
-            model = apply_model_fixes(config.instantiate(cfg_model))  # DoRA as exported, fused RMSNorm
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "lora_" not in k and "magnitude" not in k]:
-            raise ConfigError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for module in model.modules():
-            if hasattr(module, "initialize_dora_magnitude"):
-                module.initialize_dora_magnitude()
-        return model
-
     def _frozen_copy(self, cfg_model: DictConfig, start: dict[str, Any], ckpt: DictConfig | None) -> torch.nn.Module:
         """A reference model in eval mode without grads: the starting weights, or ``reference.checkpointer``'s."""
         if ckpt is not None:
             start = config.instantiate(ckpt, resume_from_checkpoint=False).load_checkpoint()[training.MODEL_KEY]
-        return self._build_model(cfg_model, start).eval().requires_grad_(False)
-
-    def _load_policy_weights(self, cfg: DictConfig, checkpoint_dir: Path) -> None:
-        if self._is_lora:
-            adapter = load_peft_adapter(checkpoint_dir, **peft_layout(self._checkpointer))
-            _, unexpected = self._model.load_state_dict(adapter, strict=False)
-        else:
-            files = sorted(p.name for p in checkpoint_dir.glob("model-*.safetensors"))
-            checkpointer = config.instantiate(cfg.checkpointer, checkpoint_dir=str(checkpoint_dir),
-                                              checkpoint_files=files, resume_from_checkpoint=False)  # fmt: skip
-            _, unexpected = self._model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
-        if unexpected:
-            raise ConfigError(f"{checkpoint_dir} does not fit the model: unexpected keys {unexpected[:5]}")
+        return full_or_lora_model(cfg_model, self.settings, start).eval().requires_grad_(False)
 
     # -------------------------------------------------------------------------------------------- the step
 
     def _forward(self, batch: dict[str, torch.Tensor], split: str):
-        """Policy log-probs (with grad), reference log-probs (no grad), the loss."""
+        """Policy log-probs (with grad), reference log-probs (cached, adapters off or frozen; no grad), the loss."""
         batch = {k: v.to(self.settings.device) for k, v in batch.items()}
         policy = concatenated_logprobs(self._model, batch, self.settings.logprob_chunk_size,
                                        self.settings.flex_attention)  # fmt: skip
         return self._loss_fn(policy, self._reference.logprobs(batch, split)), policy
 
     def train(self) -> None:
-        metrics, interval_start = PreferenceMetrics(), time.perf_counter()
-        zero_gradients = ZeroGradientWatch(self._loss_fn)  # warns when the loss saturates (KTO at 1:4)
-        progress = tqdm(total=self._total_steps, initial=self.global_step, desc="IPO", dynamic_ncols=True)
-        s = self.settings
-        for epoch in range(self.epochs_run, s.epochs):
+        s, progress = self.settings, self.progress
+        step_log = StepLog(s, self._metric_logger, self._loss_fn, self._total_steps, progress.global_step)
+        for epoch in range(progress.epochs_run, s.epochs):
             order = batch_order(self._data.train, self.seed, epoch, s.batch_size, s.shuffle, s.group_by_length,
                                 s.prefix_sharing)  # fmt: skip
             # one step's pairs at a time, split into micro-batches below
             loader = DataLoader(self._data.train, batch_size=s.batch_size * s.gradient_accumulation_steps,
-                                collate_fn=list, sampler=order[self._batches_done_in_epoch * s.batch_size :],
-                                drop_last=True, generator=torch.Generator())  # fmt: skip
+                                collate_fn=list, sampler=order[progress.batches_done_in_epoch * s.batch_size :],
+                                drop_last=True, generator=torch.Generator())  # not the global RNG (dropout masks)
             self._model.train()
             for samples in loader:
-                if self._batches_done_in_epoch // s.gradient_accumulation_steps >= self._steps_per_epoch:
+                if progress.batches_done_in_epoch // s.gradient_accumulation_steps >= self._steps_per_epoch:
                     break
                 # gradient_accumulation_steps micro-batches of batch_size pairs, or by max_micro_batch_tokens
                 for members in self._data.micro_batches(samples):
                     batch = self._data.collate([samples[i] for i in members])
                     out, policy = self._forward(batch, "train")
-                    loss = out.losses.mean()
-                    if not torch.isfinite(loss):
-                        self._stop_on_nonfinite("loss", loss.item())
                     # weighted by its share of the step's pairs: the step's loss is the mean over all of them
-                    (loss / (len(samples) / len(members))).backward()
+                    (out.losses.mean() / (len(samples) / len(members))).backward()
                     self._master.accumulate_grads()  # into the fp32 master gradients (no-op without master copies)
-                    metrics.update(out, policy, batch)
-                self._batches_done_in_epoch += s.gradient_accumulation_steps
+                    step_log.update(out, policy, batch)
+                progress.batches_done_in_epoch += s.gradient_accumulation_steps
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(self._master.params,
-                                                           max_norm=float(s.clip_grad_norm or math.inf))
-                if not torch.isfinite(grad_norm):
-                    self._stop_on_nonfinite("gradient norm", grad_norm.item())
-                zero_gradients.update(grad_norm.item(), self.global_step + 1)
+                grad_norm = clip_gradients(self._master.params, s.clip_grad_norm)
+                logged = step_log.step_metrics()
+                progress.stop_if_nonfinite(logged["loss"], grad_norm)  # before the optimizer step
                 lr = self._optimizer.param_groups[0]["lr"]  # the rate this step uses (logged with it)
-                logging_step = (self.global_step + 1) % s.log_every_n_steps == 0
                 # optimizer.step() on the master weights, then into the model; on logging steps also the share of
                 # sampled weights the step left unchanged (bf16 rounding eating updates shows here)
-                unchanged = self._master.step(self._optimizer, measure=logging_step)
+                unchanged = self._master.step(self._optimizer, measure=due(progress.global_step + 1,
+                                                                           s.log_every_n_steps))  # fmt: skip
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
-                self.global_step += 1
-                progress.update(1)
+                progress.global_step += 1
 
-                if self.global_step % s.log_every_n_steps == 0:
-                    logged = metrics.compute()
-                    logged.update(lr=lr, grad_norm=grad_norm.item(), unchanged_weight_share=unchanged,
-                                  tokens_per_second=metrics.tokens / (time.perf_counter() - interval_start),
-                                  peak_memory_gib=peak_memory_gib(s.device))  # fmt: skip
-                    self._metric_logger.log_dict(logged, step=self.global_step)
-                    progress.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['rewards/accuracies']:.2f}")
-                    metrics, interval_start = PreferenceMetrics(), time.perf_counter()
-                if s.eval_every_n_steps and self.global_step % s.eval_every_n_steps == 0:
+                step_log.write(progress.global_step, logged, lr=lr, grad_norm=grad_norm,
+                               unchanged_weight_share=unchanged)  # fmt: skip
+                if due(progress.global_step, s.eval_every_n_steps):
                     self.evaluate()
-                if s.save_every_n_steps and self.global_step % s.save_every_n_steps == 0:
+                if due(progress.global_step, s.save_every_n_steps):
                     self.save_checkpoint()
-            self.epochs_run, self._batches_done_in_epoch = epoch + 1, 0
-        progress.close()
-        if self._data.eval is not None and self._last_eval_step != self.global_step:
+            progress.next_epoch(epoch)
+        step_log.close()
+        if progress.needs_final_eval(self._data.eval is not None):
             self.evaluate()
-        if self._last_checkpoint is None or self._last_checkpoint.name != f"step_{self.global_step}":
+        if progress.needs_final_save():
             self.save_checkpoint()
 
-    def _stop_on_nonfinite(self, what: str, value: float) -> None:
-        raise FloatingPointError(
-            f"the {what} is {value} at step {self.global_step + 1}; stopping before the optimizer step. "
-            f"Last good checkpoint: {self._last_checkpoint or 'none saved yet'}. Lower the learning rate, use fp32 "
-            "or set clip_grad_norm."
-        )
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, accuracy, margins and IPO's margin vs target on the held-out pairs, logged as eval/*."""
-        was_training = self._model.training
-        self._model.eval()
-        metrics = PreferenceMetrics()
-        loader = DataLoader(self._data.eval, batch_size=self.settings.batch_size, collate_fn=self._data.collate,
-                            generator=torch.Generator())  # fmt: skip
-        for batch in loader:
-            metrics.update(*self._forward(batch, "eval"))
-        results = {f"eval/{name}": value for name, value in metrics.compute().items()}
-        if self._samples:
-            sampled, rows = sample_and_score(self._model, self._reference.sampling_context, self._sample_prompts,
-                                             self._tokenizer, self._samples, self.seed)  # fmt: skip
-            results.update(sampled)
-            log_samples(self._metric_logger, rows, self.global_step)
-        self._metric_logger.log_dict(results, step=self.global_step)
-        self._last_eval_step = self.global_step
-        summary = ", ".join(f"{k.removeprefix('eval/')} {results[k]:.4f}" for k in
-                            ("eval/loss", "eval/rewards/accuracies", "eval/ipo/margin", "eval/ipo/target")
-                            if k in results)  # fmt: skip
-        log.info(f"step {self.global_step} eval: {summary}")
-        self._model.train(was_training)
-        return results
+        """Loss, accuracy, margins and IPO's margin vs target on the held-out pairs, and with ``eval_samples``
+        responses of policy and reference: logged as eval/*."""
+        self.progress.last_eval_step = self.progress.global_step
+        return evaluate(self._model, partial(self._forward, split="eval"), self._data.eval, self._data.collate,
+                        self.settings.batch_size, self.settings.device, step=self.progress.global_step,
+                        metric_logger=self._metric_logger, sampling=self._sampling,
+                        reference=self._reference.sampling_context)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
         """``<output_dir>/step_<N>/``: HF-layout weights (merged + PEFT adapter for LoRA) and the resume state."""
-        state = training_state(self._progress(), self._optimizer, self._lr_scheduler, self._fingerprint,
+        state = training_state(self.progress.counters(), self._optimizer, self._lr_scheduler, self._fingerprint,
                                master_weights=self._master)  # fmt: skip
-        path = self.settings.output_dir / f"step_{self.global_step}"
+        path = self.settings.output_dir / f"step_{self.progress.global_step}"
         try:
             if self._is_lora:
                 save_lora_checkpoint(self._checkpointer, path, self._model, self._lora, self.settings.dtype, state)
@@ -300,27 +235,17 @@ class IPORecipeSingleDevice:
                 save_checkpoint_dir(self._checkpointer, path, model_state=plain_state_dict(self._model),
                                     recipe_state=state)  # fmt: skip
         except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
-            raise save_failed(path, error, self._last_checkpoint) from None
-        self._last_checkpoint = path
-        log.info(f"saved checkpoint {path}")
+            raise save_failed(path, error, self.progress.last_checkpoint) from None
+        self.progress.saved(path)
         return path
 
-    def _progress(self) -> dict[str, int]:
-        return {"global_step": self.global_step, "epochs_run": self.epochs_run,
-                "batches_done_in_epoch": self._batches_done_in_epoch}  # fmt: skip
-
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:
-        progress = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint,
+        counters = restore_training_state(checkpoint_dir, self._optimizer, self._lr_scheduler, self._fingerprint,
                                           master_weights=self._master)  # fmt: skip
-        self.global_step = progress["global_step"]
-        self.epochs_run = progress["epochs_run"]
-        self._batches_done_in_epoch = progress["batches_done_in_epoch"]
-        self._last_checkpoint = checkpoint_dir
-        log.info(f"resumed from {checkpoint_dir} at step {self.global_step}")
+        self.progress.resume(counters, checkpoint_dir)
 
     def cleanup(self) -> None:
-        self._metric_logger.close()
-        log.info(f"plot this run: python -m dpo_components.tools.plot {self.settings.output_dir}")
+        close_metric_logger(self._metric_logger, self.settings.output_dir)
 
 
 @config.parse

@@ -83,7 +83,7 @@ def test_the_readme_own_data_command_trains_with_a_held_out_share(tiny_setup, ti
     recipe.setup(cfg)
     assert len(recipe._data.train) == 76 and len(recipe._data.eval) == 4  # 5% held out, the rest trained on
     recipe.train()
-    assert recipe.global_step == 1 and recipe._last_eval_step == 1
+    assert recipe.progress.global_step == 1 and recipe.progress.last_eval_step == 1
 
 
 def test_bf16_forward_has_no_dtype_mismatch_warning_and_the_same_output():

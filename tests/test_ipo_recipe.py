@@ -123,7 +123,7 @@ def test_full_parameter_resume_equals_uninterrupted_run(recipe_cfg):
     shutil.copytree(full_dir / "step_2", resumed_dir / "step_2")
     shutil.copytree(full_dir / "reference_cache", resumed_dir / "reference_cache")
     recipe = run(resumed, train=False)
-    assert recipe.global_step == 2
+    assert recipe.progress.global_step == 2
     recipe.train()
     expected = load_file(full_dir / "step_4" / "model-00001-of-00001.safetensors")
     got = load_file(resumed_dir / "step_4" / "model-00001-of-00001.safetensors")
@@ -163,5 +163,5 @@ def test_losses_run_in_the_ipo_recipe_with_precomputed_reference(recipe_cfg, nam
     )
     cfg.loss = OmegaConf.create({"_component_": f"dpo_components.losses.{name}"})
     recipe = run(cfg)
-    assert recipe.global_step == 2
+    assert recipe.progress.global_step == 2
     assert (tmp_path / "cache").exists() == recipe._loss_fn.needs_reference  # no reference pass when not needed

@@ -353,7 +353,7 @@ def _train_until(recipe, step):
 
     def save_then_stop():
         path = save()
-        if recipe.global_step == step:
+        if recipe.progress.global_step == step:
             raise Stop
         return path
 

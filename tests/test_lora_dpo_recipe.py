@@ -164,7 +164,7 @@ def test_resume_from_step_k_equals_uninterrupted_run(recipe_cfg, speedups):
     resumed_dir.mkdir()
     shutil.copytree(full_dir / "step_3", resumed_dir / "step_3")  # as if the first run was killed after step 3
     recipe = run(resumed_cfg, train=False)
-    assert recipe.global_step == 3
+    assert recipe.progress.global_step == 3
     recipe.train()
     assert min(logged(resumed_cfg)) == 4  # it continued, it did not start over
 
@@ -347,7 +347,7 @@ def test_every_loss_runs_in_the_recipe_from_yaml(recipe_cfg, name):
     cfg = recipe_cfg(max_steps_per_epoch=2, eval_dataset=None, batch_size=4, **{"lr_scheduler.num_warmup_steps": 1})
     cfg.loss = OmegaConf.create({"_component_": f"dpo_components.losses.{name}"})
     recipe = run(cfg)
-    assert recipe.global_step == 2 and torch.isfinite(torch.tensor(logged(cfg)[2]["loss"]))
+    assert recipe.progress.global_step == 2 and torch.isfinite(torch.tensor(logged(cfg)[2]["loss"]))
 
 
 def test_weighted_combination_runs_in_the_recipe(recipe_cfg):

@@ -21,11 +21,12 @@ from test_lora_dpo_recipe import logged
 from test_lora_dpo_recipe import run as run_offline
 
 from dpo_components import online
-from dpo_components.data import collate_preference_batch, preference_dataset, prompt_dataset
+from dpo_components.data import collate_preference_batch, preference_dataset
+from dpo_components.online import prompt_dataset
 from dpo_components.data.formats import PreferenceDataError
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.online import OnlineSettings, build_pairs, round_prompt_indices
-from dpo_components.rewards import HFRewardModel, RewardError, TextReward, score
+from dpo_components.online.rewards import HFRewardModel, RewardError, TextReward, score
 from dpo_components.samples import NucleusLogits
 from dpo_components.settings import ConfigError
 from dpo_components.tiny import synthetic
@@ -346,10 +347,10 @@ def test_kill_9_mid_round_and_mid_sampling_resumes_to_the_same_weights(online_ru
 def test_no_pair_in_a_round_is_a_named_skip_and_bad_rewards_stop_with_the_response(tiny_setup, tmp_path, caplog,
                                                                                    monkeypatch):
     cfg = online_cfg(tiny_setup, tmp_path / "flat", **{**SMALL, "online.rounds": 1,
-                     "reward_fn._component_": "dpo_components.rewards.text_reward",
+                     "reward_fn._component_": "dpo_components.online.rewards.text_reward",
                      "reward_fn.function": "test_online_dpo.constant_reward"})  # fmt: skip
     recipe = run_online(cfg)
-    assert recipe.global_step == 0
+    assert recipe.progress.global_step == 0
     assert "round 0: 0 pairs, fewer than batch_size 8: no step this round" in caplog.text
     nan = tmp_path / "nan"
     cfg = online_cfg(tiny_setup, nan, **{**SMALL, "online.rounds": 1,
@@ -361,7 +362,7 @@ def test_no_pair_in_a_round_is_a_named_skip_and_bad_rewards_stop_with_the_respon
         run_online(cfg)  # a fresh run does not delete them
     monkeypatch.setattr(sys.modules[__name__], "nan_reward", synthetic.sentiment_reward)  # the reward, fixed
     recipe = run_online(OmegaConf.merge(cfg, {"resume_from_checkpoint": True}))
-    assert recipe.global_step == 2 and (online.round_dir(nan, 0) / "samples.jsonl").read_bytes() == samples
+    assert recipe.progress.global_step == 2 and (online.round_dir(nan, 0) / "samples.jsonl").read_bytes() == samples
     kto = online_cfg(tiny_setup, tmp_path / "kto")
     kto.loss = {"_component_": "dpo_components.losses.KTOLoss", "beta": 0.1}
     with pytest.raises(ConfigError, match="trains on unpaired rows"):

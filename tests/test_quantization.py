@@ -36,7 +36,7 @@ def test_every_sweep_variant_builds_and_takes_a_step(spec, recipe_cfg):
     recipe = RECIPES[v["recipe"]](cfg)
     recipe.setup(cfg)
     recipe.train()
-    assert recipe.global_step == 1
+    assert recipe.progress.global_step == 1
     if "model_transform._component_" in overrides:
         q_proj = recipe._model.layers[0].attn.q_proj
         assert "Int8" in type(q_proj).__name__ + type(q_proj.weight).__name__

@@ -142,7 +142,7 @@ def test_resume_refuses_a_run_trained_with_other_settings(recipe_cfg, tiny_setup
     same = recipe_cfg(**settings, resume_from_checkpoint=True)
     resumed = LoRADPORecipeSingleDevice(same)
     resumed.setup(same)
-    assert resumed.global_step == 1
+    assert resumed.progress.global_step == 1
 
 
 def test_resume_skips_a_corrupt_checkpoint_and_names_the_bad_file(recipe_cfg, caplog):
@@ -160,7 +160,7 @@ def test_resume_skips_a_corrupt_checkpoint_and_names_the_bad_file(recipe_cfg, ca
     recipe = LoRADPORecipeSingleDevice(resume)
     with caplog.at_level(logging.WARNING):
         recipe.setup(resume)
-    assert recipe.global_step == 1
+    assert recipe.progress.global_step == 1
     assert "skipping checkpoint" in caplog.text
     assert "step_2: adapter/adapter_model.safetensors is missing" in caplog.text
 
@@ -215,6 +215,6 @@ def test_a_failed_save_names_the_path_and_the_last_good_checkpoint(recipe_cfg, t
     resume = recipe_cfg(**settings, resume_from_checkpoint=True)
     recipe = LoRADPORecipeSingleDevice(resume)
     recipe.setup(resume)
-    assert recipe.global_step == 1
+    assert recipe.progress.global_step == 1
     recipe.train()
     assert checkpoint_problem(out / "step_2") is None

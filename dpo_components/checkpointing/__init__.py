@@ -42,7 +42,12 @@ from dpo_components.checkpointing.peft import (
     peft_adapter_config,
     peft_layout,
 )
-from dpo_components.checkpointing.sharded import load_sharded_checkpoint, save_sharded_checkpoint
+from dpo_components.checkpointing.sharded import (
+    full_model_files,
+    load_sharded_checkpoint,
+    lora_model_files,
+    save_sharded_checkpoint,
+)
 from dpo_components.checkpointing.state import (
     load_recipe_state,
     load_state_file,
@@ -55,10 +60,10 @@ from dpo_components.checkpointing.state import (
 __all__ = [
     "ADAPTER_DIR", "FINGERPRINT_KEYS", "MANIFEST_FILE", "PEFT_FILES", "RECIPE_STATE_FILE", "TUNE_ADAPTER_FILE",
     "CheckpointError", "adapter_state_dict", "check_same_run", "checkpoint_fingerprint", "checkpoint_problem",
-    "claim_output_dir", "file_digest", "files_digest", "fused_peft_adapter", "latest_checkpoint", "load_peft_adapter",
-    "load_recipe_state", "load_sharded_checkpoint", "load_state_file", "lora_settings", "merge_lora_state",
-    "merged_lora_state_dict", "peft_adapter_config", "peft_layout", "prepare_output_dir", "remove_stale_temporaries",
-    "restore_training_state", "resume_checkpoint", "rng_state", "run_fingerprint", "save_checkpoint_dir",
-    "save_failed", "save_lora_checkpoint", "save_sharded_checkpoint", "set_rng_state", "step_dirs", "training_state",
-    "write_hf_files", "write_manifest",
+    "claim_output_dir", "file_digest", "files_digest", "full_model_files", "fused_peft_adapter", "latest_checkpoint",
+    "load_peft_adapter", "load_recipe_state", "load_sharded_checkpoint", "load_state_file", "lora_model_files",
+    "lora_settings", "merge_lora_state", "merged_lora_state_dict", "peft_adapter_config", "peft_layout",
+    "prepare_output_dir", "remove_stale_temporaries", "restore_training_state", "resume_checkpoint", "rng_state",
+    "run_fingerprint", "save_checkpoint_dir", "save_failed", "save_lora_checkpoint", "save_sharded_checkpoint",
+    "set_rng_state", "step_dirs", "training_state", "write_hf_files", "write_manifest",
 ]  # fmt: skip

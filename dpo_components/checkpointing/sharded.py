@@ -22,10 +22,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+from torchtune import training
+from torchtune.modules.peft import get_adapter_state_dict
 
 from dpo_components.checkpointing.directory import RECIPE_STATE_FILE, write_manifest
 from dpo_components.checkpointing.fingerprint import check_same_run
 from dpo_components.checkpointing.hf import write_hf_files
+from dpo_components.checkpointing.peft import merge_lora_state, peft_adapter_config
 from dpo_components.checkpointing.state import load_recipe_state, load_state_file, rng_state, set_rng_state
 from dpo_components.settings import ConfigError
 
@@ -79,6 +83,40 @@ def save_sharded_checkpoint(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def full_model_files(model: nn.Module, device: torch.device) -> Callable[[], dict[str, Any] | None]:
+    """``hf_files`` of a full-parameter model: the whole model gathered to rank 0's CPU memory (every rank takes
+    part in the gather; rank 0 gets the weights)."""
+
+    def files() -> dict[str, Any] | None:
+        full = training.gather_cpu_state_dict(model, dist.get_rank() == 0, device=device)
+        return {"model_state": full} if dist.get_rank() == 0 else None
+
+    return files
+
+
+def lora_model_files(
+    model: nn.Module, lora: dict[str, Any], dtype: torch.dtype, device: torch.device, consolidate: bool
+) -> Callable[[], dict[str, Any] | None]:
+    """``hf_files`` of a LoRA model: the PEFT adapter gathered to rank 0 at every save, and with ``consolidate`` the
+    whole model, merged (base, dequantized for QLoRA, + LoRA, in ``dtype``) for the HF weights; all ranks take
+    part in the gather."""
+
+    def files() -> dict[str, Any] | None:
+        rank_zero = dist.get_rank() == 0
+        if consolidate:
+            full = training.gather_cpu_state_dict(model, rank_zero, device=device)
+            adapter = get_adapter_state_dict(full)
+        else:
+            adapter = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v.detach().cpu()
+                       for k, v in model.state_dict().items() if "lora" in k or "magnitude" in k}  # fmt: skip
+        if not rank_zero:
+            return None
+        merged = merge_lora_state(full, lora["rank"], lora["alpha"], dtype) if consolidate else None
+        return {"model_state": merged, "adapter_state": adapter, "adapter_config": peft_adapter_config(lora)}
+
+    return files
 
 
 def _cast_floats(hf: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:

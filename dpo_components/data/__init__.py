@@ -7,7 +7,6 @@
     collate.py         the [2B, L] batch, the recipe's collator, rows that do not fit the model
     prefix_sharing.py  the [prompt | chosen | rejected] row layout and its attention mask
     order.py           the seeded order of each epoch, batches of similar length
-    prompts.py         ``prompt_dataset``: prompts alone (online DPO samples the responses)
 
 The names below are the package's public API (``dpo_components.data.preference_dataset`` in a config).
 """
@@ -16,12 +15,22 @@ from dpo_components.data.chat import check_tokenizer, decode_text, generation_pr
 from dpo_components.data.collate import collate_preference_batch, make_collator
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, preference_dataset, tokenize_rows
 from dpo_components.data.formats import COLUMNS, FORMATS, PreferenceDataError, detect_format, parse_row
-from dpo_components.data.prompts import PromptDataset, prompt_dataset
 from dpo_components.data.unpaired import UnpairedDataset, unpaired_dataset
 
 __all__ = [
     "COLUMNS", "FORMATS", "IGNORE_INDEX", "PreferenceDataError", "PreferenceDataset", "check_tokenizer",
     "collate_preference_batch", "decode_text", "detect_format", "generation_prompt", "make_collator", "parse_row",
-    "preference_dataset", "PromptDataset", "prompt_dataset", "stop_tokens", "tokenize_chat", "tokenize_rows",
+    "preference_dataset", "stop_tokens", "tokenize_chat", "tokenize_rows",
     "UnpairedDataset", "unpaired_dataset",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):  # noqa: ANN202 (PEP 562)
+    """``prompt_dataset`` and ``PromptDataset`` moved to ``dpo_components.online``; configs that name
+    ``dpo_components.data.prompt_dataset`` still load (imported on first use, so ``data`` does not import
+    ``online`` itself)."""
+    if name in ("prompt_dataset", "PromptDataset"):
+        from dpo_components.online import prompts
+
+        return getattr(prompts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

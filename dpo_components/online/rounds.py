@@ -50,7 +50,7 @@ from tqdm import tqdm
 from dpo_components.data import PreferenceDataset, stop_tokens
 from dpo_components.data.dataset import labels_of, tokenize_responses
 from dpo_components.data.formats import BadRow
-from dpo_components.data.prompts import PromptDataset, prompt_messages
+from dpo_components.online.prompts import PromptDataset, prompt_messages
 from dpo_components.samples import decode_response, generate_padded
 from dpo_components.settings import ConfigError
 

@@ -1,0 +1,233 @@
+"""A round of online / iterative DPO as one component: :class:`RoundMaker` makes each round's pairs and their
+reference from the policy (prompts, sampling, scoring, pairing, the round's files, the round's reference table), or
+reads a finished round back, and cuts the pairs into the round's optimizer steps. The recipe trains those steps
+as the offline recipes train theirs (the same micro-batches, ``max_micro_batch_tokens`` too).
+
+Also here: the rounds' part of the output directory (``rounds/run.json``, the fingerprint of the run the rounds
+belong to; a run killed in round 0, before its first checkpoint, resumes from the round's files) and the ``online``
+and ``reward_fn`` keys of the run's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from torch import nn
+from torchtune.modules.peft import disable_adapter
+from torchtune.utils import get_logger
+
+import dpo_components.online.rounds as rounds
+from dpo_components.checkpointing import check_same_run, prepare_output_dir, step_dirs
+from dpo_components.data import PreferenceDataset
+from dpo_components.data.collate import make_collator
+from dpo_components.data.micro_batches import check_pairs_fit_budget
+from dpo_components.data.order import batch_order
+from dpo_components.losses import PreferenceLoss
+from dpo_components.online.prompts import PromptDataset
+from dpo_components.online.rewards import Reward, score
+from dpo_components.reference import Reference, compute_reference_logprobs, load_or_compute
+from dpo_components.samples import response_logprobs
+from dpo_components.settings import ConfigError, RecipeSettings
+
+log = get_logger("INFO")
+RUN_FILE = "run.json"  # rounds/run.json: the fingerprint of the run the rounds belong to
+
+
+def prepare_online_output_dir(settings: RecipeSettings) -> tuple[Path | None, bool]:
+    """:func:`~dpo_components.checkpointing.prepare_output_dir` with the rounds: returns (the checkpoint to resume
+    or None, whether the run resumes in round 0 from its files alone: killed before its first checkpoint). A fresh
+    run refuses the rounds of an earlier run unless ``overwrite_output_dir``, which deletes them."""
+    s, directory = settings, settings.output_dir / "rounds"
+    resume_round_0 = s.resume and not step_dirs(s.output_dir) and (directory / RUN_FILE).exists()
+    resume_dir = prepare_output_dir(s.output_dir, s.resume and not resume_round_0, s.overwrite_output_dir)
+    if resume_dir is None and not resume_round_0 and directory.exists():
+        if not s.overwrite_output_dir:
+            raise ConfigError(f"output_dir {s.output_dir} holds the rounds of an earlier run ({directory}). Set "
+                              "resume_from_checkpoint=true to continue it, overwrite_output_dir=true to delete "
+                              "them and start over, or choose another output_dir.")  # fmt: skip
+        shutil.rmtree(directory)
+    return resume_dir, resume_round_0
+
+
+def claim_rounds(output_dir: Path, fingerprint: dict[str, Any], resume_round_0: bool) -> None:
+    """Write the run's fingerprint beside the rounds, or (resuming in round 0) check it against theirs."""
+    path = output_dir / "rounds" / RUN_FILE
+    if resume_round_0:
+        check_same_run(path.parent, json.loads(path.read_text()), fingerprint)
+        log.info(f"resuming at step 0: no checkpoint yet, reading round 0's files in {path.parent}")
+    else:
+        rounds.write_atomic(path, json.dumps(fingerprint, indent=1) + "\n")
+
+
+def online_fingerprint_keys(cfg: DictConfig) -> dict[str, Any]:
+    """The ``online`` and ``reward_fn`` keys for the run's fingerprint: a resume must sample, score and pair alike
+    (a reward model's batch size left out: lowered after an out-of-memory, then resumed)."""
+    values = {f"online.{k}": v for k, v in OmegaConf.to_container(cfg.online, resolve=True).items()}
+    reward = OmegaConf.to_container(cfg.reward_fn, resolve=True)
+    reward.pop("batch_size", None)
+    values["reward_fn"] = json.dumps(reward, sort_keys=True)
+    return values
+
+
+class RoundMaker:
+    """Each round's pairs and reference, from the current ``policy`` (a LoRA model: adapters off are the start).
+
+    ``start``: the starting model as a :class:`Reference` (adapters off; "none" for a reference-free loss), the
+    reference of ``online.reference: start`` and of eval; ``previous_round`` takes a frozen view of the policy as
+    the round begins instead. ``collate``: the recipe's collator (its layout decides what fits)."""
+
+    def __init__(self, online: rounds.OnlineSettings, settings: RecipeSettings, *, policy: nn.Module, tokenizer: Any,
+                 prompts: PromptDataset, reward: Reward, collate: Any, loss: PreferenceLoss, start: Reference,
+                 seed: int, metric_logger: Any) -> None:  # fmt: skip
+        self.online, self.settings = online, settings
+        self.policy, self.tokenizer, self.prompts, self.reward = policy, tokenizer, prompts, reward
+        self.collate, self.loss, self.start, self.seed = collate, loss, start, seed
+        self.metric_logger = metric_logger
+
+    def check_lengths_fit(self) -> None:
+        """Every prompt plus ``max_new_tokens`` (twice with prefix sharing) fits the model, named at setup."""
+        responses, multiple = 2 if self.settings.prefix_sharing else 1, self.settings.pad_to_multiple_of
+        max_seq_len = self.policy.max_seq_len
+        for i in range(len(self.prompts)):
+            need = len(self.prompts[i]["prompt_ids"]) + responses * self.online.max_new_tokens
+            need += -need % multiple  # padded
+            if need > max_seq_len:
+                raise ConfigError(
+                    f"prompt_dataset: prompt {i} ({self.prompts.source} row {self.prompts.row_numbers[i]}) with "
+                    f"online.max_new_tokens needs {need} tokens, more than the model's max_seq_len {max_seq_len}; "
+                    "set prompt_dataset.max_prompt_length or lower max_new_tokens"
+                )
+
+    def round(self, r: int, step: int) -> tuple[PreferenceDataset, Reference]:
+        """Round ``r``'s pairs and their reference: read from the round's files when it is complete (a resume),
+        else sampled (or read from ``samples.jsonl`` if sampling finished before a kill), scored, paired, written;
+        its figures logged at optimizer step ``step``."""
+        o, where = self.online, f"round {r}"
+        directory = rounds.round_dir(self.settings.output_dir, r)
+        if (directory / "round.json").exists():
+            samples = rounds.read_jsonl(directory / "samples.jsonl")
+            rewards = [row["rewards"] for row in rounds.read_jsonl(directory / "scores.jsonl")]
+            pairs = rounds.build_pairs(rewards, [row["responses"] for row in samples], o.pair_rule, o.min_margin)
+            cache = load_file(directory / "reference_logps.safetensors") if self._needs_table(pairs) else None
+            log.info(f"{where}: read {len(pairs)} pairs from {directory}")
+            return rounds.pairs_dataset(samples, pairs, where), self._round_reference(cache)
+
+        started = time.perf_counter()
+        samples = self._samples(r, directory)
+        sampled_at = time.perf_counter()
+        flat = [(row["messages"], row["prompt_ids"], resp) for row in samples for resp in row["responses"]]
+        scores = score(self.reward, [m for m, _, _ in flat], [resp["text"] for _, _, resp in flat], where)
+        # the KL estimate needs samples of the policy itself: temperature 1, no top-p / top-k, not a samples_file
+        own_samples = o.temperature == 1.0 and o.top_p == 1.0 and o.top_k is None and not (r == 0 and o.samples_file)
+        policy_logps, start_logps = (self._kl_terms([p for _, p, _ in flat], [resp["ids"] for _, _, resp in flat])
+                                     if own_samples else ([None] * len(flat), [None] * len(flat)))  # fmt: skip
+        rows, at = [], 0
+        for row in samples:
+            k = len(row["responses"])
+            rows.append({"prompt_index": row["prompt_index"], "rewards": scores[at : at + k],
+                         "policy_logps": policy_logps[at : at + k], "start_logps": start_logps[at : at + k]})
+            at += k
+        rounds.write_jsonl(directory / "scores.jsonl", rows)
+        rewards = [row["rewards"] for row in rows]
+        pairs = rounds.build_pairs(rewards, [row["responses"] for row in samples], o.pair_rule, o.min_margin)
+        rounds.write_jsonl(directory / "pairs.jsonl", rounds.preference_rows(samples, rewards, pairs))
+        dataset = rounds.pairs_dataset(samples, pairs, where)
+        self._check_pairs_fit(dataset, where)
+        cache = None
+        if self._needs_table(pairs):  # the reference's log-probs of the round's pairs, once
+            s = self.settings
+            live = self.start if o.reference == "start" else Reference("frozen_copy", s.device, model=self.policy,
+                                                                       chunk_size=s.logprob_chunk_size,
+                                                                       flex_attention=s.flex_attention)  # fmt: skip
+            cache = load_or_compute(directory / "reference_logps.safetensors",
+                                    lambda: compute_reference_logprobs(live, dataset, self.collate,
+                                                                       s.reference.batch_size))  # fmt: skip
+        figures = rounds.round_figures(rewards, pairs, [row["responses"] for row in samples],
+                                       [row["policy_logps"] for row in rows] if own_samples else None,
+                                       [row["start_logps"] for row in rows] if own_samples else None)  # fmt: skip
+        figures.update({"online/round": float(r), "online/sampling_seconds": sampled_at - started,
+                        "online/scoring_seconds": time.perf_counter() - sampled_at})  # fmt: skip
+        summary = {"round": r, "sampling_seed": rounds.sampling_seed(self.seed, r), "prompts": len(samples),
+                   "samples_file": o.samples_file if r == 0 else None, "reward": repr(self.reward),
+                   "reference": o.reference, "figures": figures}  # fmt: skip
+        rounds.write_atomic(directory / "round.json", json.dumps(summary, indent=1) + "\n")
+        self.metric_logger.log_dict(figures, step=step)
+        kl = f", KL to start {figures['online/kl_to_start']:.3f}" if own_samples else ""
+        log.info(f"{where}: {len(samples)} prompts, reward mean {figures['online/reward_mean']:.3f} "
+                 f"(min {figures['online/reward_min']:.3f}, max {figures['online/reward_max']:.3f}), {len(pairs)} "
+                 f"pairs{kl}")  # fmt: skip
+        return dataset, self._round_reference(cache)
+
+    def _samples(self, r: int, directory: Path) -> list[dict[str, Any]]:
+        """Round ``r``'s prompts with their responses: sampled from the policy (round 0: or ``samples_file``),
+        written to ``samples.jsonl`` at once; read back from it when a kill came after sampling."""
+        o = self.online
+        if (directory / "samples.jsonl").exists():
+            return rounds.read_jsonl(directory / "samples.jsonl")
+        if r == 0 and o.samples_file:
+            samples = rounds.fixed_samples(o.samples_file, self.tokenizer, self.policy.max_seq_len)
+        else:
+            indices = rounds.round_prompt_indices(len(self.prompts), o.prompts_per_round, self.seed, r)
+            samples = rounds.round_samples_of(self.prompts, indices)
+            responses = rounds.sample_round(self.policy, [row["prompt_ids"] for row in samples], self.tokenizer, o,
+                                            rounds.sampling_seed(self.seed, r))  # fmt: skip
+            for row, sampled in zip(samples, responses):
+                row["responses"] = sampled
+        rounds.write_jsonl(directory / "samples.jsonl", samples)
+        return samples
+
+    def steps(self, pairs: PreferenceDataset, r: int) -> list[list[int]]:
+        """The optimizer steps of round ``r``, each a list of ``batch_size x gradient_accumulation_steps`` pair
+        indices: passes over the pairs, each in its own seeded order (pass p of round r is epoch p * rounds + r of
+        ``batch_order``), cut into whole batches. None when the round has fewer pairs than ``batch_size``."""
+        s = self.settings
+        accumulation, need = s.gradient_accumulation_steps, self.online.steps_per_round * s.gradient_accumulation_steps
+        if len(pairs) < s.batch_size:
+            return []
+        batches: list[list[int]] = []
+        for p in range(math.ceil(need / (len(pairs) // s.batch_size))):
+            order = batch_order(pairs, self.seed, p * self.online.rounds + r, s.batch_size, s.shuffle,
+                                s.group_by_length, s.prefix_sharing)  # fmt: skip
+            batches += [order[i : i + s.batch_size] for i in range(0, len(order) - s.batch_size + 1, s.batch_size)]
+        batches = batches[:need]
+        return [sum(batches[i : i + accumulation], []) for i in range(0, need, accumulation)]
+
+    def _check_pairs_fit(self, pairs: PreferenceDataset, where: str) -> None:
+        """Every pair of the round fits the model in the batch layout (padding, prefix sharing, packing) and, with
+        ``max_micro_batch_tokens``, the budget: named otherwise."""
+        s = self.settings
+        collate = make_collator(self.tokenizer.pad_id, self.policy.max_seq_len, s.pad_to_multiple_of,
+                                s.prefix_sharing, datasets={f"{where} pairs": pairs}, packing=s.packing,
+                                packing_row_tokens=s.packing_row_tokens)  # fmt: skip
+        if s.max_micro_batch_tokens is not None:
+            check_pairs_fit_budget(s.max_micro_batch_tokens, collate, **{f"{where} pairs": pairs})
+
+    def _needs_table(self, pairs: list) -> bool:
+        return self.loss.needs_reference and len(pairs) >= self.settings.batch_size
+
+    def _round_reference(self, cache: dict[str, torch.Tensor] | None) -> Reference:
+        if cache is None:
+            return Reference("none", self.settings.device)
+        return Reference("precomputed", self.settings.device, cache={"train": cache})
+
+    @torch.no_grad()
+    def _kl_terms(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[float]]:
+        """log pi(y|x) and log start(y|x) of each sample (their difference averages to the KL to the start)."""
+        was_training, step = self.policy.training, self.online.generation_batch_size
+        self.policy.eval()
+        policy, start = [], []
+        for i in range(0, len(prompts), step):
+            batch = (prompts[i : i + step], responses[i : i + step])
+            policy += response_logprobs(self.policy, *batch).tolist()
+            with disable_adapter(self.policy):
+                start += response_logprobs(self.policy, *batch).tolist()
+        self.policy.train(was_training)
+        return policy, start
