@@ -32,8 +32,10 @@ from torchtune.models.llama3_2 import lora_llama3_2
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from dpo_components.data.packing import collate_packed
-from dpo_components.data.prefix_sharing import PADDING, attention_mask, collate_prefix_shared
+from dpo_components.data.prefix_sharing import collate_prefix_shared
+from dpo_components.data.segments import PADDING
 from dpo_components.logprobs import concatenated_logprobs
+from dpo_components.models.attention_masks import attention_mask
 from dpo_components.models.document_attention import document_attention
 
 LAYOUTS = {

@@ -5,10 +5,11 @@ working directory to ``sys.path``. Its own wheel installs a top-level ``recipes`
 whose ``__init__`` raises ``ModuleNotFoundError``, and site-packages comes first, so any project folder named
 ``recipes`` is shadowed.
 
-This module is imported at interpreter start-up by ``dpo_recipes_tune_hook.pth``, which ``pip install`` puts in
-site-packages next to the package. It adds a meta-path finder that answers only for the top-level name
-``recipes``, and only when ``./recipes/__init__.py`` in the working directory carries the marker
-``dpo-recipes``; everything else (torchtune's built-in recipes run by name, other projects) is untouched.
+This module is imported at interpreter start-up by ``dpo_recipes_tune_hook.pth`` (beside this file in the source
+tree), which ``pip install`` puts in site-packages next to the package. It adds a meta-path finder that answers
+only for the top-level name ``recipes``, and only when ``./recipes/__init__.py`` in the working directory carries
+the marker ``dpo-recipes``; everything else (torchtune's built-in recipes run by name, other projects) is
+untouched.
 It imports nothing heavy: it runs in every Python process of the environment.
 
 It also drops one log line of torchao 0.15, "Skipping import of cpp extensions due to incompatible torch

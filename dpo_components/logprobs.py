@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpo_components.data.dataset import IGNORE_INDEX
-from dpo_components.data.prefix_sharing import attention_mask
 from dpo_components.losses import SequenceLogProbs
+from dpo_components.models.attention_masks import attention_mask
 from dpo_components.models.document_attention import supports_document_attention
 
 

@@ -26,7 +26,8 @@ PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, t
 - ``eval_samples: N``: each rank samples a share of the held-out prompts with the sharded models at every eval.
 - An error on one rank is printed and ends that rank at once (no barrier after a failure); torchrun stops the rest
   (``dpo_components.distributed.process_group``).
-- An error on one rank is printed and ends that rank at once (no barrier after a failure); torchrun stops the rest.
+
+The code is ``recipes/ipo_single_device.py`` plus sharding (``diff`` the two files).
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from torchtune import config, modules, training, utils
-from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from torchtune import config, training, utils
+from torchtune.modules.peft import get_adapter_params
 
 from dpo_components.checkpointing import (
     check_same_run,
@@ -58,7 +58,7 @@ from dpo_components.checkpointing import (
 from dpo_components.data.order import batch_order
 from dpo_components.data.recipe_data import load_recipe_data
 from dpo_components.logprobs import concatenated_logprobs
-from dpo_components.models.builders import full_or_lora_model, load_resumed_weights
+from dpo_components.models.builders import full_or_lora_model, trainable_policy
 from dpo_components.models.quantization import plain_state_dict
 from dpo_components.precision import MasterWeights
 from dpo_components.reference import build_reference
@@ -72,13 +72,7 @@ from dpo_components.run import (
     start_metric_logger,
 )
 from dpo_components.samples import eval_sampling
-from dpo_components.settings import (
-    ConfigError,
-    RecipeSettings,
-    instantiate_loss,
-    optional_component,
-    prepare_and_check_inputs,
-)
+from dpo_components.settings import RecipeSettings, instantiate_loss, prepare_and_check_inputs
 
 log = utils.get_logger("INFO")
 
@@ -118,20 +112,9 @@ class IPORecipeSingleDevice:
             collate_fn=self._data.collate, fingerprint=self._fingerprint,
         )  # fmt: skip
         del base_state
-        if self._is_lora:
-            self._lora = lora_settings(cfg.model)
-            set_trainable_params(self._model, get_adapter_params(self._model))
-        if resume_dir is not None:
-            load_resumed_weights(self._model, cfg.checkpointer, self._checkpointer, resume_dir)
-        transform = optional_component(cfg, "model_transform")  # e.g. int8 / float8 training, full-parameter only
-        if transform is not None:
-            if self._is_lora:
-                raise ConfigError("model_transform (int8/float8 training) applies to full-parameter training only")
-            self._model = config.instantiate(transform, self._model)
-        if s.activation_checkpointing:
-            training.set_activation_checkpointing(self._model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        if s.compile:
-            training.compile_model(self._model)
+        # LoRA: only the adapters train; a resumed checkpoint's weights; model_transform (int8 / float8 training)
+        self._model = trainable_policy(self._model, cfg, s, self._checkpointer, resume_dir)
+        self._lora = lora_settings(cfg.model) if self._is_lora else None
 
         self._steps_per_epoch = s.steps_per_epoch(len(self._data.train))
         self._total_steps = self._steps_per_epoch * s.epochs

@@ -28,6 +28,8 @@ the root); only the adapters train. NCCL on CUDA, gloo on CPU, launched by torch
   memory. Each ``step_<N>`` is written under a temporary name, manifest last, and renamed.
 - An error on one rank is printed and ends that rank at once (no barrier after a failure); torchrun stops the rest
   (``dpo_components.distributed.process_group``).
+
+The code is ``recipes/lora_dpo_single_device.py`` plus sharding (``diff`` the two files).
 """
 
 from __future__ import annotations

@@ -102,3 +102,21 @@ def recipe_config(path: str, args: list[str]):
 
     yaml = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / path))
     return _merge_yaml_and_cli_args(Namespace(**yaml), [str(arg) for arg in args])
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-rank gloo group, so the FSDP2 recipes' constructors run in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/recipes/ runs a recipe: marked ``recipe`` (``pytest -m "not recipe"`` leaves them
+    out); component tests that train through a recipe carry the mark themselves."""
+    for item in items:
+        if item.path.parent.name == "recipes":
+            item.add_marker(pytest.mark.recipe)

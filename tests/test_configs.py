@@ -156,7 +156,7 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
         if key != "prompt_dataset":
             cfg[key].format = "explicit"
     if online:  # one round: 2 samples to each of one step's prompts, scored by a stand-in reward (no download)
-        cfg.reward_fn = {"_component_": "dpo_components.online.rewards.text_reward", "function": "test_configs.checksum"}
+        cfg.reward_fn = {"_component_": "dpo_components.online.text_reward", "function": "test_configs.checksum"}
         cfg.online.update(rounds=1, prompts_per_round=step, samples_per_prompt=2, steps_per_round=1,
                           max_new_tokens=8, generation_batch_size=16)  # fmt: skip
     cfg.update(
@@ -172,7 +172,8 @@ def test_recipe_takes_a_step_with_tiny_stand_ins(path, tiny_setup, tiny_family, 
     recipe = (OnlineDPORecipeSingleDevice if online else recipe_class)(cfg)
     recipe.setup(cfg)
     recipe.train()
-    assert recipe.progress.global_step == 1 and (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
+    assert recipe.progress.global_step == 1
+    assert (tmp_path / "out" / "step_1" / "model-00001-of-00001.safetensors").exists()
     adapter = "adapter_model.torchtune.safetensors" if family == "phi4" else "adapter_model.safetensors"
     assert (tmp_path / "out" / "step_1" / "adapter" / adapter).exists() == lora
     if family is not None:  # the merged output loads in transformers with the logits of our model

@@ -22,10 +22,9 @@ from test_lora_dpo_recipe import run as run_offline
 
 from dpo_components import online
 from dpo_components.data import collate_preference_batch, preference_dataset
-from dpo_components.online import prompt_dataset
 from dpo_components.data.formats import PreferenceDataError
 from dpo_components.logprobs import concatenated_logprobs
-from dpo_components.online import OnlineSettings, build_pairs, round_prompt_indices
+from dpo_components.online import OnlineSettings, build_pairs, prompt_dataset, round_prompt_indices
 from dpo_components.online.rewards import HFRewardModel, RewardError, TextReward, score
 from dpo_components.samples import NucleusLogits
 from dpo_components.settings import ConfigError

@@ -12,9 +12,10 @@ from test_speedups import random_pairs
 from dpo_components.data import collate_preference_batch
 from dpo_components.data.collate import batch_positions
 from dpo_components.data.packing import check_documents_fit, collate_packed, pack_rows
-from dpo_components.data.prefix_sharing import CHOSEN, PADDING, PROMPT, REJECTED, attention_mask
+from dpo_components.data.segments import CHOSEN, PADDING, PROMPT, REJECTED
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.losses import DPOLoss, KTOLoss, SimPOLoss
+from dpo_components.models.attention_masks import attention_mask
 from dpo_components.models.document_attention import (
     Document,
     DocumentMask,
@@ -258,7 +259,7 @@ def test_the_flex_attention_mask_of_packed_rows_equals_the_dense_one():
     SDPA with the dense mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from dpo_components.data.prefix_sharing import _allowed
+    from dpo_components.models.attention_masks import _allowed
 
     batch = collate_packed(random_pairs(6), share_prompt=True, row_tokens=64)
     segments, documents = batch["segments"], batch["documents"]

@@ -2,7 +2,6 @@
 checkpoint writer hashes each file once."""
 
 import pytest
-import torch.distributed as dist
 from conftest import recipe_config, run_distributed_in_process
 from test_full_dpo_distributed import overrides
 
@@ -27,14 +26,6 @@ MISTAKES = [
     ({"save_every_n_steps": 0}, r"save_every_n_steps must be a whole number >= 1 or null"),
     ({"dtype": "fp16"}, "dtype fp16 is not supported"),
 ]
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A 1-rank gloo group, so the FSDP2 recipes' constructors run in this process."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -11,16 +11,10 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from dpo_components.data import collate_preference_batch
 from dpo_components.data.collate import batch_positions
 from dpo_components.data.order import epoch_order, length_grouped_order
-from dpo_components.data.prefix_sharing import (
-    CHOSEN,
-    PADDING,
-    PROMPT,
-    REJECTED,
-    attention_mask,
-    check_fits,
-    collate_prefix_shared,
-)
+from dpo_components.data.prefix_sharing import check_fits, collate_prefix_shared
+from dpo_components.data.segments import CHOSEN, PADDING, PROMPT, REJECTED
 from dpo_components.logprobs import concatenated_logprobs
+from dpo_components.models.attention_masks import attention_mask
 from dpo_components.tiny.model import TINY_LLAMA_ARGS, tiny_llama
 
 

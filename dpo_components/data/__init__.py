@@ -24,13 +24,3 @@ __all__ = [
     "UnpairedDataset", "unpaired_dataset",
 ]  # fmt: skip
 
-
-def __getattr__(name: str):  # noqa: ANN202 (PEP 562)
-    """``prompt_dataset`` and ``PromptDataset`` moved to ``dpo_components.online``; configs that name
-    ``dpo_components.data.prompt_dataset`` still load (imported on first use, so ``data`` does not import
-    ``online`` itself)."""
-    if name in ("prompt_dataset", "PromptDataset"):
-        from dpo_components.online import prompts
-
-        return getattr(prompts, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
 from dpo_components.data.packing import check_documents_fit, collate_packed, documents_of, pack_rows
-from dpo_components.data.prefix_sharing import PADDING, check_fits, collate_prefix_shared
+from dpo_components.data.prefix_sharing import check_fits, collate_prefix_shared
+from dpo_components.data.segments import PADDING
 
 
 def collate_preference_batch(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
-from dpo_components.data.prefix_sharing import CHOSEN, PADDING, PROMPT, REJECTED
+from dpo_components.data.segments import CHOSEN, PADDING, PROMPT, REJECTED
 
 # the documents of one pair, as the parts each holds in order: one with prefix sharing, else one per response
 DOCUMENTS = {True: [["prompt", "chosen", "rejected"]], False: [["prompt", "chosen"], ["prompt", "rejected"]]}

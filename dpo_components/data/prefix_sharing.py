@@ -25,10 +25,7 @@ it (CPU: torch 2.13's flex_attention has no CPU backward; or ``prefix_sharing_at
 (``dpo_components.models.document_attention``, which computes no masked score), or, for a model whose attention
 modules do not take that (Gemma 2), through SDPA with a dense [B, L, L] boolean mask.
 
-torchtune compiles flex_attention with ``dynamic=False``, made for packed rows of one fixed length: every new
-row length recompiles it, and past dynamo's recompile limit it runs uncompiled, materialising the scores. Our
-rows vary in length, so :func:`attention_mask` swaps in a ``dynamic=True`` compile of flex_attention the first
-time it builds a ``BlockMask`` (one compile for all lengths).
+The masks of these rows live beside the model code that reads them: ``dpo_components.models.attention_masks``.
 """
 
 from __future__ import annotations
@@ -37,14 +34,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._dynamo.exc import TorchDynamoException
-from torchtune.utils import get_logger
-from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
 from dpo_components.data.dataset import IGNORE_INDEX, PreferenceDataset, desirable_of
-
-PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
-log = get_logger("INFO")
+from dpo_components.data.segments import CHOSEN, PADDING, PROMPT, REJECTED
 
 
 def packed_lengths(dataset: PreferenceDataset) -> list[int]:
@@ -120,67 +112,3 @@ def collate_prefix_shared(
         "index": torch.tensor([sample["index"] for sample in batch]),
         **desirable_of(batch),
     }  # fmt: skip
-
-
-def _allowed(segments: Tensor, documents: Tensor | None, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    segment_q, segment_k = segments[b, q], segments[b, k]
-    allowed = (k <= q) & ((segment_k == segment_q) | ((segment_k == PROMPT) & (segment_q != PADDING)))
-    if documents is not None:  # packed rows (dpo_components.data.packing): only within one's own document
-        allowed = allowed & (documents[b, k] == documents[b, q])
-    return allowed
-
-
-# A torchtune patch (listed in dpo_components/models/__init__.py): whether torchtune's flex_attention compile has been
-# swapped for a dynamic one: False not yet, True swapped, None swapped and failed (torchtune's static compile is used
-# again)
-_FLEX = {"dynamic": False}
-
-
-def _compile_flex_dynamic() -> None:
-    """Replace torchtune's static flex_attention compile by a dynamic one (its wrapper looks the global up at
-    every call); should the dynamic compile fail on some torch/GPU, fall back to torchtune's."""
-    import torchtune.modules.attention_utils as attention_utils
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if _FLEX["dynamic"] is not False:  # already swapped in (True), or swapped and failed (None)
-        return
-    static, dynamic = attention_utils.flex_attention_compiled, torch.compile(flex_attention, dynamic=True)
-
-    def flex_attention_any_length(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
-        if _FLEX["dynamic"]:
-            try:
-                return dynamic(q, k, v, block_mask=block_mask)
-            except TorchDynamoException as error:  # a compiler failure: keep training, with torchtune's compile
-                log.warning(f"dynamic flex_attention compile failed, using torchtune's static one: {error}")
-                _FLEX["dynamic"] = None
-        return static(q, k, v, block_mask=block_mask)
-
-    attention_utils.flex_attention_compiled = flex_attention_any_length
-    _FLEX["dynamic"] = True
-
-
-def attention_mask(
-    segments: Tensor, flex_attention: bool = True, documents: Tensor | None = None, by_document: bool = False
-):
-    """The shared-row mask: a FlexAttention ``BlockMask`` on CUDA (where torchtune uses flex) unless
-    ``flex_attention`` is False; else, with ``by_document`` (a model whose attention takes it:
-    ``dpo_components.models.document_attention``), a ``DocumentMask`` for attention one document at a time;
-    else a dense [B, L, L] boolean for SDPA (True = may attend). With ``documents`` (packed rows), a token
-    attends only within its own document."""
-    n, length = segments.shape
-    if segments.is_cuda and _SUPPORTS_FLEX_ATTENTION and flex_attention:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        _compile_flex_dynamic()
-
-        def mask_mod(b, h, q, k):
-            return _allowed(segments, documents, b, q, k)
-
-        return create_block_mask(mask_mod, n, None, length, length, device=segments.device)
-    if by_document:
-        from dpo_components.models.document_attention import DocumentMask
-
-        return DocumentMask.from_segments(segments, documents)
-    idx = torch.arange(length, device=segments.device)
-    return _allowed(segments, documents, torch.arange(n, device=segments.device)[:, None, None],
-                    idx[None, :, None], idx[None, None, :])  # fmt: skip

@@ -8,7 +8,9 @@
     chat_formats.py  tokenizers whose chat format equals the released templates (Gemma 2, Mistral v0.3,
                      Qwen2.5 Instruct, Phi-4)
     dora.py          DoRA with the bias outside the magnitude scaling
+    attention_masks.py     the masks of prefix-shared and packed rows; FlexAttention at any row length (CUDA)
     document_attention.py  attention one document at a time for prefix-shared and packed rows (CPU, SDPA)
+    builders.py      the recipes' policy and reference models from the YAML ``model`` (LoRA, FSDP2, full)
     norms.py         RMSNorm that reaches PyTorch's fused kernel under bf16
     quantization.py  int8 / float8 training transforms, CPU-offloaded AdamW, plain state dicts for saving
 
@@ -31,8 +33,9 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
   family, Phi-4's list-returning ``decode`` and the end-of-turn stop tokens torchtune leaves out ->
   ``dpo_components.data.chat``.
 - ``torchtune.modules.attention_utils.flex_attention_compiled`` (compiled with ``dynamic=False``: a recompile per
-  row length) -> swapped for a ``dynamic=True`` compile the first time a prefix-sharing ``BlockMask`` is built
-  on CUDA, falling back to torchtune's on a compiler error (``dpo_components.data.prefix_sharing``).
+  row length) -> each attention module's ``_attention_call`` wrapped per instance to run a ``BlockMask`` through a
+  ``dynamic=True`` compile, back to torchtune's call on a compiler error; torchtune's module global is left as it
+  is (``attention_masks.flex_attention_any_length``, in ``apply_model_fixes``).
 - ``torchtune.modules.MultiHeadAttention._attention_call`` (SDPA with the dense mask of a prefix-shared or packed
   row computes every masked score) -> wrapped per instance to take a ``DocumentMask`` one document at a time
   (``document_attention.document_attention``, in ``apply_model_fixes``).
@@ -50,6 +53,7 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
 
 from torch import nn
 
+from dpo_components.models.attention_masks import flex_attention_any_length
 from dpo_components.models.document_attention import document_attention
 from dpo_components.models.dora import unscale_dora_bias
 from dpo_components.models.norms import fused_rms_norm
@@ -58,5 +62,6 @@ from dpo_components.models.norms import fused_rms_norm
 def apply_model_fixes(model: nn.Module) -> nn.Module:
     """The per-instance fixes of torchtune's modules, applied by every recipe to a model it has just built: DoRA's
     bias outside the magnitude scaling, RMSNorm on PyTorch's fused kernel under bf16, attention that takes the
-    documents of prefix-shared and packed rows one at a time. Returns ``model``."""
-    return document_attention(fused_rms_norm(unscale_dora_bias(model)))
+    documents of prefix-shared and packed rows one at a time, FlexAttention compiled once for every row length.
+    Returns ``model``."""
+    return document_attention(flex_attention_any_length(fused_rms_norm(unscale_dora_bias(model))))

@@ -3,6 +3,7 @@
     lora_model            LoRA / QLoRA / DoRA on one device: base loaded, adapters trainable (or resumed)
     sharded_lora_model    the same under FSDP2: built on the meta device, sharded, loaded
     full_or_lora_model    whatever the builder makes (all parameters, or a LoRA model), on one device
+    trainable_policy      ... then made the policy: adapters trainable, resumed, transformed, checkpointed, compiled
     sharded_model         a full-parameter model under FSDP2: the trainable policy or a frozen reference
     load_resumed_weights  a checkpoint's adapter (LoRA) or full weights into a one-device policy
 
@@ -28,7 +29,7 @@ from dpo_components.distributed import initial_adapter_state, shard_and_load
 from dpo_components.models import apply_model_fixes
 from dpo_components.models.quantization import nf4_estimate
 from dpo_components.precision import fsdp_mixed_precision, trainable_to
-from dpo_components.settings import ConfigError, RecipeSettings
+from dpo_components.settings import ConfigError, RecipeSettings, optional_component
 
 log = get_logger("INFO")
 
@@ -101,6 +102,29 @@ def full_or_lora_model(cfg_model: DictConfig, settings: RecipeSettings, state: d
     if unexpected or [k for k in missing if "lora_" not in k and "magnitude" not in k]:
         raise ConfigError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     initialize_dora_magnitudes(model)
+    return model
+
+
+def trainable_policy(
+    model: nn.Module, cfg: DictConfig, settings: RecipeSettings, checkpointer: Any, resume_dir: Path | None
+) -> nn.Module:
+    """A :func:`full_or_lora_model` made the policy, after the reference was taken from its starting weights: only
+    the adapters trainable for a LoRA model, a resumed checkpoint's weights loaded, ``model_transform`` applied
+    (int8 / float8 training, full-parameter only), activation checkpointing and compile as set."""
+    lora = bool(get_adapter_params(model))
+    if lora:
+        set_trainable_params(model, get_adapter_params(model))
+    if resume_dir is not None:
+        load_resumed_weights(model, cfg.checkpointer, checkpointer, resume_dir)
+    transform = optional_component(cfg, "model_transform")
+    if transform is not None:
+        if lora:
+            raise ConfigError("model_transform (int8/float8 training) applies to full-parameter training only")
+        model = config.instantiate(transform, model)
+    if settings.activation_checkpointing:
+        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    if settings.compile:
+        training.compile_model(model)
     return model
 
 

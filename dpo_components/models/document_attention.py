@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpo_components.data.prefix_sharing import PADDING, PROMPT
+from dpo_components.data.segments import PADDING, PROMPT
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ def _by_document(original: Callable) -> Callable:
             return attention_by_document(q, k, v, mask, dropout_p)
         return original(q, k, v, mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
+    attention_call.__dict__.update(original.__dict__)  # the markers of other per-instance wrappers
     attention_call.takes_document_masks = True
     return attention_call
 
