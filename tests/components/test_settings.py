@@ -1,22 +1,21 @@
-"""One settings parser for every recipe: the same mistake gets the same message in all four, and the FSDP2
-checkpoint writer hashes each file once."""
+"""One settings parser for every recipe: the same mistake gets the same message in all five."""
 
 import pytest
-from conftest import recipe_config, run_distributed_in_process
-from test_full_dpo_distributed import overrides
+from conftest import recipe_config
 
-from dpo_components.checkpointing import directory
 from dpo_components.settings import ConfigError, RecipeSettings
 from recipes.full_dpo_distributed import FullDPORecipeDistributed
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
+from recipes.online_dpo_single_device import OnlineDPORecipeSingleDevice
 
 RECIPES = {
     "lora_dpo_single_device": LoRADPORecipeSingleDevice,
     "ipo_single_device": IPORecipeSingleDevice,
     "full_dpo_distributed": FullDPORecipeDistributed,
     "lora_dpo_distributed": LoRADPORecipeDistributed,
+    "online_dpo_single_device": OnlineDPORecipeSingleDevice,
 }
 MISTAKES = [
     ({"reference.mode": "live"}, r"reference.mode must be one of \('model', 'precomputed'\), got 'live'"),
@@ -53,19 +52,3 @@ def test_shared_keys_have_one_default():
     assert (settings.logprob_chunk_size, settings.shuffle, settings.pad_to_multiple_of) == (256, True, 1)
     assert settings.reference.mode == "model" and settings.reference.batch_size == cfg.batch_size
     assert settings.reference.cache_dir == settings.output_dir / "reference_cache"
-
-
-def test_sharded_checkpoint_hashes_each_file_once(tiny_setup, tmp_path, monkeypatch):
-    """A consolidated FSDP2 save writes the HF weights straight into step_<N> and its one manifest reads each file
-    once (before, a manifest of the HF part was written, moved and overwritten: the weights were hashed twice)."""
-    hashed = []
-    real = directory.file_digest
-    monkeypatch.setattr(directory, "file_digest", lambda path: hashed.append(path.name) or real(path))
-    out = tmp_path / "out"
-    cfg = recipe_config("recipe_configs/tiny/full_dpo_distributed.yaml",
-                        overrides(tiny_setup, out, max_steps_per_epoch=1, eval_dataset="null"))  # fmt: skip
-    run_distributed_in_process(FullDPORecipeDistributed, cfg, tmp_path / "scratch")
-    written = sorted(p.name for p in (out / "step_1").rglob("*") if p.is_file() and p.name != "manifest.json")
-    assert "model-00001-of-00001.safetensors" in written and "recipe_state.pt" in written
-    saved = [name for name in hashed if name != "model.safetensors"]  # the base checkpoint is hashed at setup
-    assert sorted(saved) == written  # every file of the checkpoint, each once

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import recipe_config, run_distributed_in_process
+from helpers import logged
+from helpers import run_lora_recipe as run
 from safetensors.torch import load_file
-from test_lora_dpo_recipe import logged, run
 from test_speedups import random_pairs
 
 from dpo_components.data.collate import PreferenceCollator, batch_positions
@@ -138,6 +139,7 @@ SGD = {"optimizer._component_": "torch.optim.SGD", "optimizer.lr": 0.5, "optimiz
        "~optimizer.weight_decay": None}  # fmt: skip
 
 
+@pytest.mark.recipe
 def test_the_recipe_takes_the_same_steps_by_tokens_and_resumes_exactly(recipe_cfg, tmp_path, monkeypatch):
     """Steps of 8 pairs: one micro-batch, and by a budget of about 3 pairs (micro-batches of uneven size), in the
     standard layout and packed with prefix sharing; then a budgeted run killed after step 2 resumes bit for bit."""
@@ -175,14 +177,15 @@ def test_the_recipe_takes_the_same_steps_by_tokens_and_resumes_exactly(recipe_cf
         assert torch.equal(again[key], value), key
 
 
+@pytest.mark.recipe
 def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp_path, monkeypatch):
     """FSDP2 in-process with 1 rank (2 ranks: test_lora_dpo_distributed.py) and the IPO recipe: by tokens == fixed."""
     sizes = []
     plan = RecipeData.micro_batches
     monkeypatch.setattr(RecipeData, "micro_batches", lambda self, samples: sizes.append(
         (self.max_micro_batch_tokens, [len(m) for m in plan(self, samples)])) or plan(self, samples))  # fmt: skip
-    from test_ipo_recipe import CONFIG as IPO_CONFIG
-    from test_ipo_recipe import run as run_ipo
+    from helpers import IPO_CONFIG
+    from helpers import run_ipo_recipe as run_ipo
 
     from recipes.full_dpo_distributed import FullDPORecipeDistributed
 
@@ -219,8 +222,9 @@ def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp
         assert moved > 1e-3  # the steps changed the weights
 
 
+@pytest.mark.recipe
 def test_batch_coupled_losses_and_the_online_recipe_refuse_a_budget(recipe_cfg):
-    from test_kto import KTO_CONFIG
+    from helpers import KTO_CONFIG
 
     from recipes.online_dpo_single_device import OnlineDPORecipeSingleDevice
 

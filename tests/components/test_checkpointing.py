@@ -79,6 +79,7 @@ def test_the_manifest_names_the_first_damaged_file_and_resume_skips_it(tmp_path)
     assert latest_checkpoint(tmp_path) is None
 
 
+@pytest.mark.recipe
 def test_sharded_checkpoint_hashes_each_file_once(tiny_setup, tmp_path, monkeypatch):
     """A consolidated FSDP2 save writes the HF weights straight into step_<N> and its one manifest reads each file
     once (before, a manifest of the HF part was written, moved and overwritten: the weights were hashed twice)."""

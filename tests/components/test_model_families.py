@@ -5,9 +5,9 @@ adapter layout hides under any tolerance: that is how Qwen's PEFT adapters shipp
 
 import pytest
 import torch
+from helpers import assert_peft_logits_equal
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_configs import assert_peft_logits_equal
 from torchtune import training
 from torchtune.generation import generate
 from torchtune.modules import local_kv_cache

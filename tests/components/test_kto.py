@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
-from test_lora_dpo_recipe import logged
+from helpers import KTO_CONFIG, logged
 
 from dpo_components.data import PreferenceDataError, preference_dataset, unpaired_dataset
 from dpo_components.data.collate import collate_preference_batch
@@ -22,8 +22,6 @@ from dpo_components.losses import APOZeroUnpairedLoss, DPOLoss, KTOLoss, Sequenc
 from dpo_components.metrics import PreferenceMetrics
 from dpo_components.settings import ConfigError
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
-
-KTO_CONFIG = "recipe_configs/tiny/lora_kto_single_device.yaml"
 
 # ------------------------------------------------------------------------------------- TRL's KTO as the oracle
 
@@ -315,6 +313,7 @@ def train(cfg):
     return recipe
 
 
+@pytest.mark.recipe
 def test_kto_trains_through_the_lora_recipe_and_resumes_exactly(recipe_cfg, tmp_path, caplog):
     from safetensors.torch import load_file
 
@@ -362,6 +361,7 @@ def _train_until(recipe, step):
         recipe.train()
 
 
+@pytest.mark.recipe
 def test_precomputed_reference_covers_the_kl_completions(recipe_cfg, tmp_path):
     live = kto_cfg(recipe_cfg, max_steps_per_epoch=3, output_dir=str(tmp_path / "live"))
     cached = kto_cfg(recipe_cfg, max_steps_per_epoch=3, output_dir=str(tmp_path / "cached"),
@@ -374,6 +374,7 @@ def test_precomputed_reference_covers_the_kl_completions(recipe_cfg, tmp_path):
             assert b[step][name] == pytest.approx(a[step][name], rel=1e-4, abs=1e-6), (step, name)
 
 
+@pytest.mark.recipe
 def test_the_wrong_data_kind_is_refused_at_setup(recipe_cfg):
     cfg = kto_cfg(recipe_cfg, **{"dataset._component_": "dpo_components.data.preference_dataset"})
     with pytest.raises(ConfigError, match="dataset: KTOLoss trains on unpaired rows .*unpaired_dataset"):
@@ -384,6 +385,7 @@ def test_the_wrong_data_kind_is_refused_at_setup(recipe_cfg):
         LoRADPORecipeSingleDevice(cfg).setup(cfg)
 
 
+@pytest.mark.recipe
 def test_kto_trains_in_both_fsdp2_recipes(tiny_setup, tmp_path, caplog):
     from recipes.full_dpo_distributed import FullDPORecipeDistributed
     from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
@@ -413,6 +415,7 @@ def test_kto_trains_in_both_fsdp2_recipes(tiny_setup, tmp_path, caplog):
     assert "16 desirable and 64 undesirable rows" in caplog.text and "desirable_weight in [4.0, 5.32]" in caplog.text
 
 
+@pytest.mark.recipe
 def test_the_tiny_kto_config_runs_through_tune_run(tiny_setup, tmp_path):
     import subprocess
 
@@ -439,6 +442,7 @@ def test_zero_gradient_watch_warns_once_after_its_patience():
     assert watch.update(0.0, 7) is None  # once
 
 
+@pytest.mark.recipe
 def test_a_saturated_loss_is_named_by_the_recipe(recipe_cfg, caplog):
     """SimPO with a target margin of -1000: the sigmoid is flat from step 1, every gradient exactly 0."""
     caplog.set_level(logging.WARNING)

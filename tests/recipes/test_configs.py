@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 from conftest import REPO_ROOT
+from helpers import assert_peft_logits_equal
 from omegaconf import OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
@@ -199,29 +200,6 @@ def assert_transformers_logits_equal(checkpoint_dir, family):
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
-
-
-def assert_peft_logits_equal(checkpoint_dir, base_dir):
-    """The checkpoint's PEFT adapter on the base model in ``peft`` gives the merged model's logits. Returns the PEFT
-    model, the token ids and the merged model's logits for further checks."""
-    import torch
-    import transformers
-    from peft import PeftModel
-    from peft.tuners.lora import torchao as peft_torchao
-
-    def load(path):
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                 attn_implementation="eager").eval()  # fmt: skip
-
-    # PEFT refuses to run beside torchao < 0.16 (torchtune 0.6.1 needs <= 0.15); no torchao layer is involved here
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(peft_torchao, "is_torchao_available", lambda: False)
-        with_adapter = PeftModel.from_pretrained(load(base_dir), checkpoint_dir / "adapter").eval()
-        ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            expected = load(checkpoint_dir)(ids).logits
-            torch.testing.assert_close(with_adapter(ids).logits, expected, rtol=1e-4, atol=1e-4)
-    return with_adapter, ids, expected
 
 
 SWEEPS = sorted((REPO_ROOT / "recipe_configs" / "experiments").glob("*.yaml"))

@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 from conftest import run_distributed_in_process
+from helpers import logged
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_lora_dpo_recipe import logged
 
 from dpo_components.data import preference_dataset
 from dpo_components.data.collate import preference_collator
@@ -83,6 +83,7 @@ def fp32_eval_loss(weights, tiny_setup):
     return [IPOLoss(beta=0.5)(policy, out[0]).losses.mean().item() for policy in out]
 
 
+@pytest.mark.recipe
 def test_full_parameter_bf16_follows_the_fp32_run_only_with_master_weights(recipe_cfg, random_start, tiny_setup,
                                                                            tmp_path, caplog):  # fmt: skip
     runs, shares = {}, {}
@@ -116,6 +117,7 @@ def test_full_parameter_bf16_follows_the_fp32_run_only_with_master_weights(recip
     assert abs((start_loss - in_place_loss) / (start_loss - fp32_loss)) < 0.2
 
 
+@pytest.mark.recipe
 def test_lora_bf16_resumes_exactly_with_its_master_weights(recipe_cfg, random_start, tmp_path):
     settings = {"dtype": "bf16", "save_every_n_steps": 2, "gradient_accumulation_steps": 2, "batch_size": 8,
                 "optimizer.lr": 5e-6}  # fmt: skip
@@ -145,6 +147,7 @@ def test_lora_bf16_resumes_exactly_with_its_master_weights(recipe_cfg, random_st
         LoRADPORecipeSingleDevice(in_place).setup(in_place)
 
 
+@pytest.mark.recipe
 def test_fsdp2_keeps_fp32_shards_under_bf16_compute(recipe_cfg, random_start, tmp_path):
     """Full: fp32 sharded parameters follow the fp32 run, the consolidated HF weights are bf16, eval samples run
     (KV caches in the compute dtype); LoRA: fp32 adapter shards, a bf16 PEFT file."""
@@ -170,6 +173,7 @@ def test_fsdp2_keeps_fp32_shards_under_bf16_compute(recipe_cfg, random_start, tm
     assert max(row["unchanged_weight_share"] for row in logged(cfg).values()) < 0.05
 
 
+@pytest.mark.recipe
 def test_master_dtype_is_checked(recipe_cfg):
     cfg = recipe_cfg(master_dtype="bf16")  # dtype fp32: bf16 master weights would be a downcast
     with pytest.raises(ConfigError, match="master_dtype must be fp32 .* or the dtype"):
@@ -189,6 +193,7 @@ def test_master_weights_accumulate_gradients_in_fp32():
     torch.testing.assert_close(master.params[0].grad, torch.full((4,), 64.5))
 
 
+@pytest.mark.recipe
 def test_fsdp2_bf16_resume_is_exact_with_its_fp32_shards(recipe_cfg, random_start, tmp_path):
     settings = {"dtype": "bf16", "save_every_n_steps": 2}
     cfg = config(recipe_cfg, "full_dpo_distributed", random_start, tmp_path / "full", **settings)

@@ -9,36 +9,16 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
+from helpers import logged
+from helpers import run_lora_recipe as run
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.checkpointing import load_peft_adapter
-from dpo_components.losses import DPOLoss
 from dpo_components.settings import ConfigError
 from dpo_components.tiny.model import TINY_LLAMA_ARGS, lora_tiny_llama, tiny_llama
 from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
-
-
-def run(cfg, train=True):
-    recipe = LoRADPORecipeSingleDevice(cfg)
-    recipe.setup(cfg)
-    if train:
-        recipe.train()
-        recipe.cleanup()
-    return recipe
-
-
-def logged(cfg):
-    """The metric logger's lines as (step, {name: value}) pairs, merged per step."""
-    rows = {}
-    for path in (REPO_ROOT / cfg.output_dir / "logs").glob("*.txt"):
-        for line in path.read_text().splitlines():
-            step, _, rest = line.partition(" | ")
-            for item in rest.split():
-                name, _, value = item.partition(":")
-                rows.setdefault(int(step.split()[-1]), {})[name] = float(value)
-    return rows
 
 
 def tokens(seed=0):
@@ -223,26 +203,6 @@ def test_reference_free_loss_skips_the_reference_forward(recipe_cfg):
     recipe._model.register_forward_hook(lambda *_: calls.append(1))
     recipe.train()
     assert len(calls) == 2  # one policy forward per step, no reference forward
-
-
-class NaNAtSecondCall(DPOLoss):
-    calls = 0
-
-    def forward(self, policy, reference=None):
-        out = super().forward(policy, reference)
-        NaNAtSecondCall.calls += 1
-        if NaNAtSecondCall.calls == 2:
-            out.losses = out.losses * float("nan")
-        return out
-
-
-def test_nan_loss_stops_with_last_good_checkpoint(recipe_cfg):
-    cfg = recipe_cfg(**{"max_steps_per_epoch": 4, "save_every_n_steps": 1, "eval_dataset": None})
-    cfg.loss = OmegaConf.create({"_component_": "test_lora_dpo_recipe.NaNAtSecondCall", "beta": 0.1})
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2.*Last good checkpoint: .*step_1"):
-        run(cfg)
-    out = REPO_ROOT / cfg.output_dir
-    assert (out / "step_1" / "recipe_state.pt").exists() and not (out / "step_2").exists()
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from test_lora_dpo_recipe import logged, run
+from helpers import logged
+from helpers import run_lora_recipe as run
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
 from dpo_components.data import PreferenceDataError, preference_dataset

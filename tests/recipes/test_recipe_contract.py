@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dpo_components.losses import DPOLoss
 from dpo_components.settings import ConfigError
+from recipes import online_dpo_single_device as online_recipe
 from recipes.full_dpo_distributed import FullDPORecipeDistributed
 from recipes.ipo_single_device import IPORecipeSingleDevice
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
@@ -83,18 +84,23 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(name, tiny_setup, tmp_p
     assert (out / "step_36").exists()
 
 
-def test_online_steps_by_tokens_equal_its_fixed_micro_batches(tiny_setup, tmp_path):
-    """Each online step of 8 pairs as two micro-batches of 4, or by max_micro_batch_tokens (uneven micro-batches,
-    each weighted by its share of the step's pairs): the same adapters and logged losses. SGD compares the
-    gradients themselves (Adam's first step would turn fp32 rounding into lr-sized differences)."""
+def test_online_steps_by_tokens_equal_its_fixed_micro_batches(tiny_setup, tmp_path, monkeypatch):
+    """Each online step of 8 pairs as two micro-batches of 4, or by max_micro_batch_tokens (here 3 + 3 + 2 pairs,
+    each micro-batch weighted by its share of the step's pairs): the same adapters and logged losses. SGD compares
+    the gradients themselves (Adam's first step would turn fp32 rounding into lr-sized differences)."""
+    planned = []
+    plan = online_recipe.plan_micro_batches
+    monkeypatch.setattr(online_recipe, "plan_micro_batches", lambda *args: planned.append(plan(*args)) or planned[-1])
     runs = {}
-    for mode, budget in (("fixed", "null"), ("tokens", "150")):
+    for mode, budget in (("fixed", "null"), ("tokens", "200")):
         out = tmp_path / mode
         cfg = tiny_config("online_dpo_single_device", tiny_setup, out, "gradient_accumulation_steps=2",
                           f"max_micro_batch_tokens={budget}", "optimizer._component_=torch.optim.SGD",
                           "optimizer.lr=0.5", "lr_scheduler.num_warmup_steps=0")  # fmt: skip
         run("online_dpo_single_device", cfg, tmp_path / "pg")
         runs[mode] = (load_file(out / "step_2" / "adapter" / "adapter_model.safetensors"), logged(cfg))
+    sizes = [sorted(map(len, micro_batches)) for micro_batches in planned]
+    assert sizes[:2] == [[4, 4], [4, 4]] and all(len(set(s)) > 1 for s in sizes[2:]), sizes  # the split is uneven
     (fixed, fixed_log), (tokens, tokens_log) = runs["fixed"], runs["tokens"]
     assert fixed.keys() == tokens.keys()
     start = next(iter(fixed))

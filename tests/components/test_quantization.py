@@ -25,6 +25,7 @@ def variant(spec):
     return {**defaults, **spec, "overrides": {**defaults["overrides"], **spec.get("overrides", {})}}
 
 
+@pytest.mark.recipe
 @pytest.mark.parametrize("spec", SWEEP["variants"], ids=lambda s: s["name"])
 def test_every_sweep_variant_builds_and_takes_a_step(spec, recipe_cfg):
     v = variant(spec)
@@ -47,6 +48,7 @@ def test_every_sweep_variant_builds_and_takes_a_step(spec, recipe_cfg):
         tiny.load_state_dict(hf_to_tune(saved, num_heads=4, num_kv_heads=2, dim=256), strict=True)
 
 
+@pytest.mark.recipe
 def test_model_transform_is_refused_for_lora(recipe_cfg):
     cfg = recipe_cfg(
         "recipe_configs/tiny/ipo_single_device.yaml",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT
-from test_lora_dpo_recipe import logged
+from helpers import logged
 
 from dpo_components.samples import SampleSettings, generate_padded, sample_and_score
 from dpo_components.tiny import synthetic
@@ -38,6 +38,7 @@ def fresh_clone(tmp_path: Path) -> Path:
     return clone
 
 
+@pytest.mark.recipe
 def test_tiny_config_runs_alone_from_a_fresh_clone_and_plots(tmp_path):
     clone = fresh_clone(tmp_path)
     assert not (clone / "outputs").exists()
@@ -114,6 +115,7 @@ def check_samples_file(cfg, with_reference=True):
     return rows
 
 
+@pytest.mark.recipe
 def test_lora_recipe_logs_samples_reward_and_kl(recipe_cfg):
     cfg = recipe_cfg(max_steps_per_epoch=4, eval_every_n_steps=2, **SAMPLES)
     recipe = LoRADPORecipeSingleDevice(cfg)
@@ -130,6 +132,7 @@ def test_lora_recipe_logs_samples_reward_and_kl(recipe_cfg):
     assert {r["step"] for r in rows} == {0, 2, 4} and len(rows) == 3 * 6
 
 
+@pytest.mark.recipe
 @pytest.mark.parametrize("mode", ["model", "precomputed"])
 def test_ipo_recipe_logs_samples(recipe_cfg, mode):
     cfg = recipe_cfg("recipe_configs/tiny/ipo_single_device.yaml", max_steps_per_epoch=2,
@@ -170,6 +173,7 @@ def disk_metrics(tiny_setup, tmp_path_factory):
     return plot.read_run(cfg.output_dir)
 
 
+@pytest.mark.recipe
 def test_tensorboard_logger_writes_the_disk_loggers_metrics(recipe_cfg, disk_metrics):
     pytest.importorskip("tensorboard", reason="pip install -e '.[loggers]'")
     cfg = recipe_cfg(
@@ -187,6 +191,7 @@ def test_tensorboard_logger_writes_the_disk_loggers_metrics(recipe_cfg, disk_met
     assert "eval/samples/text_summary" in events.Tags()["tensors"]
 
 
+@pytest.mark.recipe
 def test_wandb_offline_run_has_the_disk_loggers_metrics(recipe_cfg, disk_metrics, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="pip install -e '.[loggers]'")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -205,6 +210,7 @@ def test_wandb_offline_run_has_the_disk_loggers_metrics(recipe_cfg, disk_metrics
     assert table["columns"] == ["step", "prompt", "policy", "reference"] and len(table["data"]) == 6
 
 
+@pytest.mark.recipe
 def test_sampling_at_eval_does_not_change_training(recipe_cfg, tmp_path):
     """Generation uses its own RNG and removes its KV caches: the run with samples trains exactly the same."""
     settings = {"max_steps_per_epoch": 4, "eval_every_n_steps": 2, "log_every_n_steps": 1}

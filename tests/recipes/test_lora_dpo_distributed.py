@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
+from helpers import assert_peft_logits_equal, logged
 from safetensors.torch import load_file
-from test_configs import assert_peft_logits_equal
 from test_full_dpo_distributed import Cfg, launch, torchrun
-from test_lora_dpo_recipe import logged
 from torchao.dtypes.nf4tensor import to_nf4
 
 from dpo_components.checkpointing import load_peft_adapter

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 from dpo_components.tiny import synthetic
@@ -125,6 +126,7 @@ def test_a_model_ties_its_own_samples(tiny_setup):
     assert win_rate(sft, sft, prompts, 1.0, [-2.0] * 16) == 1.0
 
 
+@pytest.mark.recipe
 def test_quick_frontier_trains_each_method_from_yaml_and_plots(tiny_setup, tmp_path):
     out = tmp_path / "frontier"
     command = [sys.executable, "-m", "dpo_components.tools.frontier", "--quick", "--noise", "0", "--jobs", "2",

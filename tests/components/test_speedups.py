@@ -4,7 +4,8 @@ from functools import partial
 
 import pytest
 import torch
-from test_lora_dpo_recipe import logged, run
+from helpers import logged
+from helpers import run_lora_recipe as run
 from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -120,6 +121,7 @@ def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
     assert len({max(lengths[j] for j in b) // 100 for b in first_batches}) > 1  # batches of all lengths, shuffled
 
 
+@pytest.mark.recipe
 def test_recipe_speedups_leave_losses_unchanged(recipe_cfg, tmp_path):
     common = {"max_steps_per_epoch": 4, "batch_size": 8, "optimizer.lr": 3e-3, "eval_dataset": None}
     base = recipe_cfg(**common, output_dir=str(tmp_path / "base"))
@@ -136,6 +138,7 @@ def test_recipe_speedups_leave_losses_unchanged(recipe_cfg, tmp_path):
     assert base_rows[4]["loss"] < base_rows[1]["loss"]
 
 
+@pytest.mark.recipe
 def test_recipe_group_by_length_cuts_padding(recipe_cfg, tmp_path):
     common = {"max_steps_per_epoch": 6, "batch_size": 8, "eval_dataset": None}
     plain = recipe_cfg(**common, output_dir=str(tmp_path / "plain"))
@@ -162,9 +165,10 @@ def test_reference_cache_key_changes_with_the_variant(tiny_setup):
     assert key() == key(variant="") != key(variant="quantize_base=True")  # an NF4 reference gets its own cache
 
 
+@pytest.mark.recipe
 def test_ipo_recipe_prefix_sharing_leaves_losses_unchanged(recipe_cfg, tmp_path):
-    from test_ipo_recipe import CONFIG
-    from test_ipo_recipe import run as run_ipo
+    from helpers import IPO_CONFIG as CONFIG
+    from helpers import run_ipo_recipe as run_ipo
 
     common = {"max_steps_per_epoch": 3, "batch_size": 8, "eval_dataset": None}
     base = recipe_cfg(CONFIG, **common, output_dir=str(tmp_path / "base"))
@@ -178,6 +182,7 @@ def test_ipo_recipe_prefix_sharing_leaves_losses_unchanged(recipe_cfg, tmp_path)
             assert shared_rows[step][name] == pytest.approx(base_rows[step][name], rel=1e-4, abs=1e-5), (step, name)
 
 
+@pytest.mark.recipe
 def test_group_by_length_needs_shuffle(recipe_cfg):
     from dpo_components.settings import ConfigError
     from recipes.lora_dpo_single_device import LoRADPORecipeSingleDevice
@@ -186,6 +191,7 @@ def test_group_by_length_needs_shuffle(recipe_cfg):
         LoRADPORecipeSingleDevice(recipe_cfg(group_by_length=True, shuffle=False))
 
 
+@pytest.mark.recipe
 def test_compile_with_padding_buckets_leaves_losses_unchanged(recipe_cfg, tmp_path):
     """compile + pad_to_multiple_of (fewer shapes, fewer recompiles) against the eager, unpadded run."""
     from torch._dynamo.utils import counters

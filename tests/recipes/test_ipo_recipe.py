@@ -5,8 +5,9 @@ import shutil
 import pytest
 import torch
 from conftest import REPO_ROOT
+from helpers import logged
+from helpers import run_ipo_recipe as run
 from safetensors.torch import load_file
-from test_lora_dpo_recipe import logged
 
 from dpo_components.settings import ConfigError
 from dpo_components.tiny.model import save_hf_checkpoint, tiny_llama
@@ -14,14 +15,6 @@ from recipes.ipo_single_device import IPORecipeSingleDevice
 
 CONFIG = "recipe_configs/tiny/ipo_single_device.yaml"
 
-
-def run(cfg, train=True):
-    recipe = IPORecipeSingleDevice(cfg)
-    recipe.setup(cfg)
-    if train:
-        recipe.train()
-        recipe.cleanup()
-    return recipe
 
 
 def test_margin_approaches_the_target_and_accuracy_rises(recipe_cfg):

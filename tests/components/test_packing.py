@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import logged
+from helpers import run_lora_recipe as run
 from safetensors.torch import load_file
-from test_lora_dpo_recipe import logged, run
 from test_speedups import random_pairs
 
 from dpo_components.data import collate_preference_batch
@@ -190,6 +191,7 @@ def test_check_documents_fit_names_the_pair_and_the_budget():
         check_documents_fit(64, True, 65, dataset=pairs)
 
 
+@pytest.mark.recipe
 def test_recipe_packing_with_the_reference_cache_leaves_losses_unchanged_and_resumes_exactly(recipe_cfg, tmp_path):
     common = {"max_steps_per_epoch": 4, "batch_size": 8, "optimizer.lr": 3e-3, "eval_dataset": None}
     base = recipe_cfg(**common, output_dir=str(tmp_path / "base"))
@@ -217,11 +219,12 @@ def test_recipe_packing_with_the_reference_cache_leaves_losses_unchanged_and_res
         assert torch.equal(first[key], again[key]), key
 
 
+@pytest.mark.recipe
 def test_packing_leaves_the_fsdp2_and_ipo_recipes_losses_unchanged(tiny_setup, tmp_path):
     """The same switch in the other three recipes (FSDP2 in-process with 1 rank): packed == unpacked per step."""
     from conftest import recipe_config, run_distributed_in_process
-    from test_ipo_recipe import CONFIG as IPO_CONFIG
-    from test_ipo_recipe import run as run_ipo
+    from helpers import IPO_CONFIG
+    from helpers import run_ipo_recipe as run_ipo
 
     from recipes.full_dpo_distributed import FullDPORecipeDistributed
     from recipes.lora_dpo_distributed import LoRADPORecipeDistributed

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
+from helpers import logged, overrides
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_configs import (
@@ -21,7 +22,6 @@ from test_configs import (
     assert_transformers_logits_equal,
     swap_for_tiny_stand_ins,
 )
-from test_lora_dpo_recipe import logged
 from torchtune.training import FullModelHFCheckpointer
 
 from dpo_components.checkpointing import checkpoint_fingerprint, write_manifest
@@ -31,18 +31,6 @@ from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
 CONFIG = "recipe_configs/tiny/full_dpo_distributed.yaml"
 WEIGHTS = "model-00001-of-00001.safetensors"
-
-
-def overrides(tiny_setup, out, **extra):
-    settings = {
-        "checkpointer.checkpoint_dir": tiny_setup / "sft_model",
-        "dataset.data_files": tiny_setup / "data/train.jsonl",
-        "eval_dataset.data_files": tiny_setup / "data/eval.jsonl",
-        "output_dir": out, "eval_every_n_steps": "null", "save_every_n_steps": "null", "log_every_n_steps": 1,
-        "lr_scheduler.num_warmup_steps": 0, "optimizer.lr": 1e-3, "eval_samples": 0,
-        **extra,
-    }  # fmt: skip
-    return [f"{k}={v}" for k, v in settings.items()]
 
 
 def launch(args, *launcher, recipe="recipes/full_dpo_distributed.py", config=CONFIG):

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 
+@pytest.mark.recipe
 def test_throughput_harness_smoke(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT
+from helpers import logged
+from helpers import run_lora_recipe as run_offline
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_lora_dpo_recipe import logged
-from test_lora_dpo_recipe import run as run_offline
 
 from dpo_components import online
 from dpo_components.data import collate_preference_batch, preference_dataset
