@@ -763,7 +763,7 @@ class KTOLoss(UnpairedLoss):
 
     with r, z0, lambda_D, lambda_U as in :class:`UnpairedLoss`. Equals TRL 1.16's ``KTOTrainer`` (``loss_type=
     "kto"``) per row: the same losses (TRL orders them desirable first), rewards, ``kl`` and gradients
-    (tests/test_kto.py runs TRL's own code). The paper's beta is 0.1 for large models; ``desirable_weight`` /
+    (tests/components/test_kto.py runs TRL's own code). The paper's beta is 0.1 for large models; ``desirable_weight`` /
     ``undesirable_weight`` correct an imbalance of the classes (:meth:`class_balance_warning`).
     """
 

@@ -1,11 +1,6 @@
-"""Checkpoints in Hugging Face layout, written atomically, read back for an exact resume without pickle.
-
-    directory.py    the run's output_dir: ownership, leftovers of killed saves, the manifest, which step_<N> resumes
-    fingerprint.py  what a run was trained with; a resume must match it key for key
-    state.py        recipe_state.pt: optimizer, LR schedule, progress, RNG
-    peft.py         LoRA/DoRA: merged weights, PEFT adapters out and back in (torchtune's export fixed)
-    hf.py           one single-device checkpoint directory: HF weights, adapter, state, manifest
-    sharded.py      the FSDP2 recipes' checkpoints: DCP shards, rank-0 HF export, one manifest, barriers
+"""Checkpoints in Hugging Face layout, written atomically, read back for an exact resume without pickle: the run's
+output_dir and manifest, the run's fingerprint, the resume state, PEFT adapters, the single-device writer and the
+FSDP2 writer/reader (each module: ``docs/architecture.md``).
 
 The names below are the package's public API.
 """

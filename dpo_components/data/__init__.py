@@ -1,12 +1,5 @@
-"""Preference data, from a dataset row to a batch.
-
-    formats.py         a row (explicit, conversational, implicit, HH-RLHF; column_map) -> prompt/chosen/rejected
-    chat.py            a torchtune tokenizer of any family: chat format, generation prompt, stop tokens, decoding
-    dataset.py         ``preference_dataset`` (the YAML ``dataset._component_``): load, tokenize, truncate, bad rows
-    unpaired.py        ``unpaired_dataset``: (prompt, completion, label) rows for KTO, with their KL completions
-    collate.py         the [2B, L] batch, the recipe's collator, rows that do not fit the model
-    prefix_sharing.py  the [prompt | chosen | rejected] row layout and its attention mask
-    order.py           the seeded order of each epoch, batches of similar length
+"""Preference data, from a dataset row to a batch: row formats, chat formats, the dataset builders, collators, batch
+layouts and order (each module: ``docs/architecture.md``).
 
 The names below are the package's public API (``dpo_components.data.preference_dataset`` in a config).
 """

@@ -12,7 +12,7 @@ The step's loss is the mean over its N pairs however they are split into micro-b
     loss_step = (1 / N) sum_i loss_i = sum_m (n_m / N) mean_{i in m} loss_i
 
 so each micro-batch's mean loss is weighted by n_m / N before its backward, and the step's gradient equals the
-gradient of one pass over all N pairs up to float rounding (``tests/test_micro_batches.py``). Dividing each
+gradient of one pass over all N pairs up to float rounding (``tests/components/test_micro_batches.py``). Dividing each
 micro-batch's mean by the number of micro-batches instead, as a loop written for equal micro-batches does, would
 weight a pair of a small micro-batch more than one of a large one: the error trainers made with gradient
 accumulation over uneven batches.

@@ -15,7 +15,7 @@ positions at 0 and attends only within itself:
 
 (the prefix-sharing mask of :mod:`dpo_components.data.prefix_sharing` within one document). So every response
 token sees exactly the tokens and positions it sees unpacked, and per-pair log-probs and gradients equal the
-standard path's up to float rounding (``tests/test_packing.py``).
+standard path's up to float rounding (``tests/components/test_packing.py``).
 
 The recipes' ``packing_row_tokens`` (null: the model's ``max_seq_len``) is the row budget. Longer rows leave less
 padding but cost more attention where the mask is dense: on CPU it is a [rows, L, L] boolean for SDPA, which

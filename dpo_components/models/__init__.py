@@ -1,18 +1,5 @@
-"""Everything that fixes or extends torchtune 0.6.1's model families, each in the module named (YAML
-``_component_`` paths point at them):
-
-    mistral.py       Mistral 7B v0.3 builders (torchtune's ``mistral_7b`` is v0.1)
-    gemma2.py        Gemma 2 with the final soft-capping on the logits, as released
-    phi4.py          Phi-4 14B with its released RoPE base
-    qwen3.py         Qwen3 dense 0.6B-8B: builders, HF checkpointer, non-thinking chat format
-    chat_formats.py  tokenizers whose chat format equals the released templates (Gemma 2, Mistral v0.3,
-                     Qwen2.5 Instruct, Phi-4)
-    dora.py          DoRA with the bias outside the magnitude scaling
-    attention_masks.py     the masks of prefix-shared and packed rows; FlexAttention at any row length (CUDA)
-    document_attention.py  attention one document at a time for prefix-shared and packed rows (CPU, SDPA)
-    builders.py      the recipes' policy and reference models from the YAML ``model`` (LoRA, FSDP2, full)
-    norms.py         RMSNorm that reaches PyTorch's fused kernel under bf16
-    quantization.py  int8 / float8 training transforms, CPU-offloaded AdamW, plain state dicts for saving
+"""Everything that fixes or extends torchtune 0.6.1's model families, and the recipes' model builders (each module:
+``docs/architecture.md``; YAML ``_component_`` paths point at them).
 
 Every torchtune internal this project patches or works around, and where (fixes live on our side, never in
 site-packages; torchtune's own code is subclassed or wrapped, not edited):

@@ -1,8 +1,8 @@
 """Chat formats that torchtune 0.6.1 writes differently from the released models' own chat templates.
 
 Each is torchtune's tokenizer class for the family with ``tokenize_messages`` giving the token ids of the model's
-``apply_chat_template`` (checked token for token in ``tests/test_chat_templates.py``), so pairs are tokenized as
-the Instruct model was tuned and as it is served (vLLM, ``transformers`` pipelines):
+``apply_chat_template`` (checked token for token in ``tests/components/test_chat_templates.py``), so pairs are
+tokenized as the Instruct model was tuned and as it is served (vLLM, ``transformers`` pipelines):
 
 - **Gemma 2** (``gemma2_tokenizer``): torchtune's Gemma tokenizer has no chat format at all (turns concatenated
   without markers) and opens every exchange with ``<bos>``. Here: ``<bos>`` once, then

@@ -12,7 +12,7 @@ two SDPA calls of its own size, which compute no score across documents and none
 
 Both are exactly the rows of the dense mask's softmax that these tokens have (the masked scores are -inf there,
 so they add nothing), and RoPE already sits in q and k, so outputs equal the dense path's up to float rounding
-(``tests/test_packing.py``). Padding positions get zeros: nothing reads them.
+(``tests/components/test_packing.py``). Padding positions get zeros: nothing reads them.
 
 A torchtune patch (listed in ``dpo_components/models/__init__.py``): :func:`document_attention` replaces each
 attention module's ``_attention_call`` (torchtune's ``_sdpa_or_flex_attention()``, set per instance in

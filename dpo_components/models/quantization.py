@@ -33,7 +33,8 @@ def int8_mixed_precision(model: nn.Module) -> nn.Module:
     The linears are swapped for torchao's ``Int8MixedPrecisionTrainingLinear`` (sharing the same parameters)
     rather than converted with ``quantize_(model, int8_mixed_precision_training())``: on torch 2.13 with torchao
     0.15 the weight subclass that ``quantize_`` installs never reaches its ``F.linear`` override, so the matmuls
-    silently stay in full precision (outputs bit-identical to fp32; tests/test_quantization.py checks ours differ).
+    silently stay in full precision (outputs bit-identical to fp32; tests/components/test_quantization.py checks
+    ours differ).
     """
     from torchao.prototype.quantized_training.int8_mixed_precision import (
         Int8MixedPrecisionTrainingConfig,

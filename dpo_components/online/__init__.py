@@ -1,11 +1,6 @@
-"""Online and iterative DPO (``recipes/online_dpo_single_device.py``): everything a round needs, in one room.
-
-    rounds.py       the ``online`` settings, a round's prompts and samples, pairs from scored samples, the round's
-                    files (what the recipe shares with tests and studies; the module docstring has the rules)
-    round_maker.py  ``RoundMaker``: a round as one component (sample, score, pair, write, the reference table; or
-                    read a finished round back) and the round's optimizer steps; the rounds' part of output_dir
-    rewards.py      ``reward_fn``: a Python function of the texts, or a Hugging Face reward model
-    prompts.py      ``prompt_dataset``: the prompts to sample for (the YAML ``prompt_dataset._component_``)
+"""Online and iterative DPO (``recipes/online_dpo_single_device.py``), everything a round needs in one room: the
+``online`` settings and a round's pieces, ``RoundMaker`` (a round as one component), rewards, prompt data (each
+module: ``docs/architecture.md``).
 
 The names below are the room's public API (``dpo_components.online.prompt_dataset`` and
 ``dpo_components.online.text_reward`` in a config).

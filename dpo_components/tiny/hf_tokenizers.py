@@ -4,7 +4,7 @@
 ``vocab.json``/``merges.txt`` and the family's pre-tokenizer regex) or lets ``transformers`` convert the same
 SentencePiece ``tokenizer.model``, plus ``tokenizer_config.json`` with the family's chat template, so that
 ``AutoTokenizer.from_pretrained(dir).apply_chat_template(...)`` can be compared token for token with what our data
-builder makes of the same messages with torchtune's tokenizer class (``tests/test_chat_templates.py``).
+builder makes of the same messages with torchtune's tokenizer class (``tests/components/test_chat_templates.py``).
 
 The templates are the released models' ``chat_template`` (``tokenizer_config.json`` of the Instruct repos named
 below) without their tool-calling branches, which preference data does not use. Llama 3's is the tiny tokenizer's

