@@ -11,23 +11,22 @@ IPO_CONFIG = "recipe_configs/tiny/ipo_single_device.yaml"
 KTO_CONFIG = "recipe_configs/tiny/lora_kto_single_device.yaml"
 
 
-def run_lora_recipe(cfg, train=True):
-    """The LoRA recipe on ``cfg`` in this process: setup, and (``train``) train and cleanup."""
-    recipe = LoRADPORecipeSingleDevice(cfg)
+def run_recipe(recipe_class, cfg, train=True):
+    """A single-device recipe on ``cfg`` in this process: setup, and (``train``) train and cleanup."""
+    recipe = recipe_class(cfg)
     recipe.setup(cfg)
     if train:
         recipe.train()
         recipe.cleanup()
     return recipe
+
+
+def run_lora_recipe(cfg, train=True):
+    return run_recipe(LoRADPORecipeSingleDevice, cfg, train)
 
 
 def run_ipo_recipe(cfg, train=True):
-    recipe = IPORecipeSingleDevice(cfg)
-    recipe.setup(cfg)
-    if train:
-        recipe.train()
-        recipe.cleanup()
-    return recipe
+    return run_recipe(IPORecipeSingleDevice, cfg, train)
 
 
 def logged(cfg):

@@ -119,7 +119,7 @@ def evaluate(
     return before, after, rows
 
 
-# What "DPO clearly worked" means for the demo (checked over seeds by scripts/demo_seeds.py)
+# What "DPO clearly worked" means for the demo (checked over seeds by dpo_components/tools/demo_seeds.py)
 MIN_ACCURACY, MIN_REWARD_GAIN, MIN_TASK_WORDS = 0.9, 0.3, 0.95
 
 

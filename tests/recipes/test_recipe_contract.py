@@ -6,7 +6,7 @@ tokens equal its fixed micro-batches, as the offline recipes' do (tests/componen
 import pytest
 import torch
 from conftest import recipe_config, run_distributed_in_process
-from helpers import logged
+from helpers import logged, run_recipe
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -43,11 +43,7 @@ def tiny_config(name, tiny_setup, out, *args):
 def run(name, cfg, scratch):
     if "distributed" in name:
         return run_distributed_in_process(RECIPES[name], cfg, scratch)
-    recipe = RECIPES[name](cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
-    return recipe
+    return run_recipe(RECIPES[name], cfg)
 
 
 class NaNAtSecondStep(DPOLoss):

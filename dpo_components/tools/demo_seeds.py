@@ -1,7 +1,7 @@
 """The demo over seeds: does "DPO clearly worked" hold for every SFT seed and every DPO seed, or only for one?
 
-    OMP_NUM_THREADS=1 python scripts/demo_seeds.py                       # 5 SFT seeds x 5 DPO seeds, 2 at a time
-    OMP_NUM_THREADS=1 python scripts/demo_seeds.py --sft-seeds 0 1 --dpo-seeds 0 --jobs 1
+    OMP_NUM_THREADS=1 python -m dpo_components.tools.demo_seeds            # 5 SFT seeds x 5 DPO seeds, 2 at a time
+    OMP_NUM_THREADS=1 python -m dpo_components.tools.demo_seeds --sft-seeds 0 1 --dpo-seeds 0 --jobs 1
 
 For each SFT seed s, ``prepare_tiny(seed=s)`` builds its own synthetic data and SFT model (seed 0 is the demo's
 ``outputs/tiny``); for each DPO seed d the demo's recipe and config run on it with ``seed=d`` (the LoRA init and the
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from dpo_components.checkpointing import latest_checkpoint
 from dpo_components.tiny.task_eval import demo_failures, evaluate, load_tiny_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: it runs recipes/ with recipe_configs/
 CONFIG = "recipe_configs/tiny/lora_dpo_single_device.yaml"
 FIGURES = ("accuracy", "reward_gain", "kl", "words", "well_formed", "well_formed_sft", "seconds")
 
@@ -126,7 +126,7 @@ def main() -> None:
             list(pool.map(lambda sd: _in_subprocess(output_dir, *sd, args.overrides), runs))
     done = [output_dir / f"sft{s}_dpo{d}.json" for s, d in runs]
     results = [json.loads(f.read_text()) for f in done if f.exists() or not args.tables_only]  # tables: runs so far
-    command = "python scripts/demo_seeds.py " + " ".join(a for a in sys.argv[1:] if a != "--tables-only")
+    command = "python -m dpo_components.tools.demo_seeds " + " ".join(a for a in sys.argv[1:] if a != "--tables-only")
     table = write_tables(results, output_dir, command.strip())
     print(table.read_text())
     print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s; tables in {output_dir}")
