@@ -116,10 +116,10 @@ class RunProgress:
             "clip_grad_norm."
         )
 
-    def saved(self, path: Path) -> None:
+    def saved(self, path: Path, what: str = "") -> None:
         self.last_checkpoint = path
         if is_rank_zero():
-            log.info(f"saved checkpoint {path}")
+            log.info(f"saved checkpoint {path}{what}")
 
     def needs_final_eval(self, has_eval_data: bool) -> bool:
         """At the end of training: an eval unless the last step already had one."""

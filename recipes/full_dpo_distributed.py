@@ -125,7 +125,8 @@ class FullDPORecipeDistributed:
             self._load_recipe_state(resume_dir)
         if self._is_rank_zero:
             log.info(
-                f"{self._world_size} ranks ({dist.get_backend()}), full-parameter training of {len(self._master):,} "
+                f"{self._world_size} ranks ({dist.get_backend()}), global batch {s.batch_size * self._world_size} x "
+                f"{s.gradient_accumulation_steps} micro-batches, full-parameter training of {len(self._master):,} "
                 f"parameters ({self._master.describe()}); {len(self._data.train)} pairs, {self._steps_per_epoch} "
                 f"steps/epoch x {s.epochs} epochs; loss {self._loss_fn}; reference {self._reference.describe()}"
             )
@@ -219,7 +220,7 @@ class FullDPORecipeDistributed:
                                     hf_files=consolidated, hf_dtype=self.settings.dtype)  # fmt: skip
         except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
             raise save_failed(path, error, self.progress.last_checkpoint) from None
-        self.progress.saved(path)
+        self.progress.saved(path, " (with consolidated HF weights)" if consolidate else "")
         return path
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:

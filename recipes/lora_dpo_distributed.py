@@ -126,7 +126,8 @@ class LoRADPORecipeDistributed:
             self._load_recipe_state(resume_dir)
         if self._is_rank_zero:
             log.info(
-                f"{self._world_size} ranks ({dist.get_backend()}), {len(self._data.train)} train pairs, "
+                f"{self._world_size} ranks ({dist.get_backend()}), global batch {s.batch_size * self._world_size} x "
+                f"{s.gradient_accumulation_steps} micro-batches, {len(self._data.train)} train pairs, "
                 f"{self._steps_per_epoch} steps/epoch x {s.epochs} epochs, loss {self._loss_fn}, reference "
                 f"{self._reference.describe()}; the optimizer steps {self._master.describe()}"
             )
@@ -215,7 +216,7 @@ class LoRADPORecipeDistributed:
                                     checkpointer=self._checkpointer, hf_dtype=self.settings.dtype)  # fmt: skip
         except Exception as error:  # disk full, read-only, ...: one message naming the path and the last good one
             raise save_failed(path, error, self.progress.last_checkpoint) from None
-        self.progress.saved(path)
+        self.progress.saved(path, " (with the merged HF model)" if consolidate else "")
         return path
 
     def _load_recipe_state(self, checkpoint_dir: Path) -> None:

@@ -9,7 +9,7 @@ component, ``dpo_components.online.RoundMaker``, makes it):
 1. take ``prompts_per_round`` prompts of ``prompt_dataset`` (seeded passes over it);
 2. sample ``samples_per_prompt`` responses to each from the current policy (batched, KV cache; ``temperature``,
    ``top_p``, ``top_k``), or in round 0 read them from ``samples_file``;
-3. score every response with ``reward_fn`` (``dpo_components.rewards``: a Python function of the texts, or a
+3. score every response with ``reward_fn`` (``dpo_components.online.rewards``: a Python function of the texts, or a
    Hugging Face sequence-classification reward model);
 4. pair them by ``pair_rule`` (best vs worst; ties and margins up to ``min_margin`` dropped);
 5. compute the round's reference log-probs of the pairs once: the starting model (adapters off, ``reference:
@@ -61,6 +61,7 @@ from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.models.builders import lora_model
 from dpo_components.online.round_maker import (
     RoundMaker,
+    check_prompts_fit,
     claim_rounds,
     online_fingerprint_keys,
     prepare_online_output_dir,
@@ -118,6 +119,7 @@ class OnlineDPORecipeSingleDevice:
         self._lora = lora_settings(cfg.model)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         prompts = config.instantiate(cfg.prompt_dataset, self._tokenizer)
+        check_prompts_fit(prompts, self.online, s, self._model.max_seq_len)  # a prompt + max_new_tokens fits
         eval_cfg = optional_component(cfg, "eval_dataset")
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         check_data_kind(self._loss_fn, eval_dataset=self._eval_data)
@@ -140,7 +142,6 @@ class OnlineDPORecipeSingleDevice:
                                   reward=config.instantiate(cfg.reward_fn), collate=self._collate,
                                   loss=self._loss_fn, start=self._start, seed=self.seed,
                                   metric_logger=self._metric_logger)  # fmt: skip
-        self._rounds.check_lengths_fit()
 
         self._total_steps = self.online.rounds * self.online.steps_per_round
         self._master = MasterWeights(self._model.named_parameters(), s.master_dtype, seed=self.seed)

@@ -16,4 +16,3 @@ __all__ = [
     "preference_dataset", "stop_tokens", "tokenize_chat", "tokenize_rows",
     "UnpairedDataset", "unpaired_dataset",
 ]  # fmt: skip
-

@@ -13,7 +13,7 @@ positions at 0 and attends only within itself:
     allowed(q, k) = k <= q and document[k] == document[q] and (segment[k] == segment[q] or
                     (segment[k] == PROMPT and segment[q] != PADDING))
 
-(the prefix-sharing mask of :mod:`dpo_components.data.prefix_sharing` within one document). So every response
+(the prefix-sharing mask of :mod:`dpo_components.models.attention_masks` within one document). So every response
 token sees exactly the tokens and positions it sees unpacked, and per-pair log-probs and gradients equal the
 standard path's up to float rounding (``tests/components/test_packing.py``).
 

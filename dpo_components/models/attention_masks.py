@@ -16,7 +16,8 @@ A torchtune patch (listed in ``dpo_components/models/__init__.py``): torchtune c
 recompile limit it runs uncompiled, materialising the scores. Our rows vary in length, so
 :func:`flex_attention_any_length` makes each attention module of a model (per instance, by ``apply_model_fixes``:
 torchtune's module global is left alone) run a ``BlockMask`` through a ``dynamic=True`` compile of flex_attention
-(one compile for all lengths), and go back to torchtune's own call should that compile fail on some torch or GPU.
+(one compile for all lengths, called outside any compiled graph as torchtune's own call is), and go back to
+torchtune's call, for the whole model, should that compile fail on some torch or GPU.
 """
 
 from __future__ import annotations
@@ -75,17 +76,29 @@ def dynamic_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _any_length(original: Callable) -> Callable:
-    failed = False  # this module's dynamic compile failed: torchtune's own call from then on
+class _Fallback:
+    """Whether the dynamic compile failed for a model: then its attention modules use torchtune's own call."""
 
+    failed = False
+
+
+@torch.compiler.disable(recursive=False)  # as torchtune's compile_friendly_flex_attention: no nested compile
+def _flex_any_length(q: Tensor, k: Tensor, v: Tensor, block_mask, fallback: _Fallback) -> Tensor | None:
+    """flex_attention through the dynamic compile, or None (and the model's fallback set) when it fails."""
+    try:
+        return dynamic_flex_attention()(q, k, v, block_mask=block_mask)
+    except TorchDynamoException as error:  # a compiler failure: keep training, with torchtune's compile
+        log.warning(f"dynamic flex_attention compile failed, using torchtune's static one: {error}")
+        fallback.failed = True
+        return None
+
+
+def _any_length(original: Callable, fallback: _Fallback) -> Callable:
     def attention_call(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, is_causal: bool) -> Tensor:
-        nonlocal failed
-        if _is_block_mask(mask) and dropout_p == 0.0 and not failed:
-            try:
-                return dynamic_flex_attention()(q, k, v, block_mask=mask)
-            except TorchDynamoException as error:  # a compiler failure: keep training, with torchtune's compile
-                log.warning(f"dynamic flex_attention compile failed, using torchtune's static one: {error}")
-                failed = True
+        if _is_block_mask(mask) and dropout_p == 0.0 and not fallback.failed:
+            out = _flex_any_length(q, k, v, mask, fallback)
+            if out is not None:
+                return out
         return original(q, k, v, mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
     attention_call.__dict__.update(original.__dict__)  # the markers of other per-instance wrappers
@@ -103,9 +116,11 @@ def _is_block_mask(mask: object) -> bool:
 
 def flex_attention_any_length(model: nn.Module) -> nn.Module:
     """Let every attention module of ``model`` that calls torchtune's ``_attention_call`` run a FlexAttention
-    ``BlockMask`` through one dynamic compile (module docstring). Idempotent; returns ``model``."""
+    ``BlockMask`` through one dynamic compile (module docstring); should it fail, the whole model goes back to
+    torchtune's call, with one warning. Idempotent; returns ``model``."""
+    fallback = _Fallback()
     for module in model.modules():
         call = getattr(module, "_attention_call", None)
         if call is not None and not getattr(call, "flex_any_length", False):
-            module._attention_call = _any_length(call)
+            module._attention_call = _any_length(call, fallback)
     return model

@@ -3,9 +3,9 @@ reference from the policy (prompts, sampling, scoring, pairing, the round's file
 reads a finished round back, and cuts the pairs into the round's optimizer steps. The recipe trains those steps
 as the offline recipes train theirs (the same micro-batches, ``max_micro_batch_tokens`` too).
 
-Also here: the rounds' part of the output directory (``rounds/run.json``, the fingerprint of the run the rounds
-belong to; a run killed in round 0, before its first checkpoint, resumes from the round's files) and the ``online``
-and ``reward_fn`` keys of the run's fingerprint.
+Also here: the prompts' length check, the rounds' part of the output directory (``rounds/run.json``, the
+fingerprint of the run the rounds belong to; a run killed in round 0, before its first checkpoint, resumes from the
+round's files) and the ``online`` and ``reward_fn`` keys of the run's fingerprint.
 """
 
 from __future__ import annotations
@@ -77,6 +77,21 @@ def online_fingerprint_keys(cfg: DictConfig) -> dict[str, Any]:
     return values
 
 
+def check_prompts_fit(prompts: PromptDataset, online: rounds.OnlineSettings, settings: RecipeSettings,
+                      max_seq_len: int) -> None:  # fmt: skip
+    """Every prompt plus ``max_new_tokens`` (twice with prefix sharing) fits the model, named at setup."""
+    responses, multiple = 2 if settings.prefix_sharing else 1, settings.pad_to_multiple_of
+    for i in range(len(prompts)):
+        need = len(prompts[i]["prompt_ids"]) + responses * online.max_new_tokens
+        need += -need % multiple  # padded
+        if need > max_seq_len:
+            raise ConfigError(
+                f"prompt_dataset: prompt {i} ({prompts.source} row {prompts.row_numbers[i]}) with "
+                f"online.max_new_tokens needs {need} tokens, more than the model's max_seq_len {max_seq_len}; "
+                "set prompt_dataset.max_prompt_length or lower max_new_tokens"
+            )
+
+
 class RoundMaker:
     """Each round's pairs and reference, from the current ``policy`` (a LoRA model: adapters off are the start).
 
@@ -92,20 +107,6 @@ class RoundMaker:
         self.collate, self.loss, self.start, self.seed = collate, loss, start, seed
         self.metric_logger = metric_logger
 
-    def check_lengths_fit(self) -> None:
-        """Every prompt plus ``max_new_tokens`` (twice with prefix sharing) fits the model, named at setup."""
-        responses, multiple = 2 if self.settings.prefix_sharing else 1, self.settings.pad_to_multiple_of
-        max_seq_len = self.policy.max_seq_len
-        for i in range(len(self.prompts)):
-            need = len(self.prompts[i]["prompt_ids"]) + responses * self.online.max_new_tokens
-            need += -need % multiple  # padded
-            if need > max_seq_len:
-                raise ConfigError(
-                    f"prompt_dataset: prompt {i} ({self.prompts.source} row {self.prompts.row_numbers[i]}) with "
-                    f"online.max_new_tokens needs {need} tokens, more than the model's max_seq_len {max_seq_len}; "
-                    "set prompt_dataset.max_prompt_length or lower max_new_tokens"
-                )
-
     def round(self, r: int, step: int) -> tuple[PreferenceDataset, Reference]:
         """Round ``r``'s pairs and their reference: read from the round's files when it is complete (a resume),
         else sampled (or read from ``samples.jsonl`` if sampling finished before a kill), scored, paired, written;
@@ -118,7 +119,9 @@ class RoundMaker:
             pairs = rounds.build_pairs(rewards, [row["responses"] for row in samples], o.pair_rule, o.min_margin)
             cache = load_file(directory / "reference_logps.safetensors") if self._needs_table(pairs) else None
             log.info(f"{where}: read {len(pairs)} pairs from {directory}")
-            return rounds.pairs_dataset(samples, pairs, where), self._round_reference(cache)
+            dataset = rounds.pairs_dataset(samples, pairs, where)
+            self._check_pairs_fit(dataset, where)  # the resumed run's layout and budget may differ
+            return dataset, self._round_reference(cache)
 
         started = time.perf_counter()
         samples = self._samples(r, directory)
@@ -187,7 +190,7 @@ class RoundMaker:
     def steps(self, pairs: PreferenceDataset, r: int) -> list[list[int]]:
         """The optimizer steps of round ``r``, each a list of ``batch_size x gradient_accumulation_steps`` pair
         indices: passes over the pairs, each in its own seeded order (pass p of round r is epoch p * rounds + r of
-        ``batch_order``), cut into whole batches. None when the round has fewer pairs than ``batch_size``."""
+        ``batch_order``), cut into whole batches. Empty when the round has fewer pairs than ``batch_size``."""
         s = self.settings
         accumulation, need = s.gradient_accumulation_steps, self.online.steps_per_round * s.gradient_accumulation_steps
         if len(pairs) < s.batch_size:

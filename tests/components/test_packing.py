@@ -275,3 +275,50 @@ def test_the_flex_attention_mask_of_packed_rows_equals_the_dense_one():
     dense = attention_mask(segments, documents=documents)[:, None]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_masks_run_through_one_dynamic_compile_per_model_without_touching_torchtune(monkeypatch):
+    """``apply_model_fixes`` routes a BlockMask through our dynamic flex_attention per model instance (the CUDA
+    path, checked on CPU with eager flex_attention standing in for the compiled one); torchtune's module global is
+    left alone; a failing compile sends the whole model back to torchtune's call, with one warning."""
+    import torchtune.modules.attention_utils as attention_utils
+    from torch._dynamo.exc import TorchDynamoException
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from dpo_components.models import apply_model_fixes, attention_masks
+
+    torchtunes_own = getattr(attention_utils, "flex_attention_compiled", None)  # CPU: torchtune defines none
+    calls = []
+
+    def eager_flex(q, k, v, block_mask):
+        calls.append(q.shape)
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+    monkeypatch.setattr(attention_masks, "_SUPPORTS_FLEX_ATTENTION", True)
+    monkeypatch.setattr(attention_masks, "dynamic_flex_attention", lambda: eager_flex)
+    model = apply_model_fixes(tiny_llama())
+    assert getattr(attention_utils, "flex_attention_compiled", None) is torchtunes_own
+    modules = [m for m in model.modules() if hasattr(m, "_attention_call")]
+    batch = collate_packed(random_pairs(4), share_prompt=True, row_tokens=64)
+    segments, documents = batch["segments"], batch["documents"]
+    n, length = segments.shape
+    block_mask = create_block_mask(lambda b, h, q, k: attention_masks._allowed(segments, documents, b, q, k), n, None,
+                                   length, length, device="cpu", BLOCK_SIZE=16)  # fmt: skip
+    q, k, v = (torch.randn(n, 2, length, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    out = modules[0]._attention_call(q, k, v, block_mask, 0.0, False)
+    dense = attention_mask(segments, documents=documents)[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and supports_document_attention(model)  # the document wrapper is still outermost
+
+    def failing(q, k, v, block_mask):
+        calls.append("failed")
+        raise TorchDynamoException("no compiler here")
+
+    monkeypatch.setattr(attention_masks, "dynamic_flex_attention", lambda: failing)
+    torchtunes_calls = []
+    torchtunes_call = lambda q, k, v, mask, dropout_p, is_causal: torchtunes_calls.append(1) or q  # noqa: E731
+    fallback = attention_masks._Fallback()  # what flex_attention_any_length shares among a model's modules
+    first, second = (attention_masks._any_length(torchtunes_call, fallback) for _ in range(2))
+    assert first(q, k, v, block_mask, 0.0, False) is q and second(q, k, v, block_mask, 0.0, False) is q
+    assert calls.count("failed") == 1 and len(torchtunes_calls) == 2  # one failed compile for the whole model
