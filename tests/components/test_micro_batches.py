@@ -223,7 +223,7 @@ def test_the_fsdp2_and_ipo_recipes_take_the_same_steps_by_tokens(tiny_setup, tmp
 
 
 @pytest.mark.recipe
-def test_batch_coupled_losses_and_the_online_recipe_refuse_a_budget(recipe_cfg):
+def test_batch_coupled_losses_refuse_a_budget_in_every_single_device_recipe(recipe_cfg, tiny_setup):
     from helpers import KTO_CONFIG
 
     from recipes.online_dpo_single_device import OnlineDPORecipeSingleDevice
@@ -236,6 +236,8 @@ def test_batch_coupled_losses_and_the_online_recipe_refuse_a_budget(recipe_cfg):
     for bad in (0, True):
         with pytest.raises(ConfigError, match="max_micro_batch_tokens must be a positive integer"):
             run(recipe_cfg(max_micro_batch_tokens=bad), train=False)
-    with pytest.raises(ConfigError, match="max_micro_batch_tokens is not supported by the online recipe"):
-        OnlineDPORecipeSingleDevice(recipe_cfg("recipe_configs/tiny/online_dpo_single_device.yaml",
-                                               max_micro_batch_tokens=4096))  # fmt: skip
+    online = recipe_cfg("recipe_configs/tiny/online_dpo_single_device.yaml", max_micro_batch_tokens=4096,
+                        **{"loss._component_": "dpo_components.losses.AOTLoss",
+                           "prompt_dataset.data_files": str(tiny_setup / "data/train.jsonl")})  # fmt: skip
+    with pytest.raises(ConfigError, match="max_micro_batch_tokens is not supported with AOTLoss: a row's loss"):
+        OnlineDPORecipeSingleDevice(online).setup(online)  # the online recipe takes a budget, but not AOT's
