@@ -140,7 +140,7 @@ class IPORecipeSingleDevice:
     # -------------------------------------------------------------------------------------------- the step
 
     def _forward(self, batch: dict[str, torch.Tensor], split: str):
-        """Policy log-probs (with grad), reference log-probs (cached, adapters off or frozen; no grad), the loss."""
+        """Policy log-probs (with grad), reference log-probs (cached, or the reference model's; no grad), the loss."""
         batch = {k: v.to(self.settings.device) for k, v in batch.items()}
         policy = concatenated_logprobs(self._model, batch, self.settings.logprob_chunk_size,
                                        self.settings.flex_attention)  # fmt: skip
@@ -196,7 +196,7 @@ class IPORecipeSingleDevice:
             self.save_checkpoint()
 
     def evaluate(self) -> dict[str, float]:
-        """Loss, accuracy, margins and IPO's margin vs target on the held-out pairs, and with ``eval_samples``
+        """Loss, accuracy, margins and the loss's own metrics (IPO's margin vs target) on the held-out pairs, and with ``eval_samples``
         responses of policy and reference: logged as eval/*."""
         self.progress.last_eval_step = self.progress.global_step
         return evaluate(self._model, partial(self._forward, split="eval"), self._data.eval, self._data.collate,
