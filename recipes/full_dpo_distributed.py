@@ -199,8 +199,8 @@ class FullDPORecipeDistributed:
             self.save_checkpoint(consolidate=True)
 
     def evaluate(self) -> dict[str, float]:
-        """Loss, accuracy, margins and the loss's own metrics (IPO's margin vs target) on the held-out pairs, and with ``eval_samples``
-        responses of policy and reference: logged as eval/*."""
+        """Loss, accuracy, margins and the loss's own metrics (IPO's margin vs target) on the held-out pairs, and
+        with ``eval_samples`` responses of policy and reference: logged as eval/*."""
         self.progress.last_eval_step = self.progress.global_step
         return evaluate(self._model, partial(self._forward, split="eval"), self._data.eval, self._data.collate,
                         self.settings.batch_size, self.settings.device, step=self.progress.global_step,
