@@ -16,7 +16,9 @@ The cache is a safetensors file ``reference_logps_<key>.safetensors`` holding fo
 dataset (``chosen_logps``, ``rejected_logps`` as fp32 sums, and the token counts). The key hashes what the values
 depend on: the tokenized samples (so dataset, tokenizer, chat template and truncation settings), the reference
 checkpoint files' content (every byte hashed) and the dtype; change any of them and the cache is recomputed,
-never silently reused. Under torch.distributed every call here that reads, computes or writes the cache is a
+never silently reused. Beside it, ``reference_logps_<key>.manifest.json`` (written after it) holds its size and
+BLAKE2b hash: a cache file changed, cut or left without its manifest (a kill between the two) is named in a warning
+and recomputed, never read. Under torch.distributed every call here that reads, computes or writes the cache is a
 collective: the ranks split the batches of the pass, rank 0 writes the file, all ranks read the same table.
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -34,13 +35,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torchtune.modules.peft import disable_adapter
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from dpo_components.data import PreferenceDataset
+from dpo_components.files import (
+    entries_problem,
+    read_manifest,
+    record_in_manifest,
+    remove_stale_temporaries,
+    save_tensors,
+)
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.losses import PreferenceLoss, SequenceLogProbs
 from dpo_components.settings import RecipeSettings
@@ -138,6 +146,8 @@ def build_reference(
             if data is not None:
                 key = reference_cache_key(data, digest, settings.dtype, reference_variant(settings))
                 paths[split] = ref.cache_dir / f"reference_logps_{key}.safetensors"
+        if _rank_and_world()[0] == 0 and ref.cache_dir.is_dir():  # what a kill during a write left
+            remove_stale_temporaries(ref.cache_dir, ".reference_logps_*.tmp*", min_age_s=600)  # shared: by age
         if _cached_on_every_rank(paths.values(), settings.device):  # nothing to compute: build no reference model
             cache = {split: load_file(path) for split, path in paths.items()}
             for split, path in paths.items():
@@ -161,8 +171,14 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _cached_on_every_rank(paths: Any, device: torch.device) -> bool:
-    """Every file exists, as every rank sees it (a collective under torch.distributed)."""
-    have = all(Path(p).is_file() for p in paths)
+    """Every file exists and matches its manifest, as every rank sees it (a collective under torch.distributed).
+    A file that exists but does not match is named in a warning (it is then recomputed)."""
+    have = True
+    for path in paths:
+        problem = cache_problem(path)
+        if problem and Path(path).exists() and _rank_and_world()[0] == 0:
+            log.warning(f"reference cache {path}: {problem}; recomputing it")
+        have = have and problem is None
     if not dist.is_initialized():
         return have
     flag = torch.tensor(int(have), device=device)
@@ -170,11 +186,38 @@ def _cached_on_every_rank(paths: Any, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def cache_manifest(path: str | Path) -> Path:
+    """The manifest beside a cache file: ``reference_logps_<key>.manifest.json``."""
+    return Path(path).with_suffix(".manifest.json")
+
+
+def cache_problem(path: str | Path) -> str | None:
+    """What is wrong with a reference cache file against its manifest, or None when it can be read."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        entries = read_manifest(cache_manifest(path))["files"]
+    except FileNotFoundError:
+        return f"it has no manifest {cache_manifest(path).name} (a kill before it was written, or an older version)"
+    except ValueError as error:
+        return f"its manifest is unreadable ({error})"
+    if path.name not in entries:
+        return f"its manifest {cache_manifest(path).name} does not list it"
+    return entries_problem(path.parent, {path.name: entries[path.name]})
+
+
+def write_cache(path: str | Path, values: dict[str, torch.Tensor]) -> None:
+    """Write a cache file atomically, then its manifest."""
+    save_tensors(path, values, "the reference cache")
+    record_in_manifest(cache_manifest(path), [Path(path).name])
+
+
 def _compute_and_write(path: Path, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``compute()`` on every rank (sharded forwards need all of them), written by rank 0 (collective)."""
     values = compute()
     if _rank_and_world()[0] == 0:
-        load_or_compute(path, lambda: values)
+        write_cache(path, values)
     if dist.is_initialized():
         dist.barrier()
     return values
@@ -243,21 +286,6 @@ def compute_reference_logprobs(
             dist.all_reduce(values)
             out[name] = values.cpu()
     return out
-
-
-def load_or_compute(
-    cache_file: str | Path, compute: Callable[[], dict[str, torch.Tensor]] | None
-) -> dict[str, torch.Tensor]:
-    """Read the cache file if it exists, else compute and write it atomically (temp name + rename)."""
-    cache_file = Path(cache_file)
-    if cache_file.is_file():
-        return load_file(cache_file)
-    values = compute()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in values.items()}, tmp)
-    os.replace(tmp, cache_file)
-    return values
 
 
 def reference_for_batch(cache: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> SequenceLogProbs:

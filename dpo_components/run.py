@@ -38,6 +38,7 @@ from torchtune import config
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
+from dpo_components.files import writing
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
 from dpo_components.metrics import PreferenceMetrics, ZeroGradientWatch, all_reduce_metrics, peak_memory_gib
 from dpo_components.samples import EvalSampling, ReferenceContext, log_samples, sample_and_score
@@ -61,9 +62,38 @@ def start_metric_logger(cfg_metric_logger: Any, cfg: Any) -> Any:
     the other ranks, which log nothing."""
     if not is_rank_zero():
         return None
-    metric_logger = config.instantiate(cfg_metric_logger)
+    metric_logger = LoggedWrites(config.instantiate(cfg_metric_logger))
     metric_logger.log_config(cfg)
     return metric_logger
+
+
+class LoggedWrites:
+    """A torchtune metric logger whose writes fail with the cause and the file (``dpo_components.files.writing``):
+    a disk that fills up while a run logs says ENOSPC and names the log, not a bare ``OSError``. ``logger`` is
+    the wrapped one; every other attribute is its."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self.where = getattr(logger, "_file_name", None) or getattr(logger, "log_dir", None) or type(logger).__name__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.logger, name)
+
+    def log(self, name: str, data: Any, step: int) -> None:
+        with writing(self.where, "the metric log"):
+            self.logger.log(name, data, step)
+
+    def log_dict(self, payload: Any, step: int) -> None:
+        with writing(self.where, "the metric log"):
+            self.logger.log_dict(payload, step)
+
+    def log_config(self, cfg: Any) -> None:
+        with writing(self.where, "the metric log"):
+            self.logger.log_config(cfg)
+
+    def close(self) -> None:
+        with writing(self.where, "the metric log"):
+            self.logger.close()
 
 
 def close_metric_logger(metric_logger: Any, output_dir: Path) -> None:

@@ -36,6 +36,7 @@ from torchtune.modules import local_kv_cache
 from torchtune.training.metric_logging import DiskLogger, TensorBoardLogger, WandBLogger
 
 from dpo_components.data import IGNORE_INDEX, decode_text, stop_tokens
+from dpo_components.files import writing
 from dpo_components.logprobs import sequence_logprobs
 from dpo_components.precision import compute_dtype
 
@@ -291,8 +292,10 @@ def log_samples(metric_logger: Any, rows: list[dict[str, str]], step: int) -> No
     if not rows:
         return
     columns = list(rows[0])
+    metric_logger = getattr(metric_logger, "logger", metric_logger)  # the recipes' LoggedWrites wraps it
     if isinstance(metric_logger, DiskLogger):
-        with open(metric_logger.log_dir / "samples.jsonl", "a") as f:
+        with writing(metric_logger.log_dir / "samples.jsonl", "eval samples"), \
+                open(metric_logger.log_dir / "samples.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
     elif isinstance(metric_logger, TensorBoardLogger):

@@ -172,7 +172,8 @@ class OnlineDPORecipeSingleDevice:
         s, o, progress = self.settings, self.online, self.progress
         step_log = StepLog(s, self._metric_logger, self._loss_fn, self._total_steps, progress.global_step, "online ")
         for r in range(progress.epochs_run, o.rounds):  # the progress record's epochs are rounds here
-            pairs, reference = self._rounds.round(r, progress.global_step)  # sampled, scored, paired, written
+            # sampled, scored, paired, written; or read back (a resume, inside the round too: mid_round)
+            pairs, reference = self._rounds.round(r, progress.global_step, progress.batches_done_in_epoch > 0)
             steps = self._rounds.steps(pairs, r)
             if not steps:
                 log.warning(f"round {r}: {len(pairs)} pairs, fewer than batch_size {s.batch_size}: no step this round "

@@ -12,7 +12,6 @@ from dpo_components.checkpointing.directory import (
     checkpoint_fingerprint,
     checkpoint_problem,
     claim_output_dir,
-    file_digest,
     files_digest,
     latest_checkpoint,
     prepare_output_dir,
@@ -51,6 +50,7 @@ from dpo_components.checkpointing.state import (
     set_rng_state,
     training_state,
 )
+from dpo_components.files import file_digest
 
 __all__ = [
     "ADAPTER_DIR", "FINGERPRINT_KEYS", "MANIFEST_FILE", "PEFT_FILES", "RECIPE_STATE_FILE", "TUNE_ADAPTER_FILE",

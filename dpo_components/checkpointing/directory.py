@@ -16,12 +16,19 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from torchtune.utils import get_logger
 
+from dpo_components.files import (
+    digests,
+    entries_problem,
+    manifest_entries,
+    read_manifest,
+    writing,
+)
+from dpo_components.files import remove_stale_temporaries as remove_stale_files
 from dpo_components.settings import ConfigError
 
 RECIPE_STATE_FILE = "recipe_state.pt"  # written by dpo_components.checkpointing.state
@@ -31,9 +38,6 @@ MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-_CHUNK = 8 << 20
-
-
 log = logging.getLogger(__name__)
 
 
@@ -41,21 +45,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, or no complete one to resume from; the message says which and why."""
 
     __module__ = "dpo_components.checkpointing"  # its public home (re-exported there), as tracebacks name it
-
-
-def file_digest(path: str | Path) -> str:
-    """BLAKE2b of every byte of a file, read in 8 MiB chunks (about 0.5 GB/s per core): a same-size edit anywhere
-    changes it."""
-    digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)  # hashlib releases the GIL here: files hash in parallel threads
-    return digest.hexdigest()
-
-
-def _digests(paths: list[Path]) -> list[str]:
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(len(paths), 1))) as pool:
-        return list(pool.map(file_digest, paths))
 
 
 HASH_LOG_ABOVE = 2**30  # say what is being hashed (and about how long it takes) for checkpoints from 1 GiB
@@ -74,7 +63,7 @@ def files_digest(directory: str | Path, names: list[str]) -> str:
                  f"fingerprint and the reference cache key), about {estimate:.0f} s ...")  # fmt: skip
     start = time.perf_counter()
     digest = hashlib.blake2b(digest_size=16)
-    for name, file_hash in zip(names, _digests(paths)):
+    for name, file_hash in zip(names, digests(paths)):
         digest.update(f"{name}:{file_hash};".encode())
     if size >= HASH_LOG_ABOVE:
         log.info(f"hashed in {time.perf_counter() - start:.0f} s")
@@ -87,27 +76,10 @@ def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
     They are never checkpoints (a save is renamed into place only when whole) and hold a full copy of the weights
     each. One whose name carries the pid of a live process on this machine (a save in progress) is kept.
     """
-    removed = []
-    for path in sorted(Path(output_dir).glob(".step_*.tmp*")):
-        pid = path.name.rpartition(".tmp-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+    removed = remove_stale_files(output_dir, ".step_*.tmp*")
     if removed:
-        logging.getLogger(__name__).warning("removed %d unfinished checkpoint(s): %s", len(removed),
-                                            ", ".join(p.name for p in removed))  # fmt: skip
+        log.warning("removed %d unfinished checkpoint(s): %s", len(removed), ", ".join(p.name for p in removed))
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def step_dirs(output_dir: str | Path) -> list[Path]:
@@ -142,35 +114,26 @@ def write_manifest(checkpoint_dir: str | Path, run: dict[str, Any] | None = None
     """Record every file of ``checkpoint_dir`` (size and BLAKE2b) and the run's fingerprint in ``manifest.json``;
     call it last."""
     checkpoint_dir = Path(checkpoint_dir)
-    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    entries = {p.relative_to(checkpoint_dir).as_posix(): {"bytes": p.stat().st_size, "blake2b": h}
-               for p, h in zip(files, _digests(files))}  # fmt: skip
-    tmp = checkpoint_dir / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps({"files": entries, "run": run}, indent=1) + "\n")
-    os.replace(tmp, checkpoint_dir / MANIFEST_FILE)
+    names = sorted(p.relative_to(checkpoint_dir).as_posix() for p in checkpoint_dir.rglob("*")
+                   if p.is_file() and p.name != MANIFEST_FILE)  # fmt: skip
+    with writing(checkpoint_dir / MANIFEST_FILE):
+        (checkpoint_dir / MANIFEST_FILE).write_text(
+            json.dumps({"files": manifest_entries(checkpoint_dir, names), "run": run}, indent=1) + "\n"
+        )  # inside the checkpoint's temporary directory, which is renamed into place after it
 
 
 def checkpoint_problem(checkpoint_dir: str | Path) -> str | None:
     """What is wrong with ``checkpoint_dir`` against its manifest (the first bad file), or None if it is complete."""
     checkpoint_dir = Path(checkpoint_dir)
     try:
-        entries = json.loads((checkpoint_dir / MANIFEST_FILE).read_text())["files"]
+        entries = read_manifest(checkpoint_dir / MANIFEST_FILE)["files"]
     except FileNotFoundError:
         return f"it has no {MANIFEST_FILE} (an unfinished save, or a checkpoint of an older version)"
     except (ValueError, KeyError, TypeError) as error:
         return f"its {MANIFEST_FILE} is unreadable ({error})"
     if RECIPE_STATE_FILE not in entries:
         return f"it has no {RECIPE_STATE_FILE} (not a checkpoint to resume from)"
-    for name, entry in entries.items():
-        path = checkpoint_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-    for name, file_hash in zip(entries, _digests([checkpoint_dir / n for n in entries])):
-        if file_hash != entries[name]["blake2b"]:
-            return f"{name} does not match its hash in the manifest"
-    return None
+    return entries_problem(checkpoint_dir, entries)
 
 
 def checkpoint_fingerprint(checkpoint_dir: str | Path) -> dict[str, Any]:

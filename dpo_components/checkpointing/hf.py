@@ -51,6 +51,7 @@ from dpo_components.checkpointing.peft import (
     merged_lora_state_dict,
     peft_adapter_config,
 )
+from dpo_components.files import torch_save, writing
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ def save_checkpoint_dir(
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
-        write_hf_files(checkpointer, tmp_dir, model_state, adapter_state, adapter_config)
+        with writing(tmp_dir, "the Hugging Face files of"):
+            write_hf_files(checkpointer, tmp_dir, model_state, adapter_state, adapter_config)
         if recipe_state is not None:
-            torch.save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
+            torch_save(recipe_state, tmp_dir / RECIPE_STATE_FILE)
         write_manifest(tmp_dir, run=(recipe_state or {}).get("run"))
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

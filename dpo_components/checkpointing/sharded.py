@@ -31,6 +31,7 @@ from dpo_components.checkpointing.fingerprint import check_same_run
 from dpo_components.checkpointing.hf import write_hf_files
 from dpo_components.checkpointing.peft import merge_lora_state, peft_adapter_config
 from dpo_components.checkpointing.state import load_recipe_state, load_state_file, rng_state, set_rng_state
+from dpo_components.files import torch_save, writing
 from dpo_components.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,16 @@ def save_sharded_checkpoint(
             tmp.mkdir(parents=True)
         dist.barrier()
         model_shards, optim_shards = get_state_dict(model, optimizer, options=ADAPTERS_ONLY if adapters_only else None)
-        dcp.save({"model": model_shards, "optimizer": optim_shards}, checkpoint_id=str(tmp / "dcp"))
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        with writing(tmp / "dcp", "checkpoint shards"):
+            dcp.save({"model": model_shards, "optimizer": optim_shards}, checkpoint_id=str(tmp / "dcp"))
+        torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
         hf = hf_files() if hf_files is not None else None
         dist.barrier()  # every rank's files are written before rank 0 completes and renames the directory
         if rank == 0:
             if hf:
-                write_hf_files(checkpointer, tmp, **_cast_floats(hf, hf_dtype))
-            torch.save(recipe_state, tmp / RECIPE_STATE_FILE)
+                with writing(tmp, "the Hugging Face files of"):
+                    write_hf_files(checkpointer, tmp, **_cast_floats(hf, hf_dtype))
+            torch_save(recipe_state, tmp / RECIPE_STATE_FILE)
             write_manifest(tmp, run=recipe_state.get("run"))  # last: a checkpoint is complete only with it
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             os.replace(tmp, checkpoint_dir)

@@ -426,6 +426,49 @@ def _is_empty(path: str) -> bool:
     return not lines or header_only or lines == ["[]"]
 
 
+def _unparsable_line(path: str) -> str | None:
+    """"<file> line N: what is wrong" for the first line of a local JSON-lines, JSON or CSV file that does not
+    parse, else None (read only after ``datasets`` failed on the file, to say where)."""
+    file = Path(path)
+    if not file.is_file():
+        return None
+    if file.suffix in (".jsonl", ".json"):
+        text = file.read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)
+            return None  # one JSON document (an array of rows, or an object): it parses
+        except json.JSONDecodeError as whole:
+            document = whole
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if first.lstrip().startswith("["):  # a JSON array: where the document breaks
+            return f"{file} line {document.lineno}: not valid JSON ({document.msg}, column {document.colno})"
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"{file} line {number}: not valid JSON ({error.msg}, column {error.colno})"
+            if not isinstance(row, dict):
+                return f"{file} line {number}: a JSON {type(row).__name__}, where a row (a JSON object) belongs"
+        return None
+    if file.suffix in (".csv", ".tsv"):
+        with open(file, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter="\t" if file.suffix == ".tsv" else ",")
+            header: list[str] | None = None
+            try:
+                for record in reader:
+                    if not record:
+                        continue
+                    if header is None:
+                        header = record
+                    elif len(record) > len(header):
+                        return f"{file} line {reader.line_num}: {len(record)} fields, the header has {len(header)}"
+            except csv.Error as error:
+                return f"{file} line {reader.line_num}: {error}"
+    return None
+
+
 def _load_split(source: str, data_files: Any, split: str, **kwargs: Any) -> tuple[HFDataset | None, list[int]]:
     """The rows of ``split`` (None if it selects none) and each row's index in its unsliced split
     (``"train[4:6]"`` gives rows 4 and 5)."""
@@ -509,6 +552,9 @@ def load_rows(
         empty = [f for f in _files(data_files) if _is_empty(f)]
         if empty:
             raise PreferenceDataError(f"{', '.join(empty)}: the file holds no rows") from error
+        for path in _files(data_files):
+            if bad := _unparsable_line(path):
+                raise PreferenceDataError(bad) from None
         if isinstance(error, ValueError) and str(error).startswith("Unknown split"):  # a hub split on a local file
             raise PreferenceDataError(
                 f"{where}: {error} Set the split to one of those (a local JSON/CSV/Parquet file has one split, "

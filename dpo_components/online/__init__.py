@@ -11,7 +11,9 @@ from dpo_components.online.rewards import HFRewardModel, RewardError, TextReward
 from dpo_components.online.rounds import (
     PAIR_RULES,
     REFERENCES,
+    ROUND_FILES,
     OnlineSettings,
+    RoundFiles,
     build_pairs,
     fixed_samples,
     pairs_dataset,
@@ -23,13 +25,12 @@ from dpo_components.online.rounds import (
     round_samples_of,
     sample_round,
     sampling_seed,
-    write_atomic,
-    write_jsonl,
 )
 
 __all__ = [
-    "PAIR_RULES", "REFERENCES", "HFRewardModel", "OnlineSettings", "PromptDataset", "RewardError", "TextReward",
+    "PAIR_RULES", "REFERENCES", "ROUND_FILES", "HFRewardModel", "OnlineSettings", "PromptDataset", "RewardError",
+    "RoundFiles", "TextReward",
     "build_pairs", "fixed_samples", "pairs_dataset", "preference_rows", "prompt_dataset", "read_jsonl", "round_dir",
     "round_figures", "round_prompt_indices", "round_samples_of", "sample_round", "sampling_seed", "score",
-    "text_reward", "write_atomic", "write_jsonl",
+    "text_reward",
 ]  # fmt: skip

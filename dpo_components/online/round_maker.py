@@ -19,21 +19,28 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from torch import nn
 from torchtune.modules.peft import disable_adapter
 from torchtune.utils import get_logger
 
 import dpo_components.online.rounds as rounds
-from dpo_components.checkpointing import check_same_run, prepare_output_dir, step_dirs
+from dpo_components.checkpointing import (
+    CheckpointError,
+    check_same_run,
+    checkpoint_problem,
+    load_recipe_state,
+    prepare_output_dir,
+    step_dirs,
+)
 from dpo_components.data import PreferenceDataset
 from dpo_components.data.collate import make_collator
 from dpo_components.data.micro_batches import check_pairs_fit_budget
 from dpo_components.data.order import batch_order
+from dpo_components.files import remove_stale_temporaries, write_json
 from dpo_components.losses import PreferenceLoss
 from dpo_components.online.prompts import PromptDataset
 from dpo_components.online.rewards import Reward, score
-from dpo_components.reference import Reference, compute_reference_logprobs, load_or_compute
+from dpo_components.reference import Reference, compute_reference_logprobs
 from dpo_components.samples import response_logprobs
 from dpo_components.settings import ConfigError, RecipeSettings
 
@@ -44,7 +51,12 @@ RUN_FILE = "run.json"  # rounds/run.json: the fingerprint of the run the rounds 
 def prepare_online_output_dir(settings: RecipeSettings) -> tuple[Path | None, bool]:
     """:func:`~dpo_components.checkpointing.prepare_output_dir` with the rounds: returns (the checkpoint to resume
     or None, whether the run resumes in round 0 from its files alone: killed before its first checkpoint). A fresh
-    run refuses the rounds of an earlier run unless ``overwrite_output_dir``, which deletes them."""
+    run refuses the rounds of an earlier run unless ``overwrite_output_dir``, which deletes them.
+
+    A checkpoint inside round r holds a policy that has trained on the round's files already, so they cannot be
+    made again from it: if they no longer match their manifest, the run resumes from the checkpoint at the round's
+    start instead (the newest one between rounds; none: from the start of the run), with a warning naming the bad
+    file, and removes the checkpoints after it (the steps are taken again, to the same weights)."""
     s, directory = settings, settings.output_dir / "rounds"
     resume_round_0 = s.resume and not step_dirs(s.output_dir) and (directory / RUN_FILE).exists()
     resume_dir = prepare_output_dir(s.output_dir, s.resume and not resume_round_0, s.overwrite_output_dir)
@@ -54,17 +66,50 @@ def prepare_online_output_dir(settings: RecipeSettings) -> tuple[Path | None, bo
                               "resume_from_checkpoint=true to continue it, overwrite_output_dir=true to delete "
                               "them and start over, or choose another output_dir.")  # fmt: skip
         shutil.rmtree(directory)
+    if directory.is_dir():  # what a kill while a round file was written left (never read: not in the manifest)
+        remove_stale_temporaries(directory, "round_*/.*.tmp-*")
+    if resume_dir is not None:
+        state = load_recipe_state(resume_dir)
+        r, inside = state["epochs_run"], state["batches_done_in_epoch"] > 0
+        problem = rounds.RoundFiles(s.output_dir, r).incomplete() if inside else None
+        if problem:
+            resume_dir = _round_start_checkpoint(s.output_dir, resume_dir)
+            later = [p for p in step_dirs(s.output_dir) if resume_dir is None or _step(p) > _step(resume_dir)]
+            log.warning(f"round {r}'s files cannot be read back ({problem}) and {later[-1].name} has trained on them "
+                        f"already: round {r} restarts from {resume_dir or 'the start of the run'}; removing "
+                        f"{', '.join(p.name for p in later)}")  # fmt: skip
+            for path in later:
+                shutil.rmtree(path)
+            resume_round_0 = resume_dir is None
     return resume_dir, resume_round_0
+
+
+def _step(checkpoint_dir: Path) -> int:
+    return int(checkpoint_dir.name.removeprefix("step_"))
+
+
+def _round_start_checkpoint(output_dir: Path, inside: Path) -> Path | None:
+    """The newest complete checkpoint before ``inside`` taken between rounds (none inside a round), or None."""
+    for path in step_dirs(output_dir):
+        if _step(path) < _step(inside) and checkpoint_problem(path) is None:
+            if load_recipe_state(path)["batches_done_in_epoch"] == 0:
+                return path
+    return None
 
 
 def claim_rounds(output_dir: Path, fingerprint: dict[str, Any], resume_round_0: bool) -> None:
     """Write the run's fingerprint beside the rounds, or (resuming in round 0) check it against theirs."""
     path = output_dir / "rounds" / RUN_FILE
     if resume_round_0:
-        check_same_run(path.parent, json.loads(path.read_text()), fingerprint)
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read {path} ({error}), the fingerprint of the run these rounds belong to: "
+                                  "start over with overwrite_output_dir=true") from None  # fmt: skip
+        check_same_run(path.parent, saved, fingerprint)
         log.info(f"resuming at step 0: no checkpoint yet, reading round 0's files in {path.parent}")
     else:
-        rounds.write_atomic(path, json.dumps(fingerprint, indent=1) + "\n")
+        write_json(path, fingerprint)
 
 
 def online_fingerprint_keys(cfg: DictConfig) -> dict[str, Any]:
@@ -107,52 +152,48 @@ class RoundMaker:
         self.collate, self.loss, self.start, self.seed = collate, loss, start, seed
         self.metric_logger = metric_logger
 
-    def round(self, r: int, step: int) -> tuple[PreferenceDataset, Reference]:
-        """Round ``r``'s pairs and their reference: read from the round's files when it is complete (a resume),
-        else sampled (or read from ``samples.jsonl`` if sampling finished before a kill), scored, paired, written;
-        its figures logged at optimizer step ``step``."""
-        o, where = self.online, f"round {r}"
-        directory = rounds.round_dir(self.settings.output_dir, r)
-        if (directory / "round.json").exists():
-            samples = rounds.read_jsonl(directory / "samples.jsonl")
-            rewards = [row["rewards"] for row in rounds.read_jsonl(directory / "scores.jsonl")]
-            pairs = rounds.build_pairs(rewards, [row["responses"] for row in samples], o.pair_rule, o.min_margin)
-            cache = load_file(directory / "reference_logps.safetensors") if self._needs_table(pairs) else None
-            log.info(f"{where}: read {len(pairs)} pairs from {directory}")
-            dataset = rounds.pairs_dataset(samples, pairs, where)
-            self._check_pairs_fit(dataset, where)  # the resumed run's layout and budget may differ
-            return dataset, self._round_reference(cache)
+    def round(self, r: int, step: int, mid_round: bool = False) -> tuple[PreferenceDataset, Reference]:
+        """Round ``r``'s pairs and their reference, its figures logged at optimizer step ``step``.
 
+        Each of the round's files that matches the manifest is read back (a resume); the first that does not, and
+        every file after it, is made again from the policy, which is the policy as the round starts: samples,
+        scores (rewards and the KL terms), pairs, the reference table (``previous_round``: from the policy), then
+        ``round.json``. ``mid_round``: the policy has trained on the round already, so nothing may be made again
+        from it; the files must all match (``prepare_online_output_dir`` restarts the round otherwise)."""
+        o, where = self.online, f"round {r}"
+        files = rounds.RoundFiles(self.settings.output_dir, r)
+        if mid_round and (problem := files.incomplete()):
+            raise CheckpointError(f"{where}: resuming inside the round, but its files cannot be read back: {problem}; "
+                                  "resume again (the round restarts from the checkpoint at its start)")  # fmt: skip
         started = time.perf_counter()
-        samples = self._samples(r, directory)
+        made = not files.kept("samples.jsonl")  # once a file is made (again), every file after it is made too
+        samples = self._sample(r, files) if made else files.read_jsonl("samples.jsonl")
         sampled_at = time.perf_counter()
-        flat = [(row["messages"], row["prompt_ids"], resp) for row in samples for resp in row["responses"]]
-        scores = score(self.reward, [m for m, _, _ in flat], [resp["text"] for _, _, resp in flat], where)
         # the KL estimate needs samples of the policy itself: temperature 1, no top-p / top-k, not a samples_file
         own_samples = o.temperature == 1.0 and o.top_p == 1.0 and o.top_k is None and not (r == 0 and o.samples_file)
-        policy_logps, start_logps = (self._kl_terms([p for _, p, _ in flat], [resp["ids"] for _, _, resp in flat])
-                                     if own_samples else ([None] * len(flat), [None] * len(flat)))  # fmt: skip
-        rows, at = [], 0
-        for row in samples:
-            k = len(row["responses"])
-            rows.append({"prompt_index": row["prompt_index"], "rewards": scores[at : at + k],
-                         "policy_logps": policy_logps[at : at + k], "start_logps": start_logps[at : at + k]})
-            at += k
-        rounds.write_jsonl(directory / "scores.jsonl", rows)
+        if not made and files.kept("scores.jsonl"):
+            rows = files.read_jsonl("scores.jsonl")
+        else:
+            rows, made = self._score(samples, own_samples, where), True
+            files.write("scores.jsonl", rows)
         rewards = [row["rewards"] for row in rows]
         pairs = rounds.build_pairs(rewards, [row["responses"] for row in samples], o.pair_rule, o.min_margin)
-        rounds.write_jsonl(directory / "pairs.jsonl", rounds.preference_rows(samples, rewards, pairs))
+        if made or not files.kept("pairs.jsonl"):
+            files.write("pairs.jsonl", rounds.preference_rows(samples, rewards, pairs))
+            made = True
         dataset = rounds.pairs_dataset(samples, pairs, where)
-        self._check_pairs_fit(dataset, where)
-        cache = None
+        self._check_pairs_fit(dataset, where)  # a resumed run's layout and budget may differ
+        table = None
         if self._needs_table(pairs):  # the reference's log-probs of the round's pairs, once
-            s = self.settings
-            live = self.start if o.reference == "start" else Reference("frozen_copy", s.device, model=self.policy,
-                                                                       chunk_size=s.logprob_chunk_size,
-                                                                       flex_attention=s.flex_attention)  # fmt: skip
-            cache = load_or_compute(directory / "reference_logps.safetensors",
-                                    lambda: compute_reference_logprobs(live, dataset, self.collate,
-                                                                       s.reference.batch_size))  # fmt: skip
+            if not made and files.kept("reference_logps.safetensors"):
+                table = files.read_tensors("reference_logps.safetensors")
+            else:
+                table, made = self._reference_table(dataset), True
+                files.write("reference_logps.safetensors", table)
+        if not made and files.kept("round.json"):
+            log.info(f"{where}: read {len(pairs)} pairs from {files.directory}")
+            return dataset, self._round_reference(table)
+
         figures = rounds.round_figures(rewards, pairs, [row["responses"] for row in samples],
                                        [row["policy_logps"] for row in rows] if own_samples else None,
                                        [row["start_logps"] for row in rows] if own_samples else None)  # fmt: skip
@@ -161,20 +202,18 @@ class RoundMaker:
         summary = {"round": r, "sampling_seed": rounds.sampling_seed(self.seed, r), "prompts": len(samples),
                    "samples_file": o.samples_file if r == 0 else None, "reward": repr(self.reward),
                    "reference": o.reference, "figures": figures}  # fmt: skip
-        rounds.write_atomic(directory / "round.json", json.dumps(summary, indent=1) + "\n")
+        files.write("round.json", summary)  # last: the round is complete
         self.metric_logger.log_dict(figures, step=step)
         kl = f", KL to start {figures['online/kl_to_start']:.3f}" if own_samples else ""
         log.info(f"{where}: {len(samples)} prompts, reward mean {figures['online/reward_mean']:.3f} "
                  f"(min {figures['online/reward_min']:.3f}, max {figures['online/reward_max']:.3f}), {len(pairs)} "
                  f"pairs{kl}")  # fmt: skip
-        return dataset, self._round_reference(cache)
+        return dataset, self._round_reference(table)
 
-    def _samples(self, r: int, directory: Path) -> list[dict[str, Any]]:
-        """Round ``r``'s prompts with their responses: sampled from the policy (round 0: or ``samples_file``),
-        written to ``samples.jsonl`` at once; read back from it when a kill came after sampling."""
+    def _sample(self, r: int, files: rounds.RoundFiles) -> list[dict[str, Any]]:
+        """Round ``r``'s prompts with their responses, sampled from the policy (round 0: or read from
+        ``samples_file``), written to ``samples.jsonl`` at once (a kill while scoring does not sample again)."""
         o = self.online
-        if (directory / "samples.jsonl").exists():
-            return rounds.read_jsonl(directory / "samples.jsonl")
         if r == 0 and o.samples_file:
             samples = rounds.fixed_samples(o.samples_file, self.tokenizer, self.policy.max_seq_len)
         else:
@@ -184,8 +223,31 @@ class RoundMaker:
                                             rounds.sampling_seed(self.seed, r))  # fmt: skip
             for row, sampled in zip(samples, responses):
                 row["responses"] = sampled
-        rounds.write_jsonl(directory / "samples.jsonl", samples)
+        files.write("samples.jsonl", samples)
         return samples
+
+    def _score(self, samples: list[dict[str, Any]], own_samples: bool, where: str) -> list[dict[str, Any]]:
+        """``scores.jsonl``'s rows: per prompt the rewards of its responses and, for the policy's own samples, their
+        log-probs under the policy and the start model (the KL terms)."""
+        flat = [(row["messages"], row["prompt_ids"], resp) for row in samples for resp in row["responses"]]
+        scores = score(self.reward, [m for m, _, _ in flat], [resp["text"] for _, _, resp in flat], where)
+        policy_logps, start_logps = (self._kl_terms([p for _, p, _ in flat], [resp["ids"] for _, _, resp in flat])
+                                     if own_samples else ([None] * len(flat), [None] * len(flat)))  # fmt: skip
+        rows, at = [], 0
+        for row in samples:
+            k = len(row["responses"])
+            rows.append({"prompt_index": row["prompt_index"], "rewards": scores[at : at + k],
+                         "policy_logps": policy_logps[at : at + k], "start_logps": start_logps[at : at + k]})
+            at += k
+        return rows
+
+    def _reference_table(self, dataset: PreferenceDataset) -> dict[str, torch.Tensor]:
+        """The round's reference log-probs of its pairs: the start model, or (``previous_round``) the policy now."""
+        s = self.settings
+        live = self.start if self.online.reference == "start" else Reference(
+            "frozen_copy", s.device, model=self.policy, chunk_size=s.logprob_chunk_size,
+            flex_attention=s.flex_attention)  # fmt: skip
+        return compute_reference_logprobs(live, dataset, self.collate, s.reference.batch_size)
 
     def steps(self, pairs: PreferenceDataset, r: int) -> list[list[int]]:
         """The optimizer steps of round ``r``, each a list of ``batch_size x gradient_accumulation_steps`` pair

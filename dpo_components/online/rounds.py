@@ -16,7 +16,7 @@ A pair is dropped when its margin (chosen score - rejected score) is not above `
 dropped) or when both responses are the same tokens.
 
 The round's files, under ``<output_dir>/rounds/round_<r>/``, each written whole or not at all (temp name +
-rename), in this order:
+rename) and then recorded (size, BLAKE2b) in the round's ``manifest.json`` (:class:`RoundFiles`), in this order:
 
 - ``samples.jsonl``: per prompt, its dataset index, messages, token ids and the K responses (ids, trained labels,
   text); written right after sampling, so scoring again never samples again;
@@ -24,17 +24,19 @@ rename), in this order:
 - ``pairs.jsonl``: the pairs as conversational preference rows (``prompt``, ``chosen``, ``rejected`` messages, plus
   scores and which samples): ``dpo_components.data.preference_dataset`` reads the file as it is;
 - ``reference_logps.safetensors``: the round's reference log-probs of each pair (for losses with a reference);
-- ``round.json``: the round's figures and its sampling seed, written last: a round with it is complete.
+- ``round.json``: the round's figures and its sampling seed, written last: the manifest then marks the round complete.
 
 Sampling draws from a generator seeded by (seed, round) alone, so a round sampled again from the same weights
-gives the same responses; a resumed run reads a round's files instead whenever they exist.
+gives the same responses. A resumed run reads a round's files whenever they match the manifest; what does not match
+is named and made again from the files before it, from the policy as the round starts. Training on a round starts
+only once all of its files are written, so a checkpoint taken inside round r always finds them; if they were damaged
+since, the round restarts from the checkpoint at its start (``round_maker.prepare_online_output_dir``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,17 +45,28 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 from torchtune.data import Message
+from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from dpo_components.data import PreferenceDataset, stop_tokens
 from dpo_components.data.dataset import labels_of, tokenize_responses
 from dpo_components.data.formats import BadRow
+from dpo_components.files import (
+    entries_problem,
+    manifest_entries,
+    read_manifest,
+    save_tensors,
+    write_json,
+    write_jsonl,
+)
 from dpo_components.online.prompts import PromptDataset, prompt_messages
 from dpo_components.samples import decode_response, generate_padded
 from dpo_components.settings import ConfigError
 
+log = get_logger("INFO")
 PAIR_RULES = ("best_vs_worst", "all_pairs")
 REFERENCES = ("start", "previous_round")
 
@@ -272,19 +285,72 @@ def round_dir(output_dir: str | Path, round_index: int) -> Path:
     return Path(output_dir) / "rounds" / f"round_{round_index:03d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a temp file in the same directory, synced, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+ROUND_FILES = ("samples.jsonl", "scores.jsonl", "pairs.jsonl", "reference_logps.safetensors", "round.json")
+ROUND_MANIFEST = "manifest.json"
 
 
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+class RoundFiles:
+    """Round ``r``'s files (module docstring) under the round's ``manifest.json``: each written atomically, then
+    recorded there (size, BLAKE2b); ``complete`` is set with ``round.json``, the last. A file is read back only
+    when it matches its record (:meth:`kept`); one that does not is named in a warning and made again."""
+
+    def __init__(self, output_dir: str | Path, round_index: int) -> None:
+        self.round = round_index
+        self.directory = round_dir(output_dir, round_index)
+        self.manifest = self.directory / ROUND_MANIFEST
+
+    def _recorded(self) -> dict[str, Any]:
+        try:
+            return read_manifest(self.manifest)
+        except FileNotFoundError:
+            return {"files": {}}
+        except ValueError as error:
+            log.warning(f"round {self.round}: {self.manifest} is unreadable ({error}); its files are made again")
+            return {"files": {}}
+
+    def problem(self, name: str) -> str | None:
+        """What is wrong with the round's file ``name`` against the manifest, or None when it can be read."""
+        entry = self._recorded()["files"].get(name)
+        if entry is None:
+            after = " (written, but not recorded: killed between the two)" if (self.directory / name).exists() else ""
+            return f"{name} is not in {self.manifest}{after}"
+        return entries_problem(self.directory, {name: entry})
+
+    def incomplete(self) -> str | None:
+        """Why the round cannot be read back whole (the first bad file), or None when every file matches."""
+        manifest = self._recorded()
+        if not manifest.get("complete"):
+            return f"{self.manifest} does not mark the round complete"
+        return entries_problem(self.directory, manifest["files"])
+
+    def kept(self, name: str) -> bool:
+        """``name`` matches its record and can be read; a file that is there but does not match is named."""
+        problem = self.problem(name)
+        if problem and ((self.directory / name).exists() or name in self._recorded()["files"]):
+            log.warning(f"round {self.round}: {problem}; making it again")
+        return problem is None
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.directory / name)
+
+    def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(self.directory / name)
+
+    def write(self, name: str, value: Any) -> None:
+        """Write ``name`` (JSON lines for a list of rows, safetensors for tensors, else JSON), then record it and
+        forget the records of the files after it (made from what came before: they are made again too)."""
+        path = self.directory / name
+        if name.endswith(".safetensors"):
+            save_tensors(path, value)
+        elif name.endswith(".jsonl"):
+            write_jsonl(path, value)
+        else:
+            write_json(path, value)
+        manifest = self._recorded()
+        later = ROUND_FILES[ROUND_FILES.index(name) + 1 :]
+        files = {k: v for k, v in manifest["files"].items() if k not in later}
+        files.update(manifest_entries(self.directory, [name]))
+        write_json(self.manifest, {"files": files, "complete": name == "round.json"})
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -7,11 +7,11 @@ import torch
 from conftest import recipe_config, run_distributed_in_process
 from helpers import overrides
 
+from dpo_components import files
 from dpo_components.checkpointing import (
     RECIPE_STATE_FILE,
     check_same_run,
     checkpoint_problem,
-    directory,
     latest_checkpoint,
     restore_training_state,
     training_state,
@@ -70,7 +70,8 @@ def test_the_manifest_names_the_first_damaged_file_and_resume_skips_it(tmp_path)
     assert checkpoint_problem(tmp_path / "step_2") is None
     assert latest_checkpoint(tmp_path) == tmp_path / "step_2"
     (tmp_path / "step_2" / "model.safetensors").write_bytes(b"weighTs")  # same size, one byte changed
-    assert checkpoint_problem(tmp_path / "step_2") == "model.safetensors does not match its hash in the manifest"
+    assert checkpoint_problem(tmp_path / "step_2") == ("model.safetensors does not match its hash in the manifest "
+                                                       "(changed after it was written)")
     assert latest_checkpoint(tmp_path) == tmp_path / "step_1"
     (tmp_path / "step_1" / "model.safetensors").write_bytes(b"weight")
     assert "model.safetensors has 6 bytes, the manifest says 7" == checkpoint_problem(tmp_path / "step_1")
@@ -84,8 +85,8 @@ def test_sharded_checkpoint_hashes_each_file_once(tiny_setup, tmp_path, monkeypa
     """A consolidated FSDP2 save writes the HF weights straight into step_<N> and its one manifest reads each file
     once (before, a manifest of the HF part was written, moved and overwritten: the weights were hashed twice)."""
     hashed = []
-    real = directory.file_digest
-    monkeypatch.setattr(directory, "file_digest", lambda path: hashed.append(path.name) or real(path))
+    real = files.file_digest
+    monkeypatch.setattr(files, "file_digest", lambda path: hashed.append(path.name) or real(path))
     out = tmp_path / "out"
     cfg = recipe_config("recipe_configs/tiny/full_dpo_distributed.yaml",
                         overrides(tiny_setup, out, max_steps_per_epoch=1, eval_dataset="null"))  # fmt: skip

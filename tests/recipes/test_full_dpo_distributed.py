@@ -24,7 +24,7 @@ from test_configs import (
 )
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components.checkpointing import checkpoint_fingerprint, write_manifest
+from dpo_components.checkpointing import checkpoint_fingerprint, checkpoint_problem, write_manifest
 from dpo_components.tiny.model import tiny_llama
 from recipes.full_dpo_distributed import FullDPORecipeDistributed
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
@@ -248,3 +248,25 @@ def test_every_rank_refuses_a_resume_without_a_complete_checkpoint(tiny_setup, t
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "rank 0 failed" in output
     assert "no checkpoint in" in output and "step_3: it has no manifest.json" in output
+
+
+def test_a_full_disk_under_two_ranks_names_enospc_and_keeps_the_last_checkpoint(tiny_setup, tmp_path):
+    """The output_dir on a 64 MiB tmpfs (a user namespace): step_1 (DCP shards with AdamW's state, about 40 MB)
+    fits, step_2 (the shards and the consolidated HF weights) does not. The run ends naming ENOSPC and the
+    checkpoint, nothing of step_2 is left, and step_1 is complete."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("this machine lets no user mount a tmpfs (unshare -rm)")
+    full, copy = tmp_path / "full", tmp_path / "copy"
+    full.mkdir()
+    args = overrides(tiny_setup, full, max_steps_per_epoch=2, save_every_n_steps=1, eval_dataset="null")
+    command = " ".join([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "recipes/full_dpo_distributed.py", "--config", CONFIG, *args])  # fmt: skip
+    shell = f"mount -t tmpfs -o size=64m tmpfs {full} && {command}; status=$?; cp -a {full} {copy}; exit $status"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-4000:]
+    assert f"CheckpointError: could not write checkpoint {full}/step_2 (WriteError: could not write " in output
+    assert "ENOSPC (No space left on device)" in output and f"the last good checkpoint is {full}/step_1" in output
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith((".", "step_"))) == ["step_1"]
+    assert checkpoint_problem(copy / "step_1") is None

@@ -1,12 +1,16 @@
 """The IPO recipe: full-parameter and LoRA, live vs precomputed reference, margin vs target, cache, resume."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import REPO_ROOT
 from helpers import logged
 from helpers import run_ipo_recipe as run
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from dpo_components.settings import ConfigError
@@ -50,7 +54,7 @@ def test_reference_cache_is_reused_and_keyed(recipe_cfg, tmp_path, caplog, monke
     settings = {"max_steps_per_epoch": 1, "epochs": 1, "eval_dataset": None, "reference.cache_dir": str(cache_dir)}
     run(recipe_cfg(CONFIG, **settings), train=False)
     first = sorted(cache_dir.iterdir())
-    assert len(first) == 1
+    assert [p.suffix for p in first] == [".json", ".safetensors"]  # the cache and its manifest
     caplog.clear()
     with monkeypatch.context() as patch:  # a cache hit must not even build the reference model
         patch.setattr(IPORecipeSingleDevice, "_frozen_copy", lambda *a: pytest.fail("built a reference copy"))
@@ -65,7 +69,61 @@ def test_reference_cache_is_reused_and_keyed(recipe_cfg, tmp_path, caplog, monke
         ),
         train=False,
     )
-    assert len(list(cache_dir.iterdir())) == 2  # other truncation, other tokens, other key
+    assert len(list(cache_dir.glob("*.safetensors"))) == 2  # other truncation, other tokens, other key
+
+
+def _edit_in_place(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1  # one bit of the last value: same size, a valid file
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["edited in place", "cut", "manifest lost"])
+def test_a_damaged_reference_cache_is_named_and_recomputed(recipe_cfg, tmp_path, caplog, damage):
+    """Issue 45: a cache changed in place (same size) used to be reused ("reused ...", no warning), and 34 of the
+    IPO run's 38 weight tensors came out different; a cut one failed with a SafetensorError naming no file. Now
+    each is named and recomputed to the same bytes as the first computation (so the run is the undamaged one)."""
+    cache_dir = tmp_path / "cache"
+    settings = {"max_steps_per_epoch": 1, "epochs": 1, "eval_dataset": None, "reference.cache_dir": str(cache_dir)}
+    run(recipe_cfg(CONFIG, **settings), train=False)
+    (cache,) = cache_dir.glob("*.safetensors")
+    clean = cache.read_bytes()
+    if damage == "edited in place":
+        _edit_in_place(cache)
+    elif damage == "cut":
+        cache.write_bytes(clean[: len(clean) // 2])
+    else:
+        cache.with_suffix(".manifest.json").unlink()  # a kill between the cache and its manifest
+    caplog.clear()
+    recipe = run(recipe_cfg(CONFIG, **settings, output_dir=str(tmp_path / "again")), train=False)
+    why = {"edited in place": "does not match its hash in the manifest", "cut": f"has {len(clean) // 2} bytes",
+           "manifest lost": "it has no manifest"}[damage]  # fmt: skip
+    assert f"reference cache {cache}: " in caplog.text and why in caplog.text and "recomputing it" in caplog.text
+    assert cache.read_bytes() == clean and "computed" in caplog.text
+    assert torch.equal(recipe._reference.cache["train"]["chosen_logps"], load_file(cache)["chosen_logps"])
+
+
+def test_kill_9_during_the_reference_pass_then_the_same_cache(recipe_cfg, tmp_path):
+    """A run killed while it precomputes the reference leaves no cache to trust; the next run computes it whole."""
+    settings = {"max_steps_per_epoch": 1, "epochs": 1, "eval_dataset": None}
+    clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
+    run(recipe_cfg(CONFIG, **settings, **{"reference.cache_dir": str(clean_dir)}), train=False)
+    cfg = recipe_cfg(CONFIG, **settings, **{"reference.cache_dir": str(killed_dir)}, output_dir=str(tmp_path / "o"))
+    OmegaConf.save(cfg, tmp_path / "run.yaml")
+    process = subprocess.Popen([sys.executable, "recipes/ipo_single_device.py", "--config", str(tmp_path / "run.yaml")],
+                               cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    seen = b""
+    while b"reference log-probs:" not in seen:  # tqdm's bar of the pass
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode()[-3000:]
+        seen += chunk
+    process.kill()
+    process.wait()
+    assert not list(killed_dir.glob("*.manifest.json"))  # nothing trusted was left
+    run(cfg, train=False)
+    (clean,), (again,) = clean_dir.glob("*.safetensors"), killed_dir.glob("*.safetensors")
+    assert again.read_bytes() == clean.read_bytes()
 
 
 def test_separate_reference_checkpoint(recipe_cfg, tmp_path):

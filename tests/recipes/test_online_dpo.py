@@ -5,6 +5,7 @@ kill -9 mid-round and mid-sampling to the same weights as a run never stopped.""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,3 +375,115 @@ def constant_reward(response: str) -> float:
 
 def nan_reward(response: str) -> float:
     return math.nan if "the" in response else 0.0
+
+
+# ------------------------------------------------------------------ damaged round files (issue 45): never trained on
+
+
+def _cut_in_half(path):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: len(lines) // 2]))  # at a line boundary: still valid JSON lines
+
+
+def _edit_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # same size
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "samples cut to half its lines": lambda d: _cut_in_half(d / "samples.jsonl"),
+    "round.json deleted": lambda d: (d / "round.json").unlink(),
+    "scores.jsonl deleted": lambda d: (d / "scores.jsonl").unlink(),
+    "reference table edited in place": lambda d: _edit_one_byte(d / "reference_logps.safetensors"),
+}
+
+
+def _killed_inside_round_1(finished, out):
+    """``finished``'s output dir as a kill after step 3 (inside round 1) leaves it: no step_4.., no round 2."""
+    shutil.copytree(finished, out)
+    for name in ("step_4", "step_5", "step_6", "rounds/round_002"):
+        shutil.rmtree(out / name)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_round_files_restart_the_round_to_the_same_weights(online_run, tiny_setup, tmp_path, caplog, damage):
+    """Issue 45: round 1's samples cut to 32 of 64 lines used to resume with "read 32 pairs" and train on them, and a
+    deleted round.json re-scored the round with the mid-round policy. Now a damaged file inside a round is named,
+    the round restarts from its start (step_2), and the run ends on the uninterrupted run's weights, bit for bit."""
+    out = tmp_path / "damaged"
+    _killed_inside_round_1(online_run, out)
+    DAMAGE[damage](online.round_dir(out, 1))
+    run_online(online_cfg(tiny_setup, out, **SMALL, resume_from_checkpoint=True))
+    assert "round 1's files cannot be read back (" in caplog.text and "round 1 restarts from " in caplog.text
+    assert f"{out}/step_2; removing step_3" in caplog.text
+    assert_same_adapters(online_run / "step_6", out / "step_6")
+    for name in ("samples.jsonl", "scores.jsonl", "reference_logps.safetensors", "round.json"):
+        assert online.RoundFiles(out, 1).problem(name) is None
+    assert (online.round_dir(out, 1) / "scores.jsonl").read_bytes() == \
+        (online.round_dir(online_run, 1) / "scores.jsonl").read_bytes()  # the KL terms of the round-start policy
+
+
+def test_damage_between_rounds_makes_the_files_again_from_the_round_start_policy(online_run, tiny_setup, tmp_path,
+                                                                                caplog):  # fmt: skip
+    """Resumed at a round's start (step_2: round 1 not trained on yet), a damaged file is made again from the policy,
+    which is the round-start policy: what follows it too."""
+    out = tmp_path / "between"
+    shutil.copytree(online_run, out)
+    for name in ("step_3", "step_4", "step_5", "step_6", "rounds/round_002"):
+        shutil.rmtree(out / name)
+    _edit_one_byte(online.round_dir(out, 1) / "scores.jsonl")
+    run_online(online_cfg(tiny_setup, out, **SMALL, resume_from_checkpoint=True))
+    assert "round 1: scores.jsonl does not match its hash in the manifest" in caplog.text
+    assert_same_adapters(online_run / "step_6", out / "step_6")
+    assert (online.round_dir(out, 1) / "scores.jsonl").read_bytes() == \
+        (online.round_dir(online_run, 1) / "scores.jsonl").read_bytes()  # fmt: skip
+
+
+def test_iterative_dpo_damaged_table_and_kill_9_resume_to_the_same_weights(tiny_setup, tmp_path, caplog):
+    """``reference: previous_round``: round.json and the round's reference table deleted inside the round would have
+    taken the reference from the mid-round policy; and a kill -9 inside round 1. Both end on the weights of the run
+    never stopped."""
+    settings = {**SMALL, "online.rounds": 2, "online.reference": "previous_round"}
+    finished = tmp_path / "finished"
+    run_online(online_cfg(tiny_setup, finished, **settings))
+    out = tmp_path / "damaged"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "step_4")
+    for name in ("round.json", "reference_logps.safetensors"):
+        (online.round_dir(out, 1) / name).unlink()
+    run_online(online_cfg(tiny_setup, out, **settings, resume_from_checkpoint=True))
+    assert "round 1 restarts from" in caplog.text
+    assert_same_adapters(finished / "step_4", out / "step_4")
+
+    killed = tmp_path / "killed"
+    cfg = online_cfg(tiny_setup, killed, **settings)
+    _kill_when(_launch(cfg, tmp_path / "a.yaml"), lambda: (killed / "step_3/manifest.json").exists(), "first run")
+    run_online(OmegaConf.merge(cfg, {"resume_from_checkpoint": True}))
+    assert_same_adapters(finished / "step_4", killed / "step_4")
+    assert (online.round_dir(killed, 1) / "reference_logps.safetensors").read_bytes() == \
+        (online.round_dir(finished, 1) / "reference_logps.safetensors").read_bytes()  # fmt: skip
+
+
+def test_a_full_disk_names_enospc_and_the_run_resumes_elsewhere(online_run, tiny_setup, tmp_path):
+    """The output_dir on a 24 MiB tmpfs (in a user namespace): step_1 (17 MB) fits, step_2 does not. The run ends
+    with one message naming ENOSPC, the checkpoint and the last good one, and leaves nothing half-written; its
+    directory copied to a disk with room resumes to the weights of the run never stopped."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("this machine lets no user mount a tmpfs (unshare -rm)")
+    full, copy = tmp_path / "full", tmp_path / "copy"
+    full.mkdir()
+    cfg = online_cfg(tiny_setup, full, **SMALL)
+    OmegaConf.save(cfg, tmp_path / "run.yaml")
+    shell = (f"mount -t tmpfs -o size=24m tmpfs {full} && {sys.executable} recipes/online_dpo_single_device.py "
+             f"--config {tmp_path / 'run.yaml'}; status=$?; cp -a {full} {copy}; exit $status")  # fmt: skip
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if "Error" in line and not line.startswith(" ")]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith(f"dpo_components.checkpointing.CheckpointError: could not write checkpoint "
+                                f"{full}/step_2 (WriteError: could not write the Hugging Face files of {full}/")
+    assert "ENOSPC (No space left on device)" in errors[0] and f"the last good checkpoint is {full}/step_1" in errors[0]
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith((".", "step_"))) == ["step_1"]
+    run_online(online_cfg(tiny_setup, copy, **SMALL, resume_from_checkpoint=True))
+    assert_same_adapters(online_run / "step_6", copy / "step_6")
