@@ -89,7 +89,7 @@ def test_full_parameter_bf16_follows_the_fp32_run_only_with_master_weights(recip
     runs, shares = {}, {}
     for tag, dtype, master in [("fp32", "fp32", "fp32"), ("bf16", "bf16", None), ("in_place", "bf16", "bf16")]:
         cfg = config(recipe_cfg, "ipo_single_device", random_start, tmp_path / tag, dtype=dtype, master_dtype=master,
-                     **{"reference.mode": "model"})  # fmt: skip
+                     batch_size=8, **{"reference.mode": "model"})  # fmt: skip
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             recipe = IPORecipeSingleDevice(cfg)
@@ -107,8 +107,8 @@ def test_full_parameter_bf16_follows_the_fp32_run_only_with_master_weights(recip
     # the guard: fp32 leaves ~1% unchanged (Adam's eps, tiny gradients); bf16 in place ~99%
     assert max(shares["bf16"]) < max(shares["fp32"]) + 0.05 < 0.1
     assert min(shares["in_place"]) > 0.9
-    # the loss the trained weights reach: bf16 with master weights moves it as fp32 does (measured: 1.02e-3 both,
-    # ratio 1.000), in place 1% of that
+    # the loss the trained weights reach: bf16 with master weights moves it as fp32 does (measured: 8.3e-4 both,
+    # ratio 1.001), in place 1% of that
     start_loss, fp32_loss, bf16_loss, in_place_loss = fp32_eval_loss(
         [start, runs["fp32"], runs["bf16"], runs["in_place"]], tiny_setup
     )
