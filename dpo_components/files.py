@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -50,10 +51,19 @@ class WriteError(OSError):
         return self.message
 
 
+# the causes a write fails with that are about the disk, not the code: these are named (others raise as they are)
+WRITE_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error (safetensors) shows the errno
+_TORCH_LOST_IT = "unexpected pos"  # torch.save given a path, whose write failed: the errno is gone
+
+
 def os_error_of(error: BaseException, path: str | Path) -> int | None:
-    """The errno behind a failed write: an ``OSError`` among ``error``'s causes (torch's and safetensors' writers
-    and torch.distributed.checkpoint wrap it), else what the file system of ``path`` says (no space left, or
-    read-only), else None."""
+    """The errno behind a failed write, when it is one of :data:`WRITE_CAUSES`; else None.
+
+    Looked for where the libraries keep it: an ``OSError`` itself or as an explicit ``__cause__``; each rank's error
+    of torch.distributed.checkpoint's ``CheckpointException``; the text ``(os error N)`` of safetensors'
+    ``SafetensorError``. Only torch.save's ``unexpected pos`` (which keeps nothing) is explained by the file system
+    of ``path``: no space left, or read-only."""
     seen, todo = set(), [error]
     while todo:
         e = todo.pop()
@@ -61,13 +71,19 @@ def os_error_of(error: BaseException, path: str | Path) -> int | None:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno:
-            return e.errno
-        todo += [e.__cause__, e.__context__]
+            return e.errno if e.errno in WRITE_CAUSES else None
+        todo.append(e.__cause__)
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException, per rank
         if isinstance(failures, dict):
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        if "No space left on device" in str(e):  # safetensors' SafetensorError carries only the text
-            return errno.ENOSPC
+        if (match := _OS_ERROR_TEXT.search(str(e))) and int(match.group(1)) in WRITE_CAUSES:
+            return int(match.group(1))
+        if _TORCH_LOST_IT in str(e):
+            return _file_system_says(path)
+    return None
+
+
+def _file_system_says(path: str | Path) -> int | None:
     directory = Path(path)
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
@@ -189,6 +205,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{Path(path).name} is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{Path(path).name} lists no files")
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("blake2b"), str)):  # fmt: skip
+            raise ValueError(f"{Path(path).name}: the entry of {name} is not {{bytes, blake2b}}")
     return manifest
 
 
@@ -231,7 +251,10 @@ def remove_stale_temporaries(directory: str | Path, pattern: str, min_age_s: flo
         pid = path.name.rpartition(".tmp-")[2]
         if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
             continue  # a write in progress in another process
-        if min_age_s and time.time() - path.stat().st_mtime < min_age_s:
+        try:
+            if min_age_s and time.time() - path.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:  # renamed into place meanwhile by its writer
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

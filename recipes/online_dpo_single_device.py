@@ -111,7 +111,7 @@ class OnlineDPORecipeSingleDevice:
             raise ConfigError(f"the online recipe trains on pairs of its own samples; {type(self._loss_fn).__name__} "
                               "trains on unpaired rows")  # fmt: skip
         # prepare_output_dir, and the rounds: a run killed in round 0 (no checkpoint yet) resumes from its files
-        resume_dir, resume_round_0 = prepare_online_output_dir(s)
+        resume_dir, resume_round_0 = prepare_online_output_dir(s, self.online)
         self._metric_logger = start_metric_logger(cfg.metric_logger, cfg)
         self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
         adapter = load_peft_adapter(resume_dir, **peft_layout(self._checkpointer)) if resume_dir else None
@@ -233,6 +233,7 @@ class OnlineDPORecipeSingleDevice:
         """Write ``<output_dir>/step_<N>/``: merged HF model, PEFT adapter, and the state for an exact resume."""
         state = training_state(self.progress.counters(), self._optimizer, self._lr_scheduler, self._fingerprint,
                                master_weights=self._master)  # fmt: skip
+        state["round_files"] = self._rounds.trained_on  # what a resume inside this round must find unchanged
         path = self.settings.output_dir / f"step_{self.progress.global_step}"
         try:
             save_lora_checkpoint(self._checkpointer, path, self._model, self._lora, self.settings.dtype, state)

@@ -433,24 +433,22 @@ def _unparsable_line(path: str) -> str | None:
     if not file.is_file():
         return None
     if file.suffix in (".jsonl", ".json"):
-        text = file.read_text(encoding="utf-8", errors="replace")
-        try:
-            json.loads(text)
-            return None  # one JSON document (an array of rows, or an object): it parses
-        except json.JSONDecodeError as whole:
-            document = whole
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        if first.lstrip().startswith("["):  # a JSON array: where the document breaks
-            return f"{file} line {document.lineno}: not valid JSON ({document.msg}, column {document.colno})"
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                return f"{file} line {number}: not valid JSON ({error.msg}, column {error.colno})"
-            if not isinstance(row, dict):
-                return f"{file} line {number}: a JSON {type(row).__name__}, where a row (a JSON object) belongs"
+        with open(file, encoding="utf-8", errors="replace") as f:  # line by line: the file may be large
+            first = True
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as error:
+                    if first and line.lstrip()[:1] in ("[", "{"):  # perhaps one document over many lines
+                        return _document_error(file)  # where it breaks; None: it parses, the failure is elsewhere
+                    return f"{file} line {number}: not valid JSON ({error.msg}, column {error.colno})"
+                if not isinstance(row, dict):
+                    if first and isinstance(row, list):  # a JSON array on one line: a document of rows
+                        return None
+                    return f"{file} line {number}: a JSON {type(row).__name__}, where a row (a JSON object) belongs"
+                first = False
         return None
     if file.suffix in (".csv", ".tsv"):
         with open(file, newline="", encoding="utf-8", errors="replace") as f:
@@ -466,6 +464,15 @@ def _unparsable_line(path: str) -> str | None:
                         return f"{file} line {reader.line_num}: {len(record)} fields, the header has {len(header)}"
             except csv.Error as error:
                 return f"{file} line {reader.line_num}: {error}"
+    return None
+
+
+def _document_error(file: Path) -> str | None:
+    """Where a file read as one JSON document breaks, or None if it parses."""
+    try:
+        json.loads(file.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as error:
+        return f"{file} line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})"
     return None
 
 

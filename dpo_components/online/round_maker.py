@@ -48,15 +48,16 @@ log = get_logger("INFO")
 RUN_FILE = "run.json"  # rounds/run.json: the fingerprint of the run the rounds belong to
 
 
-def prepare_online_output_dir(settings: RecipeSettings) -> tuple[Path | None, bool]:
+def prepare_online_output_dir(settings: RecipeSettings, online: rounds.OnlineSettings) -> tuple[Path | None, bool]:
     """:func:`~dpo_components.checkpointing.prepare_output_dir` with the rounds: returns (the checkpoint to resume
     or None, whether the run resumes in round 0 from its files alone: killed before its first checkpoint). A fresh
     run refuses the rounds of an earlier run unless ``overwrite_output_dir``, which deletes them.
 
-    A checkpoint inside round r holds a policy that has trained on the round's files already, so they cannot be
-    made again from it: if they no longer match their manifest, the run resumes from the checkpoint at the round's
-    start instead (the newest one between rounds; none: from the start of the run), with a warning naming the bad
-    file, and removes the checkpoints after it (the steps are taken again, to the same weights)."""
+    A checkpoint inside round r holds a policy that has trained on the round's inputs (samples, scores; with
+    ``previous_round`` the reference table), which only the policy at the round's start can make: if they no longer
+    match their manifest, or were made again after the checkpoint (its ``round_files``), the run resumes from the
+    checkpoint at the round's start instead (the newest one between rounds; none: from the start of the run), with
+    a warning naming the bad file. The checkpoints after that one stay until the run writes them again."""
     s, directory = settings, settings.output_dir / "rounds"
     resume_round_0 = s.resume and not step_dirs(s.output_dir) and (directory / RUN_FILE).exists()
     resume_dir = prepare_output_dir(s.output_dir, s.resume and not resume_round_0, s.overwrite_output_dir)
@@ -70,16 +71,14 @@ def prepare_online_output_dir(settings: RecipeSettings) -> tuple[Path | None, bo
         remove_stale_temporaries(directory, "round_*/.*.tmp-*")
     if resume_dir is not None:
         state = load_recipe_state(resume_dir)
-        r, inside = state["epochs_run"], state["batches_done_in_epoch"] > 0
-        problem = rounds.RoundFiles(s.output_dir, r).incomplete() if inside else None
-        if problem:
-            resume_dir = _round_start_checkpoint(s.output_dir, resume_dir)
-            later = [p for p in step_dirs(s.output_dir) if resume_dir is None or _step(p) > _step(resume_dir)]
-            log.warning(f"round {r}'s files cannot be read back ({problem}) and {later[-1].name} has trained on them "
-                        f"already: round {r} restarts from {resume_dir or 'the start of the run'}; removing "
-                        f"{', '.join(p.name for p in later)}")  # fmt: skip
-            for path in later:
-                shutil.rmtree(path)
+        r = state["epochs_run"]
+        if state["batches_done_in_epoch"] > 0 and (problem := rounds.RoundFiles(s.output_dir, r).problem_inside(
+                online.reference == "previous_round", state.get("round_files"))):  # fmt: skip
+            inside, resume_dir = resume_dir, _round_start_checkpoint(s.output_dir, resume_dir)
+            log.warning(f"round {r}: {problem}; {inside.name} has trained on the round's files, which only the policy "
+                        f"at the round's start can make again: round {r} restarts from "
+                        f"{resume_dir or 'the start of the run'} (the checkpoints after it stay until the run "
+                        "writes them again)")  # fmt: skip
             resume_round_0 = resume_dir is None
     return resume_dir, resume_round_0
 
@@ -91,9 +90,14 @@ def _step(checkpoint_dir: Path) -> int:
 def _round_start_checkpoint(output_dir: Path, inside: Path) -> Path | None:
     """The newest complete checkpoint before ``inside`` taken between rounds (none inside a round), or None."""
     for path in step_dirs(output_dir):
-        if _step(path) < _step(inside) and checkpoint_problem(path) is None:
-            if load_recipe_state(path)["batches_done_in_epoch"] == 0:
-                return path
+        if _step(path) >= _step(inside):
+            continue
+        try:
+            between_rounds = load_recipe_state(path)["batches_done_in_epoch"] == 0  # read before any hashing
+        except (CheckpointError, KeyError):
+            continue
+        if between_rounds and checkpoint_problem(path) is None:
+            return path
     return None
 
 
@@ -151,46 +155,48 @@ class RoundMaker:
         self.policy, self.tokenizer, self.prompts, self.reward = policy, tokenizer, prompts, reward
         self.collate, self.loss, self.start, self.seed = collate, loss, start, seed
         self.metric_logger = metric_logger
+        self.trained_on: str | None = None  # the current round's RoundFiles.trained_on, for its checkpoints
 
     def round(self, r: int, step: int, mid_round: bool = False) -> tuple[PreferenceDataset, Reference]:
         """Round ``r``'s pairs and their reference, its figures logged at optimizer step ``step``.
 
-        Each of the round's files that matches the manifest is read back (a resume); the first that does not, and
-        every file after it, is made again from the policy, which is the policy as the round starts: samples,
-        scores (rewards and the KL terms), pairs, the reference table (``previous_round``: from the policy), then
-        ``round.json``. ``mid_round``: the policy has trained on the round already, so nothing may be made again
-        from it; the files must all match (``prepare_online_output_dir`` restarts the round otherwise)."""
+        Each of the round's files that matches the manifest is read back (a resume); what does not is made again.
+        The inputs, samples and scores (rewards and the KL terms), come from the policy as the round starts: a new
+        one makes every file after it again. Pairs and ``round.json`` follow from the inputs, the reference table from
+        the start model or (``previous_round``) the policy. ``mid_round``: the policy has trained on the round
+        already, so nothing may be made from it again: the inputs (and a ``previous_round`` table) must match, as
+        ``prepare_online_output_dir`` made sure by restarting the round otherwise."""
         o, where = self.online, f"round {r}"
         files = rounds.RoundFiles(self.settings.output_dir, r)
-        if mid_round and (problem := files.incomplete()):
-            raise CheckpointError(f"{where}: resuming inside the round, but its files cannot be read back: {problem}; "
-                                  "resume again (the round restarts from the checkpoint at its start)")  # fmt: skip
+        if mid_round and (problem := files.problem_inside(o.reference == "previous_round", None)):
+            raise CheckpointError(f"{where}: resuming inside the round, but {problem}; resume again (the round "
+                                  "restarts from the checkpoint at its start)")  # fmt: skip
         started = time.perf_counter()
-        made = not files.kept("samples.jsonl")  # once a file is made (again), every file after it is made too
-        samples = self._sample(r, files) if made else files.read_jsonl("samples.jsonl")
+        new_inputs = not files.kept("samples.jsonl")  # a new input: every file after it is made again
+        samples = self._sample(r, files) if new_inputs else files.read_jsonl("samples.jsonl")
         sampled_at = time.perf_counter()
         # the KL estimate needs samples of the policy itself: temperature 1, no top-p / top-k, not a samples_file
         own_samples = o.temperature == 1.0 and o.top_p == 1.0 and o.top_k is None and not (r == 0 and o.samples_file)
-        if not made and files.kept("scores.jsonl"):
+        if not new_inputs and files.kept("scores.jsonl"):
             rows = files.read_jsonl("scores.jsonl")
         else:
-            rows, made = self._score(samples, own_samples, where), True
+            rows, new_inputs = self._score(samples, own_samples, where), True
             files.write("scores.jsonl", rows)
         rewards = [row["rewards"] for row in rows]
         pairs = rounds.build_pairs(rewards, [row["responses"] for row in samples], o.pair_rule, o.min_margin)
-        if made or not files.kept("pairs.jsonl"):
+        if new_inputs or not files.kept("pairs.jsonl"):
             files.write("pairs.jsonl", rounds.preference_rows(samples, rewards, pairs))
-            made = True
         dataset = rounds.pairs_dataset(samples, pairs, where)
         self._check_pairs_fit(dataset, where)  # a resumed run's layout and budget may differ
         table = None
         if self._needs_table(pairs):  # the reference's log-probs of the round's pairs, once
-            if not made and files.kept("reference_logps.safetensors"):
+            if not new_inputs and files.kept("reference_logps.safetensors"):
                 table = files.read_tensors("reference_logps.safetensors")
             else:
-                table, made = self._reference_table(dataset), True
+                table = self._reference_table(dataset)
                 files.write("reference_logps.safetensors", table)
-        if not made and files.kept("round.json"):
+        self.trained_on = files.trained_on()  # kept by the checkpoints inside this round
+        if not new_inputs and files.kept("round.json"):
             log.info(f"{where}: read {len(pairs)} pairs from {files.directory}")
             return dataset, self._round_reference(table)
 
@@ -203,6 +209,8 @@ class RoundMaker:
                    "samples_file": o.samples_file if r == 0 else None, "reward": repr(self.reward),
                    "reference": o.reference, "figures": figures}  # fmt: skip
         files.write("round.json", summary)  # last: the round is complete
+        if mid_round:  # its figures were logged when the round began
+            return dataset, self._round_reference(table)
         self.metric_logger.log_dict(figures, step=step)
         kl = f", KL to start {figures['online/kl_to_start']:.3f}" if own_samples else ""
         log.info(f"{where}: {len(samples)} prompts, reward mean {figures['online/reward_mean']:.3f} "

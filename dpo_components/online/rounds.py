@@ -35,6 +35,7 @@ since, the round restarts from the checkpoint at its start (``round_maker.prepar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -292,7 +293,13 @@ ROUND_MANIFEST = "manifest.json"
 class RoundFiles:
     """Round ``r``'s files (module docstring) under the round's ``manifest.json``: each written atomically, then
     recorded there (size, BLAKE2b); ``complete`` is set with ``round.json``, the last. A file is read back only
-    when it matches its record (:meth:`kept`); one that does not is named in a warning and made again."""
+    when it matches its record (:meth:`kept`); one that does not is named in a warning and made again.
+
+    The round's inputs, ``samples.jsonl`` and ``scores.jsonl``, come from the policy as the round starts; a new one
+    makes every file after it stale (its record is dropped). The others follow from them (pairs, figures) or from the
+    reference (the table)."""
+
+    INPUTS = ("samples.jsonl", "scores.jsonl")
 
     def __init__(self, output_dir: str | Path, round_index: int) -> None:
         self.round = round_index
@@ -323,6 +330,28 @@ class RoundFiles:
             return f"{self.manifest} does not mark the round complete"
         return entries_problem(self.directory, manifest["files"])
 
+    def trained_on(self) -> str:
+        """A hash of the records of the files the policy trains on and cannot make again once it has: the inputs
+        and the reference table. A checkpoint inside the round keeps it, so a resume sees files made again since."""
+        recorded = self._recorded()["files"]
+        names = [n for n in (*self.INPUTS, "reference_logps.safetensors") if n in recorded]
+        return hashlib.blake2b("".join(f"{n}:{recorded[n]['blake2b']};" for n in names).encode(),
+                               digest_size=16).hexdigest()  # fmt: skip
+
+    def problem_inside(self, previous_round: bool, trained_on: str | None) -> str | None:
+        """What keeps a resume inside the round from reading it back: an input that does not match, with
+        ``previous_round`` the reference table (made from the policy as the round starts), or files made again
+        since the checkpoint (``trained_on``: its :meth:`trained_on`, None for a checkpoint without one). The
+        pairs, ``round.json`` and a table of the start model can be made again from what is kept."""
+        recorded = self._recorded()["files"]
+        table = ["reference_logps.safetensors"] if previous_round and "reference_logps.safetensors" in recorded else []
+        for name in (*self.INPUTS, *table):
+            if problem := self.problem(name):
+                return problem
+        if trained_on is not None and trained_on != self.trained_on():
+            return "its files were made again after the checkpoint was saved"
+        return None
+
     def kept(self, name: str) -> bool:
         """``name`` matches its record and can be read; a file that is there but does not match is named."""
         problem = self.problem(name)
@@ -337,8 +366,8 @@ class RoundFiles:
         return load_file(self.directory / name)
 
     def write(self, name: str, value: Any) -> None:
-        """Write ``name`` (JSON lines for a list of rows, safetensors for tensors, else JSON), then record it and
-        forget the records of the files after it (made from what came before: they are made again too)."""
+        """Write ``name`` (JSON lines for a list of rows, safetensors for tensors, else JSON), then record it; a new
+        input drops the records of every file after it, and the round is complete once ``round.json`` is."""
         path = self.directory / name
         if name.endswith(".safetensors"):
             save_tensors(path, value)
@@ -347,10 +376,11 @@ class RoundFiles:
         else:
             write_json(path, value)
         manifest = self._recorded()
-        later = ROUND_FILES[ROUND_FILES.index(name) + 1 :]
-        files = {k: v for k, v in manifest["files"].items() if k not in later}
+        stale = ROUND_FILES[ROUND_FILES.index(name) + 1 :] if name in self.INPUTS else ()
+        files = {k: v for k, v in manifest["files"].items() if k not in stale}
         files.update(manifest_entries(self.directory, [name]))
-        write_json(self.manifest, {"files": files, "complete": name == "round.json"})
+        complete = name == "round.json" or (name not in self.INPUTS and bool(manifest.get("complete")))
+        write_json(self.manifest, {"files": files, "complete": complete})
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

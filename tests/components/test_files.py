@@ -37,18 +37,28 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_the_os_cause_is_found_under_what_the_libraries_wrap(tmp_path):
-    """torch.save given a path says only "[enforce fail at inline_container.cc] unexpected pos"; DCP wraps each
-    rank's error in a CheckpointException; safetensors keeps only the text."""
+    """torch.save given a path says only "[enforce fail at inline_container.cc] unexpected pos" (``torch_save``
+    writes through a file object, which keeps the OSError); DCP wraps each rank's error in a CheckpointException;
+    safetensors keeps only the text. Errors that are not the disk's are left alone."""
     if Path("/dev/full").is_char_device():  # a real ENOSPC from the kernel
         with pytest.raises(files.WriteError, match=r"could not write /dev/full: ENOSPC \(No space left on device\)"):
             files.torch_save({"w": torch.zeros(10_000)}, "/dev/full")
-    torch_wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-    torch_wrapped.__context__ = OSError(errno.EROFS, "Read-only file system")
-    assert files.os_error_of(torch_wrapped, tmp_path) == errno.EROFS
     dcp = CheckpointException("failed", {1: (OSError(errno.EDQUOT, "Disk quota exceeded"), None)})
     assert files.os_error_of(dcp, tmp_path) == errno.EDQUOT
-    assert files.os_error_of(SafetensorError("Error while serializing: IoError(No space left on device)"),
-                             tmp_path) == errno.ENOSPC  # fmt: skip
+    for text, code in (("No space left on device (os error 28)", errno.ENOSPC),
+                       ("Disk quota exceeded (os error 122)", errno.EDQUOT)):  # fmt: skip
+        assert files.os_error_of(SafetensorError(f"Error while serializing: I/O error: {text}"), tmp_path) == code
+    # not the disk's doing (and tmp_path has room): None, so the error is raised as it is
+    assert files.os_error_of(RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 1"), tmp_path) \
+        is None  # fmt: skip
+    try:
+        try:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        except FileNotFoundError:
+            raise ValueError("a bug while handling it") from None
+    except ValueError as bug:
+        assert files.os_error_of(bug, tmp_path) is None
+    assert files.os_error_of(FileNotFoundError(errno.ENOENT, "missing"), tmp_path) is None
     with pytest.raises(files.WriteError, match=r"could not write the metric log .*/log.txt: EDQUOT \(Disk quota"):
         with files.writing(tmp_path / "log.txt", "the metric log"):
             raise dcp

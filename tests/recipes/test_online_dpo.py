@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from dpo_components import online
 from dpo_components.data import collate_preference_batch, preference_dataset
 from dpo_components.data.formats import PreferenceDataError
+from dpo_components.files import record_in_manifest
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.online import OnlineSettings, build_pairs, prompt_dataset, round_prompt_indices
 from dpo_components.online.rewards import HFRewardModel, RewardError, TextReward, score
@@ -391,11 +392,21 @@ def _edit_one_byte(path):
     path.write_bytes(bytes(data))
 
 
+def _made_again_after_the_checkpoint(directory):
+    """samples.jsonl written again (other bytes, the same rows) and recorded: as a round made again on a GPU
+    after a checkpoint inside it was saved."""
+    rows = online.read_jsonl(directory / "samples.jsonl")
+    (directory / "samples.jsonl").write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
+    record_in_manifest(directory / "manifest.json", ["samples.jsonl"])
+
+
+# damage to round 1's files inside the round, and whether the round restarts from step_2 or the file is made again
 DAMAGE = {
-    "samples cut to half its lines": lambda d: _cut_in_half(d / "samples.jsonl"),
-    "round.json deleted": lambda d: (d / "round.json").unlink(),
-    "scores.jsonl deleted": lambda d: (d / "scores.jsonl").unlink(),
-    "reference table edited in place": lambda d: _edit_one_byte(d / "reference_logps.safetensors"),
+    "samples cut to half its lines": (lambda d: _cut_in_half(d / "samples.jsonl"), True),
+    "scores.jsonl deleted": (lambda d: (d / "scores.jsonl").unlink(), True),
+    "inputs made again after the checkpoint": (_made_again_after_the_checkpoint, True),
+    "round.json deleted": (lambda d: (d / "round.json").unlink(), False),
+    "start-model table edited in place": (lambda d: _edit_one_byte(d / "reference_logps.safetensors"), False),
 }
 
 
@@ -407,19 +418,21 @@ def _killed_inside_round_1(finished, out):
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_round_files_restart_the_round_to_the_same_weights(online_run, tiny_setup, tmp_path, caplog, damage):
+def test_damaged_round_files_inside_a_round_end_on_the_same_weights(online_run, tiny_setup, tmp_path, caplog, damage):
     """Issue 45: round 1's samples cut to 32 of 64 lines used to resume with "read 32 pairs" and train on them, and a
-    deleted round.json re-scored the round with the mid-round policy. Now a damaged file inside a round is named,
-    the round restarts from its start (step_2), and the run ends on the uninterrupted run's weights, bit for bit."""
+    deleted round.json re-scored the round with the mid-round policy. Now a damaged input (or inputs made again since
+    the checkpoint) is named and the round restarts from its start (step_2); what follows from the inputs or the
+    start model is made again in place. Either way the run ends on the uninterrupted run's weights, bit for bit."""
     out = tmp_path / "damaged"
     _killed_inside_round_1(online_run, out)
-    DAMAGE[damage](online.round_dir(out, 1))
+    hurt, restarts = DAMAGE[damage]
+    hurt(online.round_dir(out, 1))
     run_online(online_cfg(tiny_setup, out, **SMALL, resume_from_checkpoint=True))
-    assert "round 1's files cannot be read back (" in caplog.text and "round 1 restarts from " in caplog.text
-    assert f"{out}/step_2; removing step_3" in caplog.text
+    restarted = f"round 1 restarts from {out}/step_2 (the checkpoints after it stay" in caplog.text
+    assert restarted == restarts, caplog.text
+    assert restarts or "round 1: " in caplog.text and "; making it again" in caplog.text
     assert_same_adapters(online_run / "step_6", out / "step_6")
-    for name in ("samples.jsonl", "scores.jsonl", "reference_logps.safetensors", "round.json"):
-        assert online.RoundFiles(out, 1).problem(name) is None
+    assert online.RoundFiles(out, 1).incomplete() is None
     assert (online.round_dir(out, 1) / "scores.jsonl").read_bytes() == \
         (online.round_dir(online_run, 1) / "scores.jsonl").read_bytes()  # the KL terms of the round-start policy
 
