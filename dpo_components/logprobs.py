@@ -27,6 +27,8 @@ from dpo_components.losses import SequenceLogProbs
 from dpo_components.models.attention_masks import attention_mask
 from dpo_components.models.document_attention import supports_document_attention
 
+HiddenSink = Callable[[Tensor, Tensor, int], None]  # (final hidden states [T, D], sequence ids [T], num sequences)
+
 
 def _target_logprobs(hidden: Tensor, targets: Tensor, output: Callable[[Tensor], Tensor]) -> Tensor:
     logits = output(hidden).float()
@@ -47,7 +49,12 @@ def chunked_target_logprobs(
 
 
 def sequence_logprobs(
-    model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_size: int = 256, ignore_index: int = IGNORE_INDEX
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    chunk_size: int = 256,
+    ignore_index: int = IGNORE_INDEX,
+    hidden_sink: HiddenSink | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` (a torchtune ``TransformerDecoder``) and return per-sequence (log-prob sums, token counts).
 
@@ -62,7 +69,7 @@ def sequence_logprobs(
     rows, columns = keep.nonzero(as_tuple=True)
     return scored_logprobs(
         model, input_ids, positions=rows * length + columns, targets=labels[:, 1:][keep], sequence_ids=rows,
-        num_sequences=n, chunk_size=chunk_size,
+        num_sequences=n, chunk_size=chunk_size, hidden_sink=hidden_sink,
     )  # fmt: skip
 
 
@@ -74,6 +81,7 @@ def scored_logprobs(
     sequence_ids: Tensor,
     num_sequences: int,
     chunk_size: int = 256,
+    hidden_sink: HiddenSink | None = None,
     **forward_kwargs,
 ) -> tuple[Tensor, Tensor]:
     """The general form: token ``k`` to score is ``targets[k]``, predicted by the final hidden state at flat index
@@ -82,12 +90,16 @@ def scored_logprobs(
     (``mask``, ``input_pos`` for prefix sharing).
 
     The chunked head runs *inside* the model's forward (by replacing ``model.unembed`` for the call), so it sees
-    the output projection exactly as the model does: tied, LoRA, NF4, or sharded by FSDP.
+    the output projection exactly as the model does: tied, LoRA, NF4, or sharded by FSDP. ``hidden_sink``, if
+    given, is called with those final hidden states (after the norm, [T, D]), ``sequence_ids`` and
+    ``num_sequences`` (the data audit's CHES reads them there: ``dpo_components.audit``).
     """
 
     def unembed(h: Tensor) -> Tensor:
         # RMSNorm is per position, so normalising only the scored positions is exact.
         hidden = model.norm(h.flatten(0, 1)[positions])
+        if hidden_sink is not None:
+            hidden_sink(hidden, sequence_ids, num_sequences)
         return chunked_target_logprobs(hidden, targets, model.output, chunk_size)
 
     model.unembed = unembed
@@ -115,7 +127,11 @@ def full_logits_sequence_logprobs(
 
 
 def concatenated_logprobs(
-    model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256, flex_attention: bool = True
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    chunk_size: int = 256,
+    flex_attention: bool = True,
+    hidden_sink: HiddenSink | None = None,
 ) -> SequenceLogProbs:
     """One forward over the batch -> per-pair log-prob sums and counts. The batch is either the standard [2B, L]
     one (chosen rows, then rejected), with prefix sharing B shared rows (``dpo_components.data.prefix_sharing``;
@@ -130,7 +146,8 @@ def concatenated_logprobs(
     if "segments" in batch:
         logps, tokens = scored_logprobs(
             model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
-            num_sequences=2 * len(batch["index"]), chunk_size=chunk_size, input_pos=batch["input_pos"],
+            num_sequences=2 * len(batch["index"]), chunk_size=chunk_size, hidden_sink=hidden_sink,
+            input_pos=batch["input_pos"],
             mask=attention_mask(batch["segments"], flex_attention, batch.get("documents"),
                                 by_document=supports_document_attention(model)),
         )  # fmt: skip
@@ -141,5 +158,6 @@ def concatenated_logprobs(
             kl_logps, kl_tokens = sequence_logprobs(model, rows[1], labels[1], chunk_size=chunk_size)
         logps, tokens = torch.cat([logps, kl_logps]), torch.cat([tokens, kl_tokens])
     else:
-        logps, tokens = sequence_logprobs(model, batch["input_ids"], batch["labels"], chunk_size=chunk_size)
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        logps, tokens = sequence_logprobs(model, input_ids, labels, chunk_size, hidden_sink=hidden_sink)
     return SequenceLogProbs.from_concatenated(logps, tokens, desirable)

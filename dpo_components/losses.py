@@ -125,7 +125,48 @@ class PreferenceLoss(nn.Module):
         if self.nll_weight:
             losses = losses + self.nll_weight * chosen_nll(policy)
         metrics = {name: value.detach() for name, value in self.pair_metrics(policy, reference).items()}
+        if reference is not None and self.data_kind == "pairs":
+            metrics.update(self.displacement_metrics(policy, reference))
         return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), metrics)
+
+    def displacement_metrics(self, policy: SequenceLogProbs, reference: SequenceLogProbs) -> dict[str, Tensor]:
+        """Per pair, what says whether the chosen response is being pushed down with the rejected one (likelihood
+        displacement, Razin et al. 2024, arXiv 2410.08847; docs/losses.md#likelihood-displacement), with
+        c = pi_w - ref_w and r = pi_l - ref_l (the change since the reference, the start model):
+
+        - ``displacement/chosen_below_reference``: c < 0;
+        - ``displacement/both_below_reference``: c < 0 and r < 0 (the margin grows by pushing both down);
+        - ``displacement/chosen_logp_change``, ``rejected_logp_change``: c / |y_w| and r / |y_l|, nats per token;
+        - ``displacement/saturated``: the pair's preference loss no longer moves it: the gradient of its loss
+          with respect to (pi_w, pi_l) is below 1% of its size at a zero margin (pi = ref). For DPO that is
+          sigmoid(-beta h) < 0.005, beta h > 5.3. The NLL term is left out: it always pulls the chosen one up.
+        """
+        c = (policy.chosen_logps - reference.chosen_logps).detach()
+        r = (policy.rejected_logps - reference.rejected_logps).detach()
+        now = self._preference_gradient(policy.chosen_logps, policy.rejected_logps, policy, reference)
+        start = self._preference_gradient(reference.chosen_logps, reference.rejected_logps, policy, reference)
+        return {
+            "displacement/chosen_below_reference": (c < 0).float(),
+            "displacement/both_below_reference": ((c < 0) & (r < 0)).float(),
+            "displacement/chosen_logp_change": c.float() / policy.chosen_tokens,
+            "displacement/rejected_logp_change": r.float() / policy.rejected_tokens,
+            "displacement/saturated": (now < 0.01 * start).float(),
+        }
+
+    def _preference_gradient(
+        self, chosen: Tensor, rejected: Tensor, policy: SequenceLogProbs, reference: SequenceLogProbs
+    ) -> Tensor:
+        """|d loss_i / d pi_w,i| + |d loss_i / d pi_l,i| of :meth:`pair_losses` at the policy log-probs (chosen,
+        rejected): on detached copies, so the step's own graph is untouched (a few elementwise ops on [B])."""
+        with torch.enable_grad():
+            pc = chosen.detach().float().requires_grad_(True)
+            pr = rejected.detach().float().requires_grad_(True)
+            at = SequenceLogProbs(pc, pr, policy.chosen_tokens, policy.rejected_tokens)
+            ref = SequenceLogProbs(*(t.detach().float() for t in (reference.chosen_logps, reference.rejected_logps)),
+                                   reference.chosen_tokens, reference.rejected_tokens)  # fmt: skip
+            losses = self.pair_losses(at, ref)[0]
+            grads = torch.autograd.grad(losses.sum(), [pc, pr], allow_unused=True)
+        return sum((g.abs() if g is not None else torch.zeros_like(pc)) for g in grads)
 
     def log_ratios(self, policy: SequenceLogProbs, reference: SequenceLogProbs) -> tuple[Tensor, Tensor]:
         """(pi_w - ref_w, pi_l - ref_l), divided by the token counts when ``average_logprobs``."""
@@ -652,9 +693,13 @@ class WeightedSum(PreferenceLoss):
         outputs = [loss(policy, reference if loss.needs_reference else None) for loss in self.terms]
         total = sum(w * out.losses for w, out in zip(self.weights, outputs))
         metrics = {}
+        key = "displacement/saturated"
+        saturated = [out.metrics[key] for out in outputs if key in out.metrics]
         for i, (loss, out) in enumerate(zip(self.terms, outputs)):
             metrics[f"loss/{i}_{type(loss).__name__}"] = out.losses.detach()
             metrics.update(out.metrics)
+        if saturated:  # a pair the sum no longer moves: every term with a reference leaves it alone
+            metrics[key] = torch.stack(saturated).amin(0)
         return PreferenceLossOutput(total, outputs[0].chosen_rewards, outputs[0].rejected_rewards, metrics,
                                     outputs[0].desirable)  # fmt: skip
 
@@ -744,8 +789,9 @@ class UnpairedLoss(PreferenceLoss):
 
 def kl_estimate(kl_ratios: Tensor) -> Tensor:
     """KTO's reference point z0: the batch mean of the KL completions' log-ratios (detached), averaged over the
-    ranks under torch.distributed (a collective there), clamped at 0. A 0-d tensor."""
-    z0 = kl_ratios.detach().float().mean()
+    ranks under torch.distributed (a collective there), clamped at 0. A 0-d tensor, in the input's dtype or float32,
+    whichever is wider (bf16 log-ratios are averaged in float32, float64 ones in float64, as TRL does)."""
+    z0 = kl_ratios.detach().to(torch.promote_types(kl_ratios.dtype, torch.float32)).mean()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world_size = torch.distributed.get_world_size()
         if world_size > 1:

@@ -144,3 +144,52 @@ class ZeroGradientWatch:
                    f"{self.loss_name} is saturated and nothing trains{self.hint}")  # fmt: skip
         log.warning(message)
         return message
+
+
+class DisplacementWatch:
+    """Warns, once, when the chosen responses' log-probs keep falling while the margin grows: likelihood
+    displacement (docs/losses.md#likelihood-displacement). Fed the logged averages of each log line; it looks at
+    the log lines of the last ``window`` steps (at least the last 3 lines, so that a long logging interval is
+    watched too) and fires when, from step ``min_step`` on, all of these hold:
+
+    - on average over those lines, at least ``below_share`` of the pairs have their chosen log-prob below the
+      reference's (``displacement/chosen_below_reference``);
+    - the chosen log-prob per token is ``min_fall`` nats below the reference's or more
+      (``displacement/chosen_logp_change``), and lower than at the window's start: it is still falling;
+    - the margin (``rewards/margins``) is larger than at the window's start.
+
+    A size threshold, not only a sign: on healthy runs the chosen log-probs dip a little below the reference
+    while the margin grows. The thresholds come from the tiny task's study (docs); the run goes on, and the warning
+    names what to try."""
+
+    def __init__(self, window: int = 20, min_step: int = 20, below_share: float = 0.7, min_fall: float = 0.1) -> None:
+        self.window, self.min_step, self.below_share, self.min_fall = window, min_step, below_share, min_fall
+        self.lines: list[tuple[int, dict[str, float]]] = []
+        self.warned_at: int | None = None
+
+    def update(self, step: int, logged: dict[str, float]) -> str | None:
+        """Record the log line of step ``step``; returns the warning when it is issued (and logs it)."""
+        if "displacement/chosen_logp_change" not in logged or "rewards/margins" not in logged:
+            return None  # a loss without a reference, or unpaired rows
+        self.lines.append((step, logged))
+        recent = [(s, v) for s, v in self.lines if s > step - self.window]
+        self.lines = recent if len(recent) >= 3 else self.lines[-3:]  # logging every >= window/2 steps: 3 lines
+        if self.warned_at is not None or step < self.min_step or len(self.lines) < 2:
+            return None
+        (first_step, first), last = self.lines[0], logged
+        share = sum(v["displacement/chosen_below_reference"] for _, v in self.lines) / len(self.lines)
+        change = last["displacement/chosen_logp_change"]
+        falling = change <= -self.min_fall and change < first["displacement/chosen_logp_change"]
+        if not (share >= self.below_share and falling and last["rewards/margins"] > first["rewards/margins"]):
+            return None
+        self.warned_at = step
+        message = (
+            f"the chosen responses' log-probs fell below the reference's in {share:.0%} of pairs over steps "
+            f"{first_step}-{step} ({change:+.2f} nats per token, from {first['displacement/chosen_logp_change']:+.2f}"
+            f") while the margin grew ({first['rewards/margins']:.2f} -> {last['rewards/margins']:.2f}): likelihood "
+            f"displacement, the rejected ones pushed down and the chosen with them. Try loss.nll_weight=1.0 (RPO's "
+            "NLL term) or dpo_components.losses.DPOPLoss, or filter the most similar pairs "
+            "(python -m dpo_components.tools.audit); see docs/losses.md#likelihood-displacement"
+        )
+        log.warning(message)
+        return message

@@ -41,6 +41,7 @@ from torchtune.modules.peft import disable_adapter
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
+from dpo_components.audit import ResponseHiddenSums, audit_report, describe, write_audit
 from dpo_components.data import PreferenceDataset
 from dpo_components.files import (
     entries_problem,
@@ -121,6 +122,7 @@ def build_reference(
     datasets: dict[str, PreferenceDataset | None],
     collate_fn: Callable,
     fingerprint: dict[str, Any],
+    tokenizer: Any = None,
 ) -> Reference:
     """Decide the reference once, from ``settings.reference`` and the policy.
 
@@ -130,7 +132,9 @@ def build_reference(
     pairs to precompute, by split (None skipped). ``fingerprint``: the run's (``checkpointing.run_fingerprint``), for
     the checkpoint hashes of the cache key (with :func:`reference_variant` of the settings).
 
-    With ``reference.mode: precomputed`` and every split already cached, no reference model is built at all.
+    With ``reference.mode: precomputed`` and every split already cached, no reference model is built at all; the
+    train split's data audit (CHES, kept in the cache) is then written to ``<output_dir>/data_audit.json`` and
+    summarised in the log (the top pairs' text decoded with ``tokenizer``).
     """
     kwargs = dict(device=settings.device, chunk_size=settings.logprob_chunk_size,
                   flex_attention=settings.flex_attention)  # fmt: skip
@@ -152,6 +156,7 @@ def build_reference(
             cache = {split: load_file(path) for split, path in paths.items()}
             for split, path in paths.items():
                 _log_cache(split, path, reused=True)
+            _write_data_audit(settings, datasets.get("train"), cache.get("train"), tokenizer)
             return Reference("precomputed", policy=policy_as_reference, cache=cache, **kwargs)
     live = Reference("adapters_off" if adapters_off else "frozen_copy", policy=policy_as_reference,
                      model=None if adapters_off else frozen_copy(ref.checkpointer), **kwargs)  # fmt: skip
@@ -163,7 +168,26 @@ def build_reference(
         compute = partial(compute_reference_logprobs, live, datasets[split], collate_fn, ref.batch_size)
         cache[split] = load_file(path) if reused else _compute_and_write(path, compute)
         _log_cache(split, path, reused)
+    _write_data_audit(settings, datasets.get("train"), cache.get("train"), tokenizer)
     return Reference("precomputed", policy=policy_as_reference, cache=cache, **kwargs)  # the model is dropped
+
+
+def _paired(dataset: PreferenceDataset) -> bool:
+    return getattr(dataset, "data_kind", "pairs") == "pairs"
+
+
+def _write_data_audit(settings: RecipeSettings, dataset: PreferenceDataset | None, table: dict | None,
+                      tokenizer: Any) -> None:  # fmt: skip
+    """The data audit of the train pairs from the reference pass's CHES (``dpo_components.audit``), on rank 0."""
+    if _rank_and_world()[0] != 0 or dataset is None or table is None or not _paired(dataset):
+        return
+    if "ches" not in table:
+        log.info("data audit: this reference cache was made before it (python -m dpo_components.tools.audit "
+                 "computes it)")  # fmt: skip
+        return
+    report = audit_report(dataset, table["ches"].tolist(), tokenizer, every_edit_distance=False)
+    write_audit(settings.output_dir / "data_audit.json", report)
+    log.info(describe(report))
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -257,7 +281,8 @@ def compute_reference_logprobs(
     reference: Reference, dataset: PreferenceDataset, collate_fn: Callable, batch_size: int
 ) -> dict[str, torch.Tensor]:
     """Per-pair log-prob sums and token counts of a live ``reference`` (adapters off or a frozen copy) for the whole
-    dataset, indexed like it, on CPU; the model in eval mode for the pass.
+    dataset, indexed like it, on CPU; the model in eval mode for the pass. For pairs also ``ches``, the data
+    audit's similarity of the two responses (``dpo_components.audit``), from the same forward.
 
     Under torch.distributed (a sharded model) rank r takes batches r, r + W, ...; every rank runs the same number of
     forwards (a rank short of batches repeats its last one and drops the result), as FSDP needs, and the results are
@@ -265,6 +290,8 @@ def compute_reference_logprobs(
     """
     rank, world_size = _rank_and_world()
     out = {name: torch.zeros(len(dataset), dtype=torch.float32 if "logps" in name else torch.long) for name in FIELDS}
+    if _paired(dataset):  # the data audit's CHES, from the same forward (dpo_components.audit)
+        out["ches"] = torch.zeros(len(dataset), dtype=torch.float32)
     starts = list(range(0, len(dataset), batch_size))
     mine = starts[rank::world_size]
     rounds = -(-len(starts) // world_size)  # ceil: the same count on every rank
@@ -275,13 +302,16 @@ def compute_reference_logprobs(
             start = mine[min(i, len(mine) - 1)] if mine else starts[0]
             batch = collate_fn([dataset[j] for j in range(start, min(start + batch_size, len(dataset)))])
             batch_on_device = {k: v.to(reference.device) for k, v in batch.items()}
-            logps = concatenated_logprobs(model, batch_on_device, reference.chunk_size, reference.flex_attention)
+            sink = ResponseHiddenSums() if "ches" in out else None
+            logps = concatenated_logprobs(model, batch_on_device, reference.chunk_size, reference.flex_attention, sink)
             if i < len(mine):
                 for name in FIELDS:
                     out[name][batch["index"]] = getattr(logps, name).to("cpu", out[name].dtype)
+                if sink is not None:
+                    out["ches"][batch["index"]] = sink.pair_ches().cpu()
         model.train(was_training)
     if world_size > 1:
-        for name in FIELDS:  # each index was filled by exactly one rank, zeros elsewhere
+        for name in out:  # each index was filled by exactly one rank, zeros elsewhere
             values = out[name].to(reference.device)
             dist.all_reduce(values)
             out[name] = values.cpu()

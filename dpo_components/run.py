@@ -40,7 +40,13 @@ from tqdm import tqdm
 
 from dpo_components.files import writing
 from dpo_components.losses import PreferenceLossOutput, SequenceLogProbs
-from dpo_components.metrics import PreferenceMetrics, ZeroGradientWatch, all_reduce_metrics, peak_memory_gib
+from dpo_components.metrics import (
+    DisplacementWatch,
+    PreferenceMetrics,
+    ZeroGradientWatch,
+    all_reduce_metrics,
+    peak_memory_gib,
+)
 from dpo_components.samples import EvalSampling, ReferenceContext, log_samples, sample_and_score
 
 log = get_logger("INFO")
@@ -182,6 +188,7 @@ class StepLog:
         self.settings, self.metric_logger = settings, metric_logger
         self.metrics, self.interval_start = PreferenceMetrics(), time.perf_counter()
         self.zero_gradients = ZeroGradientWatch(loss)  # warns when the loss saturates (KTO at 1:4)
+        self.displacement = DisplacementWatch()  # warns when the chosen log-probs keep falling as the margin grows
         loss_name = name + type(loss).__name__.removesuffix("Loss")  # the progress bar: "DPO", "KTO", ...
         self.progress_bar = tqdm(total=total_steps, initial=initial_step, desc=loss_name, dynamic_ncols=True,
                                  disable=not is_rank_zero())  # fmt: skip
@@ -209,6 +216,8 @@ class StepLog:
                       peak_memory_gib=peak_memory_gib(self.settings.device))  # fmt: skip
         if self.metric_logger is not None:
             self.metric_logger.log_dict(logged, step=step)
+        if is_rank_zero():
+            self.displacement.update(step, logged)
         self.progress_bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['rewards/accuracies']:.2f}")
         self.metrics, self.interval_start = PreferenceMetrics(), time.perf_counter()
 

@@ -109,7 +109,7 @@ class FullDPORecipeDistributed:
         self._reference = build_reference(
             s, self._loss_fn, self._model, has_adapters=False,
             frozen_copy=partial(self._frozen_copy, cfg.model, base_state), datasets=self._data.splits(),
-            collate_fn=self._data.collate, fingerprint=self._fingerprint,
+            collate_fn=self._data.collate, fingerprint=self._fingerprint, tokenizer=self._tokenizer,
         )  # fmt: skip
         del base_state
 

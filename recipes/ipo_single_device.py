@@ -109,7 +109,7 @@ class IPORecipeSingleDevice:
         self._reference = build_reference(
             s, self._loss_fn, self._model, has_adapters=self._is_lora,
             frozen_copy=partial(self._frozen_copy, cfg.model, base_state), datasets=self._data.splits(),
-            collate_fn=self._data.collate, fingerprint=self._fingerprint,
+            collate_fn=self._data.collate, fingerprint=self._fingerprint, tokenizer=self._tokenizer,
         )  # fmt: skip
         del base_state
         # LoRA: only the adapters train; a resumed checkpoint's weights; model_transform (int8 / float8 training)

@@ -111,7 +111,7 @@ class LoRADPORecipeDistributed:
         self._sampling = eval_sampling(cfg, self._data.eval, self._tokenizer, self.seed)
         self._reference = build_reference(
             s, self._loss_fn, self._model, has_adapters=True, frozen_copy=None, datasets=self._data.splits(),
-            collate_fn=self._data.collate, fingerprint=self._fingerprint,
+            collate_fn=self._data.collate, fingerprint=self._fingerprint, tokenizer=self._tokenizer,
         )  # fmt: skip
 
         self._steps_per_epoch = s.steps_per_epoch(len(self._data.train), self._world_size)

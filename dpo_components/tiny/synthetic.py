@@ -160,6 +160,26 @@ def preference_pairs(
     return rows
 
 
+def near_duplicate_pairs(n: int, seed: int) -> list[dict[str, object]]:
+    """``n`` preference rows whose two responses differ in one word: the chosen response is drawn from the SFT
+    policy (one with a positive adjective), the rejected one is the same text with one positive adjective swapped
+    for a negative one. The data that displaces: chosen and rejected look alike to the model, so pushing the
+    rejected one down drags the chosen one with it (docs/losses.md#likelihood-displacement)."""
+    rng = random.Random(f"{seed}-near-duplicates")
+    rows = []
+    while len(rows) < n:
+        prompt, chosen = sample_prompt(rng), sample_response(rng)
+        words = chosen.split()
+        positive = [i for i, w in enumerate(words) if w in _POSITIVE]
+        if not positive:
+            continue
+        words[rng.choice(positive)] = rng.choice(NEGATIVE)
+        rejected = " ".join(words)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "chosen_reward": sentiment_reward(chosen), "rejected_reward": sentiment_reward(rejected)})
+    return rows
+
+
 def corpus_lines(seed: int = 0, n: int = 2000, turns_apart: bool = False) -> Iterator[str]:
     """Plain-text lines covering every word of the task, used to train the tiny tokenizers.
 
