@@ -6,8 +6,8 @@ against the reference pass it resembles.
 On the tiny demo model and pairs (``outputs/tiny``, built on first use) in fp32 on the CPU, in one process:
 
 - a LoRA DPO training step (policy forward and backward, reference forward with the adapters off, AdamW) at the
-  demo's batch of 32 pairs, with the metrics and without (``PreferenceLoss.displacement_metrics`` swapped for one
-  returning nothing), the two alternating step by step so that both see the same machine; the median of each;
+  demo's batch of 32 pairs, with the metrics and without (a ``DPOLoss`` whose ``displacement_metrics`` returns
+  nothing), the two alternating step by step so that both see the same machine; the median of each;
 - the data audit over ``--pairs`` pairs: a reference pass (batches of 64, no grad) without the audit's hidden
   states and with them (what a ``reference.mode: precomputed`` run does now, ``ResponseHiddenSums``), then the
   setup's report (``audit_report``: shared prefix, edit distance of the top pairs) and the standalone command's
@@ -30,7 +30,7 @@ from torchtune.modules.peft import disable_adapter, get_adapter_params, set_trai
 from dpo_components.audit import ResponseHiddenSums, audit_report
 from dpo_components.data import make_collator, preference_dataset
 from dpo_components.logprobs import concatenated_logprobs
-from dpo_components.losses import DPOLoss, PreferenceLoss
+from dpo_components.losses import DPOLoss
 from dpo_components.tiny.model import lora_tiny_llama
 from dpo_components.tiny.prepare import prepare_tiny
 from dpo_components.tiny.task_eval import load_tiny_checkpoint
@@ -56,22 +56,24 @@ def main() -> None:
     set_trainable_params(model, get_adapter_params(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     collate = make_collator(tokenizer.pad_id, model.max_seq_len, datasets={"d": data})
-    loss = DPOLoss(beta=5.0)
-    real = PreferenceLoss.displacement_metrics
+
+    class WithoutDisplacementMetrics(DPOLoss):
+        def displacement_metrics(self, policy, reference):
+            return {}
+
+    losses = {True: DPOLoss(beta=5.0), False: WithoutDisplacementMetrics(beta=5.0)}
 
     def step(i: int, with_metrics: bool) -> float:
         batch = collate([data[(32 * i + j) % len(data)] for j in range(32)])
-        PreferenceLoss.displacement_metrics = real if with_metrics else (lambda self, policy, reference: {})
         start = time.perf_counter()
         policy = concatenated_logprobs(model, batch)
         with torch.no_grad(), disable_adapter(model):
             reference = concatenated_logprobs(model, batch)
-        out = loss(policy, reference)
+        out = losses[with_metrics](policy, reference)
         out.losses.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
-        PreferenceLoss.displacement_metrics = real
         assert with_metrics == ("displacement/saturated" in out.metrics)
         return seconds
 
