@@ -56,7 +56,7 @@ from dpo_components.checkpointing import (
 )
 from dpo_components.data.collate import make_collator
 from dpo_components.data.micro_batches import plan_micro_batches
-from dpo_components.data.recipe_data import check_data_kind
+from dpo_components.data.recipe_data import check_data_kind, write_data_report
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.models.builders import lora_model
 from dpo_components.online.round_maker import (
@@ -123,6 +123,7 @@ class OnlineDPORecipeSingleDevice:
         eval_cfg = optional_component(cfg, "eval_dataset")
         self._eval_data = config.instantiate(eval_cfg, self._tokenizer) if eval_cfg else None
         check_data_kind(self._loss_fn, eval_dataset=self._eval_data)
+        write_data_report(s.output_dir, prompt_dataset=prompts, eval_dataset=self._eval_data)
         if s.eval_every_n_steps and self._eval_data is None:
             raise ConfigError("eval_every_n_steps is set but there is no eval_dataset")
         self._collate = make_collator(self._tokenizer.pad_id, self._model.max_seq_len, s.pad_to_multiple_of,

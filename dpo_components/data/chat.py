@@ -10,7 +10,8 @@ from torchtune.data import Message
 from torchtune.models.gemma._tokenizer import GemmaTokenizer
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from dpo_components.data.formats import BadRow
+from dpo_components.data.errors import BadRow
+from dpo_components.data.tools import uses_tools
 
 # torchtune 0.6.1 names the end-of-sequence switch of ``tokenize_messages`` per family.
 _END_SWITCHES = ("add_end_tokens", "add_eos")  # Llama 2 / Llama 3; Qwen2/2.5, Mistral, Gemma, Phi-3, Phi-4
@@ -29,18 +30,37 @@ def check_tokenizer(tokenizer: Any) -> None:
                         "tokenizers for Llama, Qwen, Mistral, Gemma, Phi; dpo_components' own)")  # fmt: skip
 
 
-def _tokenize_messages(tokenizer: ModelTokenizer, messages: list[Message], end: bool) -> tuple[list[int], list[bool]]:
+def supports_tools(tokenizer: ModelTokenizer) -> bool:
+    """Whether the tokenizer writes tool definitions, calls and results as its family's released template does
+    (its ``tokenize_messages`` takes ``tools``: Llama 3.1+, Qwen2.5 and Qwen3 here)."""
+    return "tools" in inspect.signature(tokenizer.tokenize_messages).parameters
+
+
+def _tokenize_messages(
+    tokenizer: ModelTokenizer, messages: list[Message], end: bool, tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], list[bool]]:
     parameters = inspect.signature(tokenizer.tokenize_messages).parameters
     switch = next((name for name in _END_SWITCHES if name in parameters), None)
     if switch is None:
         check_tokenizer(tokenizer)  # raises, naming the tokenizer
+    extra: dict[str, Any] = {}
+    if tools or uses_tools(messages):
+        if not supports_tools(tokenizer):
+            what = "tool definitions" if tools else "tool calls or results"
+            raise BadRow(f"the row has {what}, and {type(tokenizer).__name__}'s chat format has no tool support "
+                         "here (tools are written as the released templates of Llama 3.1/3.2/3.3 Instruct, Qwen2.5 "
+                         "and Qwen3 write them)", f"tool use in a row, which {type(tokenizer).__name__} cannot "
+                         "write")  # fmt: skip
+        extra["tools"] = tools or []
     try:
-        return tokenizer.tokenize_messages(messages, **{switch: end})
+        return tokenizer.tokenize_messages(messages, **{switch: end}, **extra)
     except (ValueError, RuntimeError) as error:  # e.g. Mistral's template has no system turn
         raise BadRow(f"{type(tokenizer).__name__} cannot format these messages: {error}") from None
 
 
-def tokenize_chat(tokenizer: ModelTokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
+def tokenize_chat(
+    tokenizer: ModelTokenizer, messages: list[Message], tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], list[bool]]:
     """``messages`` (ending with the assistant's response) in the tokenizer's chat format with the family's end
     tokens on: (token ids, masked flags), whatever the family calls the switch and whatever its default (Phi-3
     and Phi-4 default to off, which leaves a response without its end of turn).
@@ -48,10 +68,12 @@ def tokenize_chat(tokenizer: ModelTokenizer, messages: list[Message]) -> tuple[l
     The response then ends as the family trains it: Llama 3 <|eot_id|> (and a masked <|end_of_text|>), Qwen2/2.5
     and Phi-4 <|im_end|>, Phi-3 <|end|> + <|endoftext|>, Llama 2, Mistral and Gemma </s>.
     """
-    return _tokenize_messages(tokenizer, messages, end=True)
+    return _tokenize_messages(tokenizer, messages, end=True, tools=tools)
 
 
-def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[int]:
+def generation_prompt(
+    tokenizer: ModelTokenizer, prompt: list[Message], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """The prompt in chat format followed by the assistant header: what a model is given at generation time.
 
     Found as the common start of the prompt followed by different assistant responses, so it holds for every
@@ -60,11 +82,13 @@ def generation_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[
     """
     messages = [Message(m.role, m.content, masked=True) for m in prompt]
     if callable(getattr(tokenizer, "generation_prompt", None)):
+        if (tools or uses_tools(messages)) and not supports_tools(tokenizer):
+            _tokenize_messages(tokenizer, messages, end=False, tools=tools)  # raises, naming the family
         try:
-            return tokenizer.generation_prompt(messages)
+            return tokenizer.generation_prompt(messages, **({"tools": tools} if tools else {}))
         except (ValueError, RuntimeError) as error:  # as _tokenize_messages: a bad row, named by the caller
             raise BadRow(f"{type(tokenizer).__name__} cannot format these messages: {error}") from None
-    probes = [tokenize_chat(tokenizer, messages + [Message("assistant", text)])[0] for text in _PROBES]
+    probes = [tokenize_chat(tokenizer, messages + [Message("assistant", text)], tools)[0] for text in _PROBES]
     common = 0
     while all(len(p) > common for p in probes) and len({p[common] for p in probes}) == 1:
         common += 1

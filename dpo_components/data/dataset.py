@@ -30,6 +30,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,8 @@ from dpo_components.data.formats import (
     map_columns,
     parse_row,
 )
+from dpo_components.data.report import DataReport
+from dpo_components.data.tools import check_tool_use, parse_tools, with_text
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # the label of a position that is not scored (prompt, padding), as torch's cross-entropy
@@ -60,21 +63,28 @@ IGNORE_INDEX = -100  # the label of a position that is not scored (prompt, paddi
 
 
 def _tokenize(
-    tokenizer: ModelTokenizer, prompt: list[Message], response: list[Message], header: list[int]
+    tokenizer: ModelTokenizer,
+    prompt: list[Message],
+    response: list[Message],
+    header: list[int],
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int], list[bool]]:
     """(prompt ids, response ids, response masked flags) for prompt + response in the tokenizer's chat format.
 
     The response starts after ``header`` (:func:`generation_prompt`: as in TRL, and as generation sees it), so
-    the assistant header is not trained and not counted in length-averaged losses. Should the header not be a
-    prefix (a response that starts with a tool turn, an unusual template), it starts at the first unmasked token
-    (torchtune's rule).
+    the assistant header is not trained and not counted in length-averaged losses; where the template's text
+    merges the header's end with the response's start into one token (Qwen's ``\n\n\n``), at that token. Of
+    the response's turns only assistant turns train (a response's ``masked`` turns, tool results and user turns
+    are context); their headers never do (the tokenizers mask them).
     """
     messages = [Message(m.role, m.content, masked=True) for m in prompt]
-    messages += [Message(m.role, m.content, masked=False) for m in response]
-    tokens, mask = tokenize_chat(tokenizer, messages)
-    start = mask.index(False)
-    if tokens[: len(header)] == header and not all(mask[len(header) :]):
-        start = max(start, len(header))
+    messages += [Message(m.role, m.content, masked=m.masked or m.role != "assistant") for m in response]
+    tokens, mask = tokenize_chat(tokenizer, messages, tools)
+    start = 0
+    while start < min(len(header), len(tokens) - 1) and tokens[start] == header[start]:
+        start += 1
+    if all(mask[start:]):
+        raise BadRow("the response trains no token (its assistant turns are all masked)")
     return tokens[:start], tokens[start:], mask[start:]
 
 
@@ -84,7 +94,12 @@ def _word_starts(text: str) -> list[int]:
     return starts or list(range(1, len(text)))
 
 
-def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt_length: int) -> list[Message]:
+def _shorten_prompt(
+    tokenizer: ModelTokenizer,
+    prompt: list[Message],
+    max_prompt_length: int,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[Message]:
     """The prompt cut to at most ``max_prompt_length`` tokens (generation prompt included), keeping its end.
 
     Whole turns go first, the oldest exchange first (so the prompt still starts with a user turn, as strict
@@ -93,7 +108,7 @@ def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt
     """
     system = [m for m in prompt[:1] if m.role == "system"]
     body = prompt[len(system) :]
-    length = lambda turns: len(generation_prompt(tokenizer, system + turns))
+    length = lambda turns: len(generation_prompt(tokenizer, system + turns, tools))
     while len(body) > 1 and length(body) > max_prompt_length:
         body = body[1:]
         while len(body) > 1 and body[0].role != "user":
@@ -103,7 +118,7 @@ def _shorten_prompt(tokenizer: ModelTokenizer, prompt: list[Message], max_prompt
 
     turn, rest = body[0], body[1:]
     text = turn.text_content
-    cut = lambda offset: [Message(turn.role, text[offset:])] + rest
+    cut = lambda offset: [with_text(turn, text[offset:])] + rest
     if length(cut(len(text))) > max_prompt_length:
         what = "chat format and system turn" if system else "chat format"
         raise BadRow(
@@ -148,6 +163,7 @@ class PreferenceDataset(Dataset):
         self.source = source
         self.skipped = skipped or Counter()
         self.row_numbers = row_numbers if row_numbers is not None else list(range(len(samples)))
+        self.report: DataReport | None = None  # what the builder read, skipped and cut (dpo_components.data.report)
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -177,6 +193,17 @@ class PreferenceDataset(Dataset):
         ]
 
 
+@dataclass
+class Cuts:
+    """What truncation cut from one prompt and its responses (read by the data report); true if anything was."""
+
+    prompt: bool = False
+    responses: list[bool] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.prompt or any(self.responses)
+
+
 def tokenize_responses(
     tokenizer: ModelTokenizer,
     prompt: list[Message],
@@ -184,28 +211,37 @@ def tokenize_responses(
     max_length: int,
     max_prompt_length: int | None,
     fit: int | None = None,
-) -> tuple[list[int], list[tuple[list[int], list[bool]]], bool]:
-    """(prompt ids, [(response ids, masked flags)], truncated) for responses to one prompt, truncated by the rules
-    of the module docstring. Whether to truncate is decided by the first ``fit`` responses (all by default: both
-    sides of a pair); every response is then cut to the tokens the prompt leaves, ``max_length - len(prompt)``."""
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[list[int], list[tuple[list[int], list[bool]]], Cuts]:
+    """(prompt ids, [(response ids, masked flags)], what was cut) for responses to one prompt (with the row's
+    ``tools``), truncated by the rules of the module docstring. Whether to truncate is decided by the first ``fit``
+    responses (all by default: both sides of a pair); every response is then cut to the tokens the prompt leaves,
+    ``max_length - len(prompt)``. The prompt ids are what the responses share: where one response's first token
+    holds the header's end (:func:`_tokenize`), the other responses keep that header token, untrained."""
     fit = len(responses) if fit is None else fit
 
     def tokenize(prompt: list[Message]) -> tuple[list[int], list[tuple[list[int], list[bool]]]]:
-        header = generation_prompt(tokenizer, prompt)
-        prompt_ids, tokenized = None, []
+        header = generation_prompt(tokenizer, prompt, tools)
+        sequences = []
         for response in responses:
-            ids, response_ids, masked = _tokenize(tokenizer, prompt, response, header)
-            if prompt_ids is not None and ids != prompt_ids:
-                raise BadRow("the responses tokenize to different prompts (the chat format merges the prompt's end "
-                             "with a response)", "the responses tokenize to different prompts")  # fmt: skip
-            prompt_ids = ids
-            tokenized.append((response_ids, masked))
-        return prompt_ids, tokenized
+            ids, response_ids, masked = _tokenize(tokenizer, prompt, response, header, tools)
+            sequences.append((ids, response_ids, masked))
+        shared = min(len(ids) for ids, _, _ in sequences)
+        for ids, _, _ in sequences:
+            shared = next((k for k in range(shared) if ids[k] != sequences[0][0][k]), shared)
+        if shared < len(header) - 1:
+            raise BadRow("the responses tokenize to different prompts (the chat format merges the prompt's end "
+                         "with a response)", "the responses tokenize to different prompts")  # fmt: skip
+        tokenized = [(ids[shared:] + response_ids, [True] * (len(ids) - shared) + masked)
+                     for ids, response_ids, masked in sequences]  # fmt: skip
+        return sequences[0][0][:shared], tokenized
 
     prompt_ids, tokenized = tokenize(prompt)
-    truncated = len(prompt_ids) + max(len(ids) for ids, _ in tokenized[:fit]) > max_length
-    if truncated and max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, tokenized = tokenize(_shorten_prompt(tokenizer, prompt, max_prompt_length))
+    cuts = Cuts()
+    too_long = len(prompt_ids) + max(len(ids) for ids, _ in tokenized[:fit]) > max_length
+    if too_long and max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, tokenized = tokenize(_shorten_prompt(tokenizer, prompt, max_prompt_length, tools))
+        cuts.prompt = True
     budget = max_length - len(prompt_ids)
     if budget < 1:
         raise BadRow(
@@ -213,7 +249,19 @@ def tokenize_responses(
             "set max_prompt_length to truncate long prompts",
             f"prompt leaves no room for a response within max_length={max_length}",
         )
-    return prompt_ids, [(ids[:budget], masked[:budget]) for ids, masked in tokenized], truncated
+    cuts.responses = [len(ids) > budget for ids, _ in tokenized]
+    if any(all(masked[:budget]) for _, masked in tokenized):
+        raise BadRow(f"a response keeps no trained token after truncation to max_length={max_length} (its trained "
+                     "turns come after what fits)", f"a response keeps no trained token within max_length="
+                     f"{max_length}")  # fmt: skip
+    return prompt_ids, [(ids[:budget], masked[:budget]) for ids, masked in tokenized], cuts
+
+
+def _train_final_turn(response: list[Message]) -> list[Message]:
+    """The response with every assistant turn but its last masked (``train_turns="final"``)."""
+    last = max(i for i, m in enumerate(response) if m.role == "assistant")
+    return [Message(m.role, m.content, masked=m.masked or (m.role == "assistant" and i < last))
+            for i, m in enumerate(response)]  # fmt: skip
 
 
 def _tokenize_pair(
@@ -222,11 +270,17 @@ def _tokenize_pair(
     fmt: str,
     max_length: int,
     max_prompt_length: int | None,
-) -> dict[str, list[int]]:
-    """One parsed, tokenized and truncated pair (the sample dict of :class:`PreferenceDataset`)."""
+    train_turns: str = "final",
+) -> tuple[dict[str, list[int]], Cuts]:
+    """One parsed, tokenized and truncated pair (the sample dict of :class:`PreferenceDataset`), and what was cut."""
     prompt, chosen, rejected = parse_row(row, fmt)
+    tools = parse_tools(row)
+    for response in (chosen, rejected):
+        check_tool_use(prompt + response, tools)
+    if fmt in ("implicit", "hh") and train_turns == "final":
+        chosen, rejected = _train_final_turn(chosen), _train_final_turn(rejected)
     prompt_ids, [(chosen_ids, chosen_masked), (rejected_ids, rejected_masked)], truncated = tokenize_responses(
-        tokenizer, prompt, [chosen, rejected], max_length, max_prompt_length
+        tokenizer, prompt, [chosen, rejected], max_length, max_prompt_length, tools=tools
     )
     if chosen_ids == rejected_ids:
         if truncated:
@@ -239,7 +293,7 @@ def _tokenize_pair(
         "chosen_labels": labels_of(chosen_ids, chosen_masked),
         "rejected_response_ids": rejected_ids,
         "rejected_labels": labels_of(rejected_ids, rejected_masked),
-    }
+    }, truncated
 
 
 def check_tokenize_arguments(
@@ -331,6 +385,7 @@ def tokenize_rows(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
+    train_turns: Literal["final", "all"] = "final",
 ) -> PreferenceDataset:
     """Parse, tokenize and truncate ``rows`` (dicts) into a :class:`PreferenceDataset`.
 
@@ -357,14 +412,19 @@ def tokenize_rows(
                 "if the columns are named differently",
                 "the preference format cannot be detected",
             )
-        return _tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length)
+        return _tokenize_pair(tokenizer, row, fmt, max_length, max_prompt_length, train_turns)
 
+    if train_turns not in ("final", "all"):
+        raise ValueError(f"train_turns must be 'final' or 'all', got '{train_turns}'")
     skipped = Counter()
     with own_truncation(tokenizer):
-        samples, kept_rows = each_row(rows, row_numbers, tokenize, source=source, on_bad_row=on_bad_row,
+        results, kept_rows = each_row(rows, row_numbers, tokenize, source=source, on_bad_row=on_bad_row,
                                       describe_row=describe_row or (lambda n: f"row {n}"), skipped=skipped)  # fmt: skip
-    report_skipped(skipped, len(samples), rows, source, lambda: _format_hint(rows, format, column_map))
-    return PreferenceDataset(samples, source, skipped, kept_rows)
+    report_skipped(skipped, len(results), rows, source, lambda: _format_hint(rows, format, column_map))
+    samples = [sample for sample, _ in results]
+    dataset = PreferenceDataset(samples, source, skipped, kept_rows)
+    dataset.report = DataReport.of(dataset, len(rows), [cuts for _, cuts in results], max_length)
+    return dataset
 
 
 def _format_hint(rows: Any, fmt: str, column_map: dict[str, str] | None) -> str:
@@ -602,6 +662,7 @@ def preference_dataset(
     holdout_fraction: float = 0.0,
     part: Literal["train", "heldout"] = "train",
     holdout_seed: int = 0,
+    train_turns: Literal["final", "all"] = "final",
     **load_dataset_kwargs: Any,
 ) -> PreferenceDataset:
     """Load preference pairs with ``datasets.load_dataset`` and tokenize them (a YAML ``_component_``).
@@ -621,6 +682,10 @@ def preference_dataset(
         on_bad_row: ``"error"`` (default) raises naming the row; ``"skip"`` skips and logs a summary.
         holdout_fraction: hold out this fraction of the split's rows (seeded by ``holdout_seed``) as an eval set.
         part: ``"train"`` for the remaining rows, ``"heldout"`` for the held-out ones.
+        train_turns: for ``implicit`` / ``hh`` rows (two whole conversations), which assistant turns after the
+            shared prefix train: ``"final"`` (default) the last one, the earlier ones being context; ``"all"`` every
+            one. Tool results and user turns never train; a ``conversational`` completion trains all its
+            assistant turns.
         **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``name``, ``data_dir``, ``revision``, ...).
     """
     rows, numbers, where = load_rows(source, data_files, split, column_map, holdout_fraction, part, holdout_seed,
@@ -636,4 +701,5 @@ def preference_dataset(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         on_bad_row=on_bad_row,
+        train_turns=train_turns,
     )

@@ -22,37 +22,30 @@ reads them; a paired row of any format above is unrolled into its two unpaired r
 A message is ``{"role", "content"}`` or ShareGPT's ``{"from", "value"}`` (roles human/gpt/system); its content a
 string or an OpenAI-style list of text parts ``[{"type": "text", "text": ...}]`` (joined). A ``system`` column
 (or ``column_map["system"]``) becomes a system message at the start of the prompt.
+
+Tool use (:mod:`dpo_components.data.tools`): a ``tools`` column, assistant messages with ``tool_calls``, and tool
+results (role ``tool`` or ``ipython``) in prompts and completions. A tool result's content that is not a string is
+written as JSON; an assistant message with calls may have no content.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from torchtune.data import Message
 
+from dpo_components.data.errors import BadRow, PreferenceDataError  # noqa: F401 (re-exported: its home before errors.py)
+from dpo_components.data.tools import tool_call_parts, tool_calls
+
 FORMATS = ("explicit", "conversational", "implicit", "hh")
-COLUMNS = ("prompt", "chosen", "rejected", "system", "completion", "label")  # the names column_map maps from
+COLUMNS = ("prompt", "chosen", "rejected", "system", "completion", "label", "tools")  # the names column_map maps from
 _ROLES = {
     "system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython",
     "human": "user", "gpt": "assistant", "model": "assistant",  # ShareGPT, Gemma
 }  # fmt: skip
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
-
-
-class PreferenceDataError(ValueError):
-    """A malformed preference row or source; the message names the source and the row."""
-
-
-class BadRow(Exception):
-    """Why one row is unusable (turned into PreferenceDataError or a skip count).
-
-    ``summary`` is the reason without row-specific details, the bucket rows are counted in when skipped.
-    """
-
-    def __init__(self, why: str, summary: str | None = None) -> None:
-        super().__init__(why)
-        self.summary = summary or why
 
 
 # ----------------------------------------------------------------------------------------------- row parsing
@@ -103,7 +96,8 @@ def _content(value: Any, where: str) -> str:
 
 
 def _messages(value: list[Any] | dict[str, Any], key: str) -> list[Message]:
-    """Messages in {"role", "content"} or ShareGPT {"from", "value"} form; one message alone is a list of one."""
+    """Messages in {"role", "content"} or ShareGPT {"from", "value"} form; one message alone is a list of one.
+    An assistant message's ``tool_calls`` become content parts (:func:`~dpo_components.data.tools.tool_call_parts`)."""
     messages = []
     for i, m in enumerate([value] if isinstance(value, dict) else value):
         where = f"'{key}'[{i}]"
@@ -113,8 +107,25 @@ def _messages(value: list[Any] | dict[str, Any], key: str) -> list[Message]:
         role = m.get("role", m.get("from"))
         if role not in _ROLES:
             raise BadRow(f"{where} has unknown role '{role}' (expected one of {sorted(_ROLES)})")
-        messages.append(Message(role=_ROLES[role], content=_content(m.get("content", m.get("value")), where)))
+        role, content, calls = _ROLES[role], m.get("content", m.get("value")), m.get("tool_calls")
+        if role == "ipython" and not isinstance(content, str) and content is not None:  # a structured result
+            messages.append(Message(role=role, content=[{"type": "text", "json": True,
+                                                         "content": json.dumps(content, ensure_ascii=False)}]))
+            continue
+        if calls and role != "assistant":
+            raise BadRow(f"{where} is a '{role}' turn with 'tool_calls'; only assistant turns call tools",
+                         "a non-assistant turn has 'tool_calls'")  # fmt: skip
+        if calls and content is None:
+            content = ""
+        parts = tool_call_parts(calls, where) if calls else []
+        text = _content(content, where)
+        messages.append(Message(role=role, content=[{"type": "text", "content": text}, *parts] if parts else text))
     return messages
+
+
+def turn_key(message: Message) -> tuple[Any, ...]:
+    """What a turn says: role, text and calls (equal turns are the same turn of a conversation)."""
+    return message.role, message.text_content, json.dumps(tool_calls(message), sort_keys=True)
 
 
 def _split_hh(text: str, key: str) -> list[Message]:
@@ -138,7 +149,7 @@ def _hh_prompt(text: str) -> list[Message] | None:
 def _split_shared_prefix(chosen: list[Message], rejected: list[Message]) -> tuple[list, list, list]:
     shared = 0
     for a, b in zip(chosen, rejected):
-        if (a.role, a.text_content) != (b.role, b.text_content):
+        if turn_key(a) != turn_key(b):
             break
         shared += 1
     if shared == len(chosen) == len(rejected):
@@ -176,7 +187,7 @@ def _check_response(name: str, response: list[Message]) -> None:
         raise BadRow(f"{name} response is empty")
     if response[-1].role != "assistant":
         raise BadRow(f"{name} response must end with an assistant turn, got '{response[-1].role}'")
-    if not "".join(m.text_content for m in response).strip():
+    if not "".join(m.text_content for m in response).strip() and not any(tool_calls(m) for m in response):
         raise BadRow(f"{name} response is empty")
 
 
@@ -204,7 +215,7 @@ def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[Message], list[Messag
 
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         _check_response(name, response)
-    if [m.text_content for m in chosen] == [m.text_content for m in rejected]:
+    if [turn_key(m) for m in chosen] == [turn_key(m) for m in rejected]:
         raise BadRow("chosen and rejected are identical")
     return prompt, chosen, rejected
 

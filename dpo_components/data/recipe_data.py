@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torchtune import config
 from torchtune.utils import get_logger
@@ -12,6 +14,7 @@ from torchtune.utils import get_logger
 from dpo_components.data.collate import PreferenceCollator, make_collator
 from dpo_components.data.dataset import PreferenceDataset
 from dpo_components.data.micro_batches import check_pairs_fit_budget, plan_micro_batches
+from dpo_components.files import write_json
 from dpo_components.losses import PreferenceLoss
 from dpo_components.settings import ConfigError, RecipeSettings, check_datasets, optional_component
 
@@ -54,6 +57,7 @@ def load_recipe_data(
     train = config.instantiate(cfg.dataset, tokenizer)
     eval_cfg = optional_component(cfg, "eval_dataset")
     held_out = config.instantiate(eval_cfg, tokenizer) if eval_cfg else None
+    write_data_report(settings.output_dir, dataset=train, eval_dataset=held_out)
     if loss is not None:
         check_data_kind(loss, dataset=train, eval_dataset=held_out)
     check_datasets(settings, train, held_out, world_size)
@@ -66,6 +70,19 @@ def load_recipe_data(
                  f"pairs{' per rank' if world_size > 1 else ''} in micro-batches of at most "
                  f"{settings.max_micro_batch_tokens} computed positions")  # fmt: skip
     return RecipeData(train, held_out, collate, settings.batch_size, settings.max_micro_batch_tokens)
+
+
+def write_data_report(output_dir: Path, **datasets: Any) -> None:
+    """Log each dataset's report (by config key; None skipped) and write them to ``output_dir/data_report.json``
+    (rank 0): rows read / kept / skipped by reason, what ``max_length`` cut, trained tokens per response
+    (:mod:`dpo_components.data.report`)."""
+    reports = {key: data.report for key, data in datasets.items() if getattr(data, "report", None) is not None}
+    for key, report in reports.items():
+        log.info(f"data report ({key}):")
+        report.log(log)
+    if reports and (not dist.is_initialized() or dist.get_rank() == 0):
+        write_json(Path(output_dir) / "data_report.json", {key: r.to_dict() for key, r in reports.items()},
+                   "the data report")  # fmt: skip
 
 
 def check_data_kind(loss: PreferenceLoss, **datasets: Any) -> None:

@@ -53,7 +53,10 @@ from dpo_components.data.formats import (
     map_columns,
     parse_row,
     parse_unpaired_row,
+    turn_key,
 )
+from dpo_components.data.report import DataReport
+from dpo_components.data.tools import check_tool_use, parse_tools
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,20 @@ class UnpairedDataset(PreferenceDataset):
         return len(self) - self.desirable_count
 
 
-UnpairedRow = tuple[list[Message], list[Message], bool]  # prompt, completion, desirable
+UnpairedRow = tuple[list[Message], list[Message], bool, list[dict[str, Any]]]  # prompt, completion, desirable, tools
 
 
 def _parse(raw: dict[str, Any], fmt: str, column_map: dict[str, str]) -> list[UnpairedRow]:
-    """The unpaired rows of one data row: itself, or a pair's two halves (desirable first)."""
+    """The unpaired rows of one data row: itself, or a pair's two halves (desirable first), with the row's tools."""
     row = map_columns(raw, column_map)
+    tools = parse_tools(row)
+    rows = [(*half, tools) for half in _halves(row, fmt)]
+    for prompt, completion, _, _ in rows:
+        check_tool_use(prompt + completion, tools)
+    return rows
+
+
+def _halves(row: dict[str, Any], fmt: str) -> list[tuple[list[Message], list[Message], bool]]:
     if "completion" in row:
         if row["completion"] is None:  # datasets fills a key missing from some rows with None
             raise BadRow("missing 'completion' (no such column, or a null value)")
@@ -151,27 +162,28 @@ def unpaired_dataset(
     if any(len(items_of_row) == 2 for items_of_row in parsed):
         log.info("%s: unrolled %d paired rows into desirable and undesirable rows", where,
                  sum(len(i) == 2 for i in parsed))  # fmt: skip
-    keys = [tuple((m.role, m.text_content) for m in prompt) for _, (prompt, _, _) in items]
+    keys = [tuple(turn_key(m) for m in prompt) for _, (prompt, _, _, _) in items]
     partners, same_prompt = kl_partners(keys)
     if same_prompt:
         log.warning("%s: %d rows have no row with another prompt; their KL completions are other completions of "
                     "the same prompt", where, same_prompt)  # fmt: skip
 
     def tokenize(i: int) -> dict[str, Any]:
-        prompt, completion, desirable = items[i][1]
+        prompt, completion, desirable, tools = items[i][1]
         kl_completion = items[partners[i]][1][1]
-        prompt_ids, [(ids, masked), (kl_ids, kl_masked)], _ = tokenize_responses(
-            tokenizer, prompt, [completion, kl_completion], max_length, max_prompt_length, fit=1
+        prompt_ids, [(ids, masked), (kl_ids, kl_masked)], cuts = tokenize_responses(
+            tokenizer, prompt, [completion, kl_completion], max_length, max_prompt_length, fit=1, tools=tools
         )
         return {"prompt_ids": prompt_ids, "chosen_response_ids": ids, "chosen_labels": labels_of(ids, masked),
                 "rejected_response_ids": kl_ids, "rejected_labels": labels_of(kl_ids, kl_masked),
-                "desirable": desirable}  # fmt: skip
+                "desirable": desirable}, cuts  # fmt: skip
 
     with own_truncation(tokenizer):
-        samples, sample_rows = each_row(range(len(items)), [number for number, _ in items], tokenize, source=where,
+        results, sample_rows = each_row(range(len(items)), [number for number, _ in items], tokenize, source=where,
                                         describe_row=describe_row, on_bad_row=on_bad_row, skipped=skipped)  # fmt: skip
-    report_skipped(skipped, len(samples), rows, where, lambda: "")
-    dataset = UnpairedDataset(samples, where, skipped, sample_rows)
+    report_skipped(skipped, len(results), rows, where, lambda: "")
+    dataset = UnpairedDataset([sample for sample, _ in results], where, skipped, sample_rows)
+    dataset.report = DataReport.of(dataset, len(rows), [cuts for _, cuts in results], max_length)
     if not dataset.desirable_count or not dataset.undesirable_count:
         label = "true (desirable)" if dataset.desirable_count else "false (undesirable)"
         raise PreferenceDataError(

@@ -19,19 +19,28 @@ tokenized as the Instruct model was tuned and as it is served (vLLM, ``transform
 - **ChatML families** (Qwen2.5 here, Qwen3 in :mod:`dpo_components.models.qwen3`; :func:`chatml_tokenize`):
   torchtune encodes a turn's role header (``user\n``) and its content separately, while the template's text is
   tokenized in one piece: with the released 151k-token BPE a content starting with ``\n`` (or `` \n``, ``\t\n``)
-  gives ``['\n', '\n']`` where the template gives ``['\n\n']``. Here every prompt turn is encoded in one piece; the
-  response after the generation prompt is encoded on its own, as a model generates it after ``assistant\n``.
+  gives ``['\n', '\n']`` where the template gives ``['\n\n']``. Here every turn, the response's too, is encoded in
+  one piece, as the template's conversation is. A response starting with blank lines then opens with a token that
+  holds the header's newline too (``['assistant', '\n\n\n', 'Soft']``): that token is the response's (trained),
+  and the pair's prompt ends before it (the response that does not merge keeps the header's ``\n`` untrained).
 - **Llama 3.1 / 3.2 / 3.3 Instruct** (``llama3_1_instruct_tokenizer``): their templates always open with a system
   block ``Cutting Knowledge Date: December 2023\nToday Date: <date>\n\n`` (then the system message, if any); the
   date is settable (``date_string``), "26 Jul 2024" by default (Llama 3.1's and 3.3's default; 3.2's template
-  writes the day it is run, which would make a dataset's tokens depend on the day). Tools are left out (the
-  templates' ``Environment: ipython`` and tool-call turns). Llama 3.0 keeps torchtune's format.
+  writes the day it is run, which would make a dataset's tokens depend on the day). Llama 3.0 keeps torchtune's
+  format.
+
+Tools (a row's ``tools``, tool calls and results) are written as the Llama 3.1+, Qwen2.5 and Qwen3 templates write
+them (:mod:`dpo_components.data.tools`); the other families' tokenizers take no ``tools`` and refuse such rows.
+In every family a multi-turn response trains its assistant turns' text and end of turn, never a turn's header.
 
 The end of a trained response is the family's: the end-of-turn marker, then EOS where torchtune appends one
 (``add_eos``). The template's newline after the last end-of-turn marker is not part of the response.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import regex
 from torchtune.data import Message
@@ -43,6 +52,16 @@ from torchtune.models.phi4 import phi4_tokenizer as tt_phi4_tokenizer
 from torchtune.models.phi4._tokenizer import CL100K_PATTERN, Phi4Tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS, Qwen2_5Tokenizer
 from torchtune.modules.transforms.tokenizers import GPT2BaseTokenizer, parse_hf_tokenizer_json
+
+from dpo_components.data.tools import (
+    llama3_call_text,
+    llama3_tools_text,
+    qwen_calls_text,
+    qwen_merge_results,
+    qwen_tools_text,
+    to_json,
+    tool_calls,
+)
 
 QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -108,30 +127,79 @@ def mistral_v0_3_tokenizer(path: str, max_seq_len: int | None = None) -> Mistral
     return tokenizer
 
 
-def chatml_tokenize(tokenizer: Qwen2_5Tokenizer, messages: list[Message], add_eos: bool = True,
-                    response_last: bool = True) -> tuple[list[int], list[bool]]:  # fmt: skip
-    """torchtune's ChatML ``tokenize_messages`` (Qwen2/2.5/3) with each turn's ``role\ncontent`` encoded in one
-    piece, as the template's text is; only a final assistant turn (the response) has its header ``assistant\n``
-    encoded apart from its content, so the generation prompt is a prefix of prompt + response.
+@dataclass
+class ChatMLTurn:
+    """One ChatML turn, ``<|im_start|>{role}\n{prefill}{text}<|im_end|>\n``. ``prefill`` is what a generation
+    prompt writes before the model's own text (Qwen3's empty think block in non-thinking mode): a header, never
+    trained."""
 
-    ``<|im_start|>{role}\n{content}<|im_end|>\n`` per turn; the final assistant turn ends with its content (the
-    caller's EOS, ``<|im_end|>`` for the Instruct models, follows with ``add_eos``). ``response_last=False``: the
-    messages are a prompt, and a final assistant turn is closed like any other."""
+    role: str
+    text: str
+    masked: bool
+    prefill: str = ""
+
+
+def chatml_turns(messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                 default_system: str | None = None) -> list[ChatMLTurn]:  # fmt: skip
+    """Messages as the Qwen2.5 / Qwen3 templates write them: the tools block in the system turn (after the row's
+    system text, else ``default_system``), calls as ``<tool_call>`` blocks, consecutive results merged into one
+    ``user`` turn (:mod:`dpo_components.data.tools`). A message may carry Qwen3's ``prefill`` (the generation
+    prompt's empty think block) and ``think`` (its own think block, written before its text and calls), as
+    :func:`dpo_components.models.qwen3.qwen3_turns` sets them."""
+    system = messages[0] if messages and messages[0].role == "system" else None
+    system_text = system.text_content if system is not None else default_system
+    if tools:
+        system_text = (system_text + "\n\n" if system_text else "") + qwen_tools_text(tools)
+    turns = [ChatMLTurn("system", system_text, True)] if system_text is not None else []
+    for message in qwen_merge_results(messages[system is not None :]):
+        text = message.text_content
+        if message.role == "assistant":
+            text = getattr(message, "think", "") + qwen_calls_text(text, message)
+        turns.append(ChatMLTurn(message.role, text, message.masked, getattr(message, "prefill", "")))
+    return turns
+
+
+def _byte_lengths(tokenizer: Qwen2_5Tokenizer, ids: list[int]) -> list[int]:
+    special = tokenizer._special_tokens_reversed
+    return [len(special[i].encode()) if i in special else len(tokenizer.decoder[i]) for i in ids]
+
+
+def encode_with_header(tokenizer: Qwen2_5Tokenizer, header: str, text: str) -> tuple[list[int], int]:
+    """``header + text`` encoded in one piece, as the template's text is, and how many of its tokens lie wholly
+    within the header (a token that also holds text, e.g. ``\n\n\n`` of ``assistant\n`` + ``\n\nSoft``, is
+    the text's: it is what the model writes)."""
+    ids = tokenizer.encode(header + text, add_bos=False, add_eos=False)
+    budget, count = len(header.encode()), 0
+    for length in _byte_lengths(tokenizer, ids):
+        if length > budget:
+            break
+        budget, count = budget - length, count + 1
+    return ids, count
+
+
+def chatml_tokenize(tokenizer: Qwen2_5Tokenizer, turns: list[ChatMLTurn], add_eos: bool = True,
+                    response_last: bool = True) -> tuple[list[int], list[bool]]:  # fmt: skip
+    """ChatML turns (:func:`chatml_turns`) as token ids with each turn's ``role\n`` + text encoded in one piece, as
+    the template's text is (torchtune encodes the role header apart, which splits e.g. ``\n\n\n`` into
+    ``\n`` + ``\n\n`` on the released 151k-token BPE).
+
+    Masks: an unmasked assistant turn trains its text and ``<|im_end|>``, never its header (``<|im_start|>``,
+    ``assistant\n`` and the prefill) nor the newline after ``<|im_end|>``; other turns are all ``masked``. A final
+    assistant turn (``response_last``) ends with its text: the caller's EOS, ``<|im_end|>`` for the Instruct
+    models, follows with ``add_eos``; with ``response_last=False`` the turns are a prompt, all closed."""
     tokens: list[int] = []
     mask: list[bool] = []
-    for index, message in enumerate(messages):
-        if message.role == "ipython":
-            raise ValueError("tool (ipython) turns are not supported by this ChatML format")
-        response = response_last and message.role == "assistant" and index == len(messages) - 1
-        if response:
-            ids = [tokenizer.im_start_id, *tokenizer.encode("assistant\n", add_bos=False, add_eos=False),
-                   *tokenizer.encode(message.text_content, add_bos=False, add_eos=False)]  # fmt: skip
-        else:
-            text = f"{message.role}\n{message.text_content}"
-            ids = [tokenizer.im_start_id, *tokenizer.encode(text, add_bos=False, add_eos=False), tokenizer.im_end_id,
-                   *tokenizer.encode("\n", add_bos=False, add_eos=False)]  # fmt: skip
+    for index, turn in enumerate(turns):
+        ids, header = encode_with_header(tokenizer, f"{turn.role}\n{turn.prefill}", turn.text)
+        ids, header = [tokenizer.im_start_id, *ids], header + 1
+        trained = turn.role == "assistant" and not turn.masked  # else every token is turn.masked
+        turn_mask = [True] * header + [False] * (len(ids) - header) if trained else [turn.masked] * len(ids)
+        if not (response_last and turn.role == "assistant" and index == len(turns) - 1):
+            newline = tokenizer.encode("\n", add_bos=False, add_eos=False)
+            ids = [*ids, tokenizer.im_end_id, *newline]
+            turn_mask += [turn.masked] + [turn.masked or trained] * len(newline)
         tokens += ids
-        mask += [message.masked] * len(ids)
+        mask += turn_mask
     if add_eos:
         tokens, mask = [*tokens, tokenizer.eos_id], [*mask, mask[-1] if mask else True]
     if tokenizer.max_seq_len:
@@ -141,13 +209,12 @@ def chatml_tokenize(tokenizer: Qwen2_5Tokenizer, messages: list[Message], add_eo
 
 
 class Qwen2_5InstructTokenizer(Qwen2_5Tokenizer):  # noqa: N801 (torchtune's naming)
-    """torchtune's Qwen2.5 tokenizer with the Instruct template's default system turn and one-piece turns
-    (:func:`chatml_tokenize`)."""
+    """torchtune's Qwen2.5 tokenizer with the Instruct template's default system turn, one-piece turns
+    (:func:`chatml_tokenize`) and its tool format (:mod:`dpo_components.data.tools`)."""
 
-    def tokenize_messages(self, messages: list[Message], *, add_eos: bool = True) -> tuple[list[int], list[bool]]:
-        if not messages or messages[0].role != "system":
-            messages = [Message("system", QWEN2_5_DEFAULT_SYSTEM, masked=True), *messages]
-        return chatml_tokenize(self, messages, add_eos=add_eos)
+    def tokenize_messages(self, messages: list[Message], *, add_eos: bool = True,
+                          tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:  # fmt: skip
+        return chatml_tokenize(self, chatml_turns(messages, tools, QWEN2_5_DEFAULT_SYSTEM), add_eos=add_eos)
 
 
 def qwen2_5_instruct_tokenizer(
@@ -194,20 +261,35 @@ class Llama3_1InstructTokenizer(Llama3Tokenizer):  # noqa: N801 (torchtune's nam
         super().__init__(*args, **kwargs)
         self.date_string = date_string
 
-    def tokenize_messages(self, messages: list[Message], *, add_end_tokens: bool = True
-                          ) -> tuple[list[int], list[bool]]:  # fmt: skip
+    def tokenize_messages(self, messages: list[Message], *, add_end_tokens: bool = True,
+                          tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:  # fmt: skip
+        """The template's turns: the dated system block (``Environment: ipython`` first when the row has tools),
+        the tools in the first user turn, calls and results as :mod:`dpo_components.data.tools` says. Masks: an
+        unmasked assistant turn trains its text and ``<|eot_id|>``, never its header."""
         has_system = bool(messages) and messages[0].role == "system"
-        text = LLAMA3_1_SYSTEM_BLOCK.format(date=self.date_string)
+        text = ("Environment: ipython\n" if tools else "") + LLAMA3_1_SYSTEM_BLOCK.format(date=self.date_string)
         text += messages[0].text_content.strip() if has_system else ""
         # the header, then the block as the template writes it (torchtune would strip its trailing "\n\n")
-        block = [*self._tokenize_header(Message("system", "")), *self.encode(text, add_bos=False, add_eos=False),
-                 self.eot_id]  # fmt: skip
-        max_seq_len, self.max_seq_len = self.max_seq_len, None  # truncate once, below, with the block in
-        try:
-            tokens, mask = super().tokenize_messages(messages[has_system:], add_end_tokens=add_end_tokens)
-        finally:
-            self.max_seq_len = max_seq_len
-        tokens, mask = [tokens[0], *block, *tokens[1:]], [mask[0], *[True] * len(block), *mask[1:]]
+        tokens = [self.bos_id, *self._tokenize_header(Message("system", "")),
+                  *self.encode(text, add_bos=False, add_eos=False), self.eot_id]  # fmt: skip
+        mask = [True] * len(tokens)
+        turns = messages[has_system:]
+        if tools and (not turns or turns[0].role != "user"):
+            raise ValueError("a row with tools needs a first user turn: Llama 3.1+'s template writes the tools there")
+        for i, message in enumerate(turns):
+            if tool_calls(message):
+                body = llama3_call_text(message)
+            elif message.role == "ipython":  # the template's tojson: a structured result as JSON, a string quoted
+                body = message.text_content if message.content[0].get("json") else to_json(message.text_content)
+            else:
+                body = (llama3_tools_text(tools) if tools and i == 0 else "") + message.text_content.strip()
+            header = self._tokenize_header(Message(message.role, ""))
+            ids = self.encode(body, add_bos=False, add_eos=False)
+            ids += [self.eot_id] if add_end_tokens or i < len(turns) - 1 else []
+            tokens += header + ids
+            mask += [message.masked or message.role == "assistant"] * len(header) + [message.masked] * len(ids)
+        if add_end_tokens:
+            tokens, mask = [*tokens, self.eos_id], [*mask, True]
         if self.max_seq_len:
             tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
             mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)

@@ -10,7 +10,8 @@ What differs from Qwen2.5 (and how it is handled here):
 - **checkpoints**: :class:`Qwen3HFCheckpointer` is torchtune's ``FullModelHFCheckpointer`` on its Qwen2 key table
   plus the q/k norms (``model_type: QWEN3`` in YAML); ``transformers``' ``Qwen3ForCausalLM`` loads what it writes.
 - **chat format** (:class:`Qwen3Tokenizer`): ChatML as Qwen2.5 (each turn encoded in one piece, as the
-  template's text: :func:`~dpo_components.models.chat_formats.chatml_tokenize`), in one of the template's two modes:
+  template's text: :func:`~dpo_components.models.chat_formats.chatml_tokenize`; tools as
+  :mod:`dpo_components.data.tools` says), in one of the template's two modes:
   - ``enable_thinking=False`` (the default, and the shipped configs): the generation prompt ends with an empty
     ``<think>\n\n</think>\n\n`` block (part of the masked prompt, so generation starts after it); a response that
     holds a ``<think>`` block is refused (it would follow a think block of its own);
@@ -47,7 +48,8 @@ from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.modules.transforms.tokenizers import parse_hf_tokenizer_json
 from torchtune.training import FullModelHFCheckpointer
 
-from dpo_components.models.chat_formats import chatml_tokenize
+from dpo_components.data.tools import with_text
+from dpo_components.models.chat_formats import chatml_tokenize, chatml_turns
 from dpo_components.settings import ConfigError
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -280,14 +282,15 @@ class Qwen3Tokenizer(Qwen2_5Tokenizer):
         super().__init__(*args, **kwargs)
         self.enable_thinking = enable_thinking
 
-    def tokenize_messages(self, messages: list[Message], *, add_eos: bool = True) -> tuple[list[int], list[bool]]:
-        return chatml_tokenize(self, qwen3_turns(messages, self.enable_thinking), add_eos=add_eos)
+    def tokenize_messages(self, messages: list[Message], *, add_eos: bool = True,
+                          tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:  # fmt: skip
+        return chatml_tokenize(self, chatml_turns(qwen3_turns(messages, self.enable_thinking), tools), add_eos=add_eos)
 
-    def generation_prompt(self, prompt: list[Message]) -> list[int]:
+    def generation_prompt(self, prompt: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt's turns and the assistant header, ``<|im_start|>assistant\n`` (+ the empty think block in
         non-thinking mode): Qwen3's ``add_generation_prompt``. The turns are rendered as in prompt + response (a
         prompt ending with an assistant turn keeps it as an inner turn), so this is a prefix of what is trained."""
-        turns = qwen3_turns(prompt, self.enable_thinking, response_last=False)
+        turns = chatml_turns(qwen3_turns(prompt, self.enable_thinking, response_last=False), tools)
         tokens, _ = chatml_tokenize(self, turns, add_eos=False, response_last=False)
         header = "assistant\n" + ("" if self.enable_thinking else EMPTY_THINK)
         return [*tokens, self.im_start_id, *self.encode(header, add_bos=False, add_eos=False)]
@@ -303,30 +306,38 @@ def _split_think(text: str) -> tuple[str | None, str]:
 
 def qwen3_turns(messages: list[Message], enable_thinking: bool = False, response_last: bool = True) -> list[Message]:
     """``messages`` as Qwen3's chat template renders them: assistant turns before the last user turn lose their
-    ``<think>`` block; later ones keep a non-empty block, normalised to ``<think>\n{reasoning}\n</think>\n\n``;
-    a final assistant turn (the response, with ``response_last``) gets that block in thinking mode (empty when it
-    has none) and none in non-thinking mode (the empty block is in the generation prompt)."""
+    ``<think>`` block; later ones keep a non-empty block, normalised to ``<think>\n{reasoning}\n</think>\n\n``.
+
+    A turn the model writes (the final one with ``response_last``, and in non-thinking mode every unmasked
+    assistant turn, i.e. every turn of a multi-turn response) is written as it is generated: in non-thinking mode
+    after the generation prompt's empty think block (its ``prefill``, not trained; a ``<think>`` block of its own
+    is refused); in thinking mode the final turn carries its block (empty when it has none).
+
+    The released template is not prefix-consistent here: its generation prompt ends with the empty block, but it
+    writes an earlier tool-call turn of the conversation without one. The rule above keeps every trained turn
+    exactly as the model produced it after its generation prompt; a *prompt* that holds such a turn (the context of
+    a later turn) is written as the template writes it."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     out = []
     for i, message in enumerate(messages):
-        text = message.text_content
+        prefill, think, text = "", "", message.text_content
         if message.role == "assistant":
             reasoning, answer = _split_think(text)
-            if i < last_user:
+            final = response_last and i == len(messages) - 1
+            if not enable_thinking and (final or not message.masked):
+                if reasoning is not None or "<think>" in text:
+                    raise ValueError("a response with a <think> block under enable_thinking=False: set "
+                                     "tokenizer.enable_thinking=true to train thinking turns, or remove the block")
+                prefill, text = EMPTY_THINK, answer.lstrip("\n")
+            elif i < last_user:
                 text = answer
-            elif response_last and i == len(messages) - 1:
-                if not enable_thinking:
-                    if reasoning is not None or "<think>" in text:
-                        raise ValueError("a response with a <think> block under enable_thinking=False: set "
-                                         "tokenizer.enable_thinking=true to train thinking turns, or remove the block")
-                    text = EMPTY_THINK + answer.lstrip("\n")
-                else:
-                    text = f"<think>\n{(reasoning or '').strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
-            elif reasoning:  # after the last user turn, not the response: the template keeps a non-empty block
-                text = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
+            elif final or reasoning:  # the template keeps a non-empty block after the last user turn
+                think, text = f"<think>\n{(reasoning or '').strip(chr(10))}\n</think>\n\n", answer.lstrip("\n")
             else:
                 text = answer
-        out.append(Message(message.role, text, masked=message.masked, ipython=message.ipython, eot=message.eot))
+        turn = with_text(message, text)
+        turn.prefill, turn.think = prefill, think  # read by chatml_turns
+        out.append(turn)
     return out
 
 

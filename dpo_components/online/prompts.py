@@ -19,6 +19,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from dpo_components.data.chat import check_tokenizer, generation_prompt
 from dpo_components.data.dataset import (
+    Cuts,
     _line_describer,
     _shorten_prompt,
     each_row,
@@ -35,6 +36,8 @@ from dpo_components.data.formats import (
     map_columns,
     parse_row,
 )
+from dpo_components.data.report import DataReport
+from dpo_components.data.tools import check_tool_use, parse_tools
 
 
 class PromptDataset(Dataset):
@@ -43,10 +46,13 @@ class PromptDataset(Dataset):
 
     data_kind = "prompts"
 
-    def __init__(self, samples: list[dict[str, Any]], source: str, row_numbers: list[int]) -> None:
+    def __init__(self, samples: list[dict[str, Any]], source: str, row_numbers: list[int],
+                 skipped: Counter | None = None) -> None:  # fmt: skip
         self._samples = samples
         self.source = source
         self.row_numbers = row_numbers
+        self.skipped = skipped or Counter()
+        self.report: DataReport | None = None  # rows read, skipped, prompts cut (dpo_components.data.report)
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -77,8 +83,9 @@ def prompt_messages(row: dict[str, Any]) -> list[Message]:
         turns = _hh_prompt(prompt) or [Message(role="user", content=prompt)]
     elif isinstance(prompt, (list, dict)):
         turns = _messages(prompt, "prompt")
-        if not turns or turns[-1].role != "user":
-            raise BadRow("a prompt's messages must end with a user turn", "the prompt does not end with a user turn")
+        if not turns or turns[-1].role not in ("user", "ipython"):
+            raise BadRow("a prompt's messages must end with a user turn (or a tool result)",
+                         "the prompt does not end with a user turn")  # fmt: skip
     else:
         raise BadRow(f"missing 'prompt' (no such column, or {type(prompt).__name__}); a prompt row needs a 'prompt' "
                      "string or list of messages", "missing 'prompt'")  # fmt: skip
@@ -112,16 +119,21 @@ def prompt_dataset(
     rows, numbers, where = load_rows(source, data_files, split, column_map, 0.0, "train", 0, **load_dataset_kwargs)
     column_map = dict(column_map or {})
 
-    def tokenize(raw: dict[str, Any]) -> dict[str, Any]:
-        prompt = prompt_messages(map_columns(raw, column_map))
-        if max_prompt_length is not None and len(generation_prompt(tokenizer, prompt)) > max_prompt_length:
-            prompt = _shorten_prompt(tokenizer, prompt, max_prompt_length)
-        return {"prompt_ids": generation_prompt(tokenizer, prompt),
-                "messages": [{"role": m.role, "content": m.text_content} for m in prompt]}  # fmt: skip
+    def tokenize(raw: dict[str, Any]) -> tuple[dict[str, Any], Cuts]:
+        row = map_columns(raw, column_map)
+        prompt, tools = prompt_messages(row), parse_tools(row)
+        check_tool_use(prompt, tools)
+        cuts = Cuts()
+        if max_prompt_length is not None and len(generation_prompt(tokenizer, prompt, tools)) > max_prompt_length:
+            prompt, cuts.prompt = _shorten_prompt(tokenizer, prompt, max_prompt_length, tools), True
+        return {"prompt_ids": generation_prompt(tokenizer, prompt, tools),
+                "messages": [{"role": m.role, "content": m.text_content} for m in prompt]}, cuts  # fmt: skip
 
     skipped: Counter = Counter()
     with own_truncation(tokenizer):
-        samples, kept = each_row(rows, numbers, tokenize, source=where, describe_row=_line_describer(data_files),
+        results, kept = each_row(rows, numbers, tokenize, source=where, describe_row=_line_describer(data_files),
                                  on_bad_row=on_bad_row, skipped=skipped)  # fmt: skip
-    report_skipped(skipped, len(samples), rows, where, lambda: "")
-    return PromptDataset(samples, where, kept)
+    report_skipped(skipped, len(results), rows, where, lambda: "")
+    dataset = PromptDataset([sample for sample, _ in results], where, kept, skipped)
+    dataset.report = DataReport.of(dataset, len(rows), [cuts for _, cuts in results], max_prompt_length or 0)
+    return dataset

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -69,8 +71,11 @@ def _byte_level_alphabet() -> dict[int, str]:
     return mapping
 
 
-def train_tiny_tokenizer(out_dir: str | Path = ASSET_DIR, vocab_size: int = 563, seed: int = 0) -> Path:
-    """Train the BPE on the synthetic corpus and write the three tokenizer files to ``out_dir``."""
+def train_tiny_tokenizer(
+    out_dir: str | Path = ASSET_DIR, vocab_size: int = 563, seed: int = 0, corpus: Iterable[str] | None = None
+) -> Path:
+    """Train the BPE on ``corpus`` (default: the synthetic sentiment task's) and write the three tokenizer files to
+    ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     byte_chars = _byte_level_alphabet()
@@ -80,7 +85,7 @@ def train_tiny_tokenizer(out_dir: str | Path = ASSET_DIR, vocab_size: int = 563,
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=list(byte_chars.values()), show_progress=False
     )
-    draft.train_from_iterator(corpus_lines(seed, turns_apart=True), trainer=trainer)
+    draft.train_from_iterator(corpus if corpus is not None else corpus_lines(seed, turns_apart=True), trainer=trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in
               json.loads(draft.to_str())["model"]["merges"]]  # fmt: skip
 
@@ -127,14 +132,21 @@ def tiny_tokenizer(max_seq_len: int | None = None, path: str | Path = ASSET_DIR)
     from torchtune.models.llama3 import llama3_tokenizer
 
     path = Path(path)
-    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "" disables tiktoken's cache
-    try:
+    with no_tiktoken_cache():
         return llama3_tokenizer(
             path=str(path / "tokenizer.model"),
             special_tokens_path=str(path / "tokenizer.json"),
             max_seq_len=max_seq_len,
         )
+
+
+@contextlib.contextmanager
+def no_tiktoken_cache() -> Iterator[None]:
+    """tiktoken's file cache off for the block (it keys files by path: a file rewritten in place reads stale)."""
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "" disables tiktoken's cache
+    try:
+        yield
     finally:
         if previous is None:
             del os.environ["TIKTOKEN_CACHE_DIR"]

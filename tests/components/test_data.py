@@ -457,3 +457,38 @@ def test_truncation_never_cuts_a_character_in_half(tokenizer, tmp_path):
         assert "\ufffd" not in decoded and len(sample["prompt_ids"]) <= limit
         kept = decoded.split("<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
         assert text.endswith(kept) and (" " + kept) in text  # a whole-word end of the prompt
+
+
+def test_the_data_report_counts_every_case_exactly(tokenizer, tmp_path):
+    """A file built to hit each case: whole pairs, a prompt cut, a chosen cut alone, a rejected cut alone, both cut,
+    and three bad rows of two reasons. The trained tokens per response are counted independently: the response's
+    tokens plus its end of turn, up to what the prompt leaves of max_length."""
+    short, long = "great .", " ".join(["moving and the cast was superb ."] * 6)  # 42 tokens
+    rows = [
+        {"prompt": "the plot was", "chosen": short, "rejected": "dull ."},
+        {"prompt": "the music felt", "chosen": "moving .", "rejected": "weak and dull ."},
+        {"prompt": " ".join(["the plot was dull ."] * 12), "chosen": long, "rejected": short},  # prompt, chosen cut
+        {"prompt": "the plot was", "chosen": long, "rejected": short},  # chosen cut alone
+        {"prompt": "the plot was", "chosen": short, "rejected": long},  # rejected cut alone
+        {"prompt": "the cast was", "chosen": long, "rejected": "weak . " + long},  # both cut
+        {"prompt": "the plot was", "chosen": short},  # bad: no rejected
+        {"prompt": "the plot was", "chosen": short, "rejected": short},  # bad: identical
+        {"prompt": "the end was", "chosen": "sad ."},  # bad: no rejected
+    ]
+    max_length, max_prompt_length = 40, 24  # a short prompt takes 17 tokens, the long one 74
+    data = build(tokenizer, write(tmp_path, rows), max_length=max_length, max_prompt_length=max_prompt_length,
+                 on_bad_row="skip")
+    report = data.report
+    assert (report.rows_read, report.rows_kept, report.samples) == (9, 6, 6)
+    assert report.skipped == {"missing 'rejected' (no such column, or a null value)": 2,
+                              "chosen and rejected are identical": 1}  # fmt: skip
+    assert (report.prompt_cut, report.cut, report.one_sided_cut) == (1, {"chosen": 3, "rejected": 2}, 3)
+    for side in ("chosen", "rejected"):
+        counts = []
+        for i, row in zip(range(len(data)), [r for r in rows if "rejected" in r and r["chosen"] != r["rejected"]]):
+            budget = max_length - len(data[i]["prompt_ids"])
+            counts.append(min(budget, len(tokenizer.encode(row[side], add_bos=False, add_eos=False)) + 1))
+        stats = report.trained_tokens[side]
+        assert stats["mean"] == round(sum(counts) / len(counts), 2) and stats["max"] == max(counts)
+        assert stats["p50"] == float(torch.tensor(counts, dtype=torch.float64).quantile(0.5))
+    assert "3 of 6 pairs (50.0%) have one response cut by max_length=40" in report.warning()

@@ -3,6 +3,8 @@ process): a NaN loss stops before the optimizer step naming the last good checkp
 output_dir holding an earlier run's checkpoints, and overwrite_output_dir takes it; the online recipe's steps by
 tokens equal its fixed micro-batches, as the offline recipes' do (tests/components/test_micro_batches.py)."""
 
+import json
+
 import pytest
 import torch
 from conftest import recipe_config, run_distributed_in_process
@@ -68,6 +70,10 @@ def test_a_nan_loss_stops_before_the_optimizer_step_naming_the_last_good_checkpo
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 2.*Last good checkpoint: .*step_1"):
         run(name, cfg, tmp_path / "pg")
     assert (out / "step_1" / "manifest.json").exists() and not (out / "step_2").exists()
+    # every recipe writes the data report of what it trains on (dpo_components.data.report)
+    report = json.loads((out / "data_report.json").read_text())
+    data = report["prompt_dataset" if name.startswith("online") else "dataset"]
+    assert data["rows_read"] == len((tiny_setup / "data/train.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -1,0 +1,262 @@
+"""Tool use in preference rows: token for token the released templates' `apply_chat_template(messages, tools=...)`
+(Llama 3.1+ through 3.2's template, Qwen2.5, Qwen3 in both modes) on the released vocabularies, the trained tokens
+of each family decoded (assistant text and end of turn; never tool results or headers), the bad rows named, and
+the data report's exact counts."""
+
+import json
+
+import pytest
+import torch
+from test_released_templates import family
+
+from dpo_components.data import PreferenceDataError, tokenize_rows
+from dpo_components.data.dataset import IGNORE_INDEX
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city today.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "The local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+]  # fmt: skip
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def calling(*calls, content=""):
+    return {"role": "assistant", "content": content, "tool_calls": list(calls)}
+
+
+USER = {"role": "user", "content": "What is the weather in Paris?"}
+RESULT = {"role": "tool", "content": "sunny, 21 C"}
+CHOSEN = [calling(call("get_weather", city="Paris")), RESULT, {"role": "assistant", "content": "It is sunny."}]
+REJECTED = [calling(call("get_time", city="Paris")), {"role": "tool", "content": "14:05"},
+            {"role": "assistant", "content": "It is 14:05."}]  # fmt: skip
+CASES = {
+    "call, result, answer": ([USER], CHOSEN, REJECTED),
+    "system and a call with text": ([{"role": "system", "content": "Be brief."}, USER],
+                                    [calling(call("get_weather", city="Paris"), content="Let me look.")],
+                                    [calling(call("get_time", city="Paris"))]),  # fmt: skip
+    "parallel calls": ([USER], [calling(call("get_weather", city="Paris"), call("get_time", city="Paris")),
+                                RESULT, {"role": "tool", "content": "14:05"},
+                                {"role": "assistant", "content": "Sunny at 14:05."}], REJECTED),  # fmt: skip
+    "multi-turn tool use": ([USER, *CHOSEN, {"role": "user", "content": "And in Rome?"}],
+                            [calling(call("get_weather", city="Rome")), {"role": "tool", "content": "rain"},
+                             {"role": "assistant", "content": "It rains."}],
+                            [{"role": "assistant", "content": "Also sunny."}]),  # fmt: skip
+    "prompt ends with a result": ([USER, CHOSEN[0], RESULT], [{"role": "assistant", "content": "It is sunny."}],
+                                  [{"role": "assistant", "content": "It is 14:05."}]),  # fmt: skip
+}
+FAMILIES = ("llama3_1+", "qwen2_5", "qwen3", "qwen3-thinking")
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tokenizers(request):
+    return request.param, *family(request.param)
+
+
+def expected_sequence(name, hf, kwargs, prompt, response, not_trained, trained_end):
+    """The template's conversation (prompt + response, with the tools), up to the end of turn, then our trained
+    end. Qwen3 non-thinking: each assistant turn of the response after the empty think block its generation prompt
+    gives it (the documented rule where the template is not prefix-consistent)."""
+    text = hf.apply_chat_template(prompt + response, tools=TOOLS, tokenize=False, **kwargs)
+    if name == "qwen3":
+        head = hf.apply_chat_template(prompt, tools=TOOLS, tokenize=False, **kwargs)
+        assert text.startswith(head)
+        turns = text[len(head) :].split("<|im_start|>assistant\n")
+        text = head + "<|im_start|>assistant\n".join(
+            [turns[0], *(t if t.startswith("<think>") else EMPTY_THINK + t for t in turns[1:])]
+        )
+    ids = hf.encode(text, add_special_tokens=False)
+    tail = hf.encode(not_trained, add_special_tokens=False) if not_trained else []
+    assert ids[len(ids) - len(tail) :] == tail
+    return ids[: len(ids) - len(tail)] + (hf.encode(trained_end, add_special_tokens=False) if trained_end else [])
+
+
+def trained_text(name, response):
+    """What the response should train: each assistant turn's text (or calls) and its end of turn."""
+    end = "<|eot_id|>" if name == "llama3_1+" else "<|im_end|>"
+    out = []
+    for m in response:
+        if m["role"] != "assistant":
+            continue
+        calls = [c["function"] for c in m.get("tool_calls", [])]
+        if name == "llama3_1+":
+            body = m["content"] if not calls else (
+                f'{{"name": "{calls[0]["name"]}", "parameters": {json.dumps(calls[0]["arguments"])}}}')
+        else:
+            blocks = [f'<tool_call>\n{{"name": "{c["name"]}", "arguments": {json.dumps(c["arguments"])}}}\n'
+                      "</tool_call>" for c in calls]  # fmt: skip
+            body = "\n".join(([m["content"]] if m["content"] else []) + blocks)
+            if name == "qwen3-thinking" and m is response[-1]:
+                body = EMPTY_THINK + body
+        out.append(body + end)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tool_rows_are_the_released_template_token_for_token(tokenizers, case):
+    name, ours, hf, kwargs, not_trained, trained_end = tokenizers
+    prompt, chosen, rejected = CASES[case]
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": TOOLS}
+    if name == "llama3_1+" and case == "parallel calls":  # the template raises; so does the row, named
+        with pytest.raises(Exception, match="single tool-calls"):
+            hf.apply_chat_template(prompt + chosen, tools=TOOLS, tokenize=False, **kwargs)
+        with pytest.raises(PreferenceDataError, match="rows row 0: .*one call per turn"):
+            tokenize_rows([row], ours, source="rows", max_length=4096)
+        return
+    sample = tokenize_rows([row], ours, source="rows", max_length=4096)[0]
+    for side, response in (("chosen", chosen), ("rejected", rejected)):
+        want = expected_sequence(name, hf, kwargs, prompt, response, not_trained, trained_end)
+        got = sample["prompt_ids"] + sample[f"{side}_response_ids"]
+        assert got == want, (hf.decode(got), hf.decode(want))
+        trained = [t for t in sample[f"{side}_labels"] if t != IGNORE_INDEX]
+        assert hf.decode(trained) == trained_text(name, response), hf.decode(trained)
+    generation = hf.apply_chat_template(prompt, tools=TOOLS, add_generation_prompt=True, tokenize=True, **kwargs)
+    generation = list(generation["input_ids"] if hasattr(generation, "keys") else generation)
+    assert sample["prompt_ids"] == generation
+
+
+def test_llama3_structured_results_and_string_arguments():
+    """A structured tool result is written as JSON, a string one quoted (the template's tojson); arguments given as
+    a JSON string (OpenAI's form) are parsed to the object the templates write."""
+    ours, hf, kwargs, not_trained, trained_end = family("llama3_1+")
+    prompt = [USER, calling({"type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris"}'}})]  # fmt: skip
+    for result in ({"sky": "sunny", "celsius": 21}, "sunny"):
+        row = {"prompt": [*prompt, {"role": "tool", "content": result}], "tools": TOOLS,
+               "chosen": [{"role": "assistant", "content": "Sunny."}],
+               "rejected": [{"role": "assistant", "content": "Rain."}]}  # fmt: skip
+        sample = tokenize_rows([row], ours, source="rows", max_length=4096)[0]
+        reference = [*prompt[:1], calling(call("get_weather", city="Paris")), {"role": "tool", "content": result}]
+        want = expected_sequence("llama3_1+", hf, kwargs, reference, row["chosen"], not_trained, trained_end)
+        assert sample["prompt_ids"] + sample["chosen_response_ids"] == want
+        assert json.dumps(result) in hf.decode(sample["prompt_ids"])
+
+
+def test_qwen2_5_response_starting_with_blank_lines_is_one_piece():
+    """The template tokenizes `assistant\\n` + `\\n\\nSoft` as ['assistant', '\\n\\n\\n', 'Soft']: so do we (the merged
+    token trains); the other response keeps the header's '\\n' untrained, and the prompt is what both share."""
+    ours, hf, kwargs, not_trained, _ = family("qwen2_5")
+    prompt = [{"role": "user", "content": "Write."}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "\n\nSoft words."}],
+           "rejected": [{"role": "assistant", "content": "No."}]}  # fmt: skip
+    sample = tokenize_rows([row], ours, source="rows", max_length=4096)[0]
+    for side in ("chosen", "rejected"):
+        text = hf.apply_chat_template(prompt + row[side], tokenize=False)
+        want = hf.encode(text, add_special_tokens=False)[: -len(hf.encode(not_trained, add_special_tokens=False))]
+        assert sample["prompt_ids"] + sample[f"{side}_response_ids"] == want
+    assert hf.convert_ids_to_tokens(sample["chosen_response_ids"][:1]) == ["ĊĊĊ"]
+    assert sample["rejected_labels"][0] == IGNORE_INDEX  # the header's newline, not trained
+    assert hf.decode([t for t in sample["chosen_labels"] if t != IGNORE_INDEX]) == "\n\n\nSoft words.<|im_end|>"
+
+
+BAD = {
+    "undefined tool": ({"chosen": [calling(call("get_stock", symbol="X"))]}, "calls tool 'get_stock', which"),
+    "arguments not JSON": ({"chosen": [calling({"function": {"name": "get_weather", "arguments": "{city: Paris"}})]},
+                           "arguments are not JSON"),  # fmt: skip
+    "result with no call": ({"prompt": [USER, RESULT]}, "tool result with no tool call before it"),
+    "tools not a list": ({"tools": {"name": "get_weather"}}, "'tools' must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_tool_rows_are_named_and_the_rest_trains(case, tmp_path):
+    ours = family("qwen2_5")[0]
+    good = {"prompt": [USER], "chosen": CHOSEN, "rejected": REJECTED, "tools": TOOLS}
+    change, message = BAD[case]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, {**good, **change}, good)))
+    from dpo_components.data import preference_dataset
+
+    with pytest.raises(PreferenceDataError, match=rf"tools.jsonl.*row 1 \(line 2\): .*{message}"):
+        preference_dataset(ours, source="json", data_files=str(path), max_length=4096)
+    data = preference_dataset(ours, source="json", data_files=str(path), max_length=4096, on_bad_row="skip")
+    assert len(data) == 2 and data.report.rows_read == 3 and sum(data.report.skipped.values()) == 1
+
+
+def test_a_family_without_tool_support_refuses_tool_rows():
+    ours = family("llama3")[0]  # Llama 3.0's template has no tools
+    row = {"prompt": [USER], "chosen": CHOSEN, "rejected": REJECTED, "tools": TOOLS}
+    with pytest.raises(PreferenceDataError, match="rows row 0: .*Llama3Tokenizer's chat format has no tool support"):
+        tokenize_rows([row], ours, source="rows", max_length=4096)
+
+
+def test_train_turns_of_two_whole_transcripts(tokenizer):
+    """implicit rows (two whole conversations): `final` trains the last assistant turn after the shared prefix, the
+    earlier ones being context; `all` trains every assistant turn after it. User turns never train."""
+    shared = [{"role": "user", "content": "the plot"}]
+    row = {"chosen": shared + [{"role": "assistant", "content": "was great ."}, {"role": "user", "content": "and ?"},
+                               {"role": "assistant", "content": "moving ."}],
+           "rejected": shared + [{"role": "assistant", "content": "was dull ."}, {"role": "user", "content": "and ?"},
+                                 {"role": "assistant", "content": "weak ."}]}  # fmt: skip
+
+    def trained(train_turns):
+        sample = tokenize_rows([row], tokenizer, source="rows", max_length=256, train_turns=train_turns)[0]
+        return [tokenizer.decode([t for t in sample[f"{side}_labels"] if t != IGNORE_INDEX])
+                for side in ("chosen", "rejected")]  # fmt: skip
+
+    assert trained("final") == ["moving .", "weak ."]
+    assert trained("all") == ["was great .moving .", "was dull .weak ."]
+    with pytest.raises(ValueError, match="train_turns must be 'final' or 'all'"):
+        trained("last")
+
+
+def test_prompt_and_unpaired_rows_with_tools(tmp_path):
+    """Online DPO's prompts render the tools into the generation prompt, as the template's; KTO's unpaired rows
+    train the completion's assistant turns only."""
+    from dpo_components.data import unpaired_dataset
+    from dpo_components.online.prompts import prompt_dataset
+
+    ours, hf, kwargs, _, _ = family("qwen2_5")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": [USER], "tools": TOOLS, "completion": CHOSEN, "label": True}) + "\n"
+                    + json.dumps({"prompt": [USER], "tools": TOOLS, "completion": REJECTED, "label": False}) + "\n")
+    prompts = prompt_dataset(ours, source="json", data_files=str(path))
+    generation = hf.apply_chat_template([USER], tools=TOOLS, add_generation_prompt=True, tokenize=True)
+    assert prompts[0]["prompt_ids"] == list(generation["input_ids"] if hasattr(generation, "keys") else generation)
+    rows = unpaired_dataset(ours, source="json", data_files=str(path), max_length=4096)
+    trained = hf.decode([t for t in rows[0]["chosen_labels"] if t != IGNORE_INDEX])
+    assert trained == trained_text("qwen2_5", CHOSEN) and "sunny, 21 C" not in trained
+
+
+def test_tool_results_carry_no_loss(tmp_path):
+    """On the tiny tool-use task's rows (dpo_components.tiny.tool_task) and the tiny model, the log-probs the losses
+    use have zero gradient with respect to the last layer's output at every position that predicts a tool result
+    (or a header), and a non-zero one at every position that predicts a token of the call or the answer."""
+    from dpo_components.data import collate_preference_batch
+    from dpo_components.logprobs import concatenated_logprobs
+    from dpo_components.tiny.model import tiny_llama
+    from dpo_components.tiny.tokenizer import train_tiny_tokenizer
+    from dpo_components.tiny.tool_task import (
+        MAX_LENGTH,
+        corpus_lines,
+        preference_rows,
+        split_combos,
+        tool_task_tokenizer,
+    )
+
+    train_tiny_tokenizer(tmp_path, corpus=corpus_lines())
+    tokenizer = tool_task_tokenizer(tmp_path)
+    rows = preference_rows(split_combos(0)[0], 2, seed=0)
+    data = tokenize_rows(rows, tokenizer, source="rows", max_length=MAX_LENGTH)
+    batch = collate_preference_batch([data[0], data[1]], padding_idx=tokenizer.pad_id)
+    model = tiny_llama().eval()
+    shift = torch.zeros(*batch["input_ids"].shape, model.norm.scale.shape[0], requires_grad=True)
+    model.layers[-1].register_forward_hook(lambda module, args, out: out + shift)  # the last layer's output
+    logps = concatenated_logprobs(model, batch)
+    (logps.chosen_logps.sum() + logps.rejected_logps.sum()).backward()
+    moved = shift.grad[:, :-1].abs().sum(-1) > 0  # position t predicts token t + 1
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert torch.equal(moved, scored)
+    for i, sample_row in enumerate(rows * 2):
+        side = "chosen" if i < len(rows) else "rejected"
+        result = sample_row[side][1]["content"]
+        unscored = tokenizer.decode(batch["input_ids"][i, 1:][~scored[i]].tolist())  # the result is written quoted
+        trained = tokenizer.decode(batch["input_ids"][i, 1:][scored[i]].tolist())
+        assert json.dumps(result) in unscored and json.dumps(result) not in trained
