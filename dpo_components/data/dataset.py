@@ -72,10 +72,11 @@ def _tokenize(
     """(prompt ids, response ids, response masked flags) for prompt + response in the tokenizer's chat format.
 
     The response starts after ``header`` (:func:`generation_prompt`: as in TRL, and as generation sees it), so
-    the assistant header is not trained and not counted in length-averaged losses; where the template's text
-    merges the header's end with the response's start into one token (Qwen's ``\n\n\n``), at that token. Of
-    the response's turns only assistant turns train (a response's ``masked`` turns, tool results and user turns
-    are context); their headers never do (the tokenizers mask them).
+    the assistant header is not trained and not counted in length-averaged losses; where the sequence leaves the
+    header earlier, at that token: the template's text merges the header's end with the response's start into one
+    token (Qwen's ``\n\n\n``), or the response opens with another turn (a tool result, a user turn) or an
+    assistant turn written otherwise (Qwen3's masked turns have no think block). Of the response's turns only
+    assistant turns train (a response's ``masked`` turns, tool results and user turns are context).
     """
     messages = [Message(m.role, m.content, masked=True) for m in prompt]
     messages += [Message(m.role, m.content, masked=m.masked or m.role != "assistant") for m in response]
@@ -109,9 +110,9 @@ def _shorten_prompt(
     system = [m for m in prompt[:1] if m.role == "system"]
     body = prompt[len(system) :]
     length = lambda turns: len(generation_prompt(tokenizer, system + turns, tools))
-    while len(body) > 1 and length(body) > max_prompt_length:
-        body = body[1:]
-        while len(body) > 1 and body[0].role != "user":
+    while length(body) > max_prompt_length and any(m.role == "user" for m in body[1:]):
+        body = body[1:]  # whole exchanges go while a later user turn is left to start with
+        while body[0].role != "user":
             body = body[1:]
     if length(body) <= max_prompt_length:
         return system + body
@@ -217,7 +218,8 @@ def tokenize_responses(
     ``tools``), truncated by the rules of the module docstring. Whether to truncate is decided by the first ``fit``
     responses (all by default: both sides of a pair); every response is then cut to the tokens the prompt leaves,
     ``max_length - len(prompt)``. The prompt ids are what the responses share: where one response's first token
-    holds the header's end (:func:`_tokenize`), the other responses keep that header token, untrained."""
+    holds the header's end, or opens with another turn (:func:`_tokenize`), the other responses keep the header
+    tokens they have, untrained."""
     fit = len(responses) if fit is None else fit
 
     def tokenize(prompt: list[Message]) -> tuple[list[int], list[tuple[list[int], list[bool]]]]:
@@ -229,9 +231,6 @@ def tokenize_responses(
         shared = min(len(ids) for ids, _, _ in sequences)
         for ids, _, _ in sequences:
             shared = next((k for k in range(shared) if ids[k] != sequences[0][0][k]), shared)
-        if shared < len(header) - 1:
-            raise BadRow("the responses tokenize to different prompts (the chat format merges the prompt's end "
-                         "with a response)", "the responses tokenize to different prompts")  # fmt: skip
         tokenized = [(ids[shared:] + response_ids, [True] * (len(ids) - shared) + masked)
                      for ids, response_ids, masked in sequences]  # fmt: skip
         return sequences[0][0][:shared], tokenized

@@ -31,7 +31,8 @@ def token_stats(counts: list[int]) -> dict[str, float]:
 @dataclass
 class DataReport:
     """Counts of one dataset build. ``sides`` names the responses of a sample (chosen / rejected for pairs, the
-    completion for unpaired rows); ``cut`` and ``trained_tokens`` are per side."""
+    completion for unpaired rows); ``cut`` and ``trained_tokens`` are per side. ``skipped`` counts rows, except for
+    unpaired data, where it counts the unrolled items (a pair whose one half is bad keeps the other)."""
 
     source: str
     rows_read: int
@@ -70,9 +71,13 @@ class DataReport:
         """The report as log lines."""
         skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
         cut = "".join(f", {side} {n}" for side, n in self.cut.items())
-        out = [f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept, skipped: {skipped}",
-               f"  cut to max_length={self.max_length}: prompt {self.prompt_cut}{cut} of {self.samples}"
-               + (f" (one response only: {self.one_sided_cut})" if self.one_sided_cut is not None else "")]  # fmt: skip
+        out = [f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept, skipped: {skipped}"]
+        if not self.cut:  # prompts (online DPO): max_length is the prompt's
+            out.append(f"  prompts cut to max_prompt_length={self.max_length or None}: {self.prompt_cut} of "
+                       f"{self.samples}")  # fmt: skip
+        else:
+            out.append(f"  cut to max_length={self.max_length}: prompt {self.prompt_cut}{cut} of {self.samples}"
+                       + (f" (one response only: {self.one_sided_cut})" if self.one_sided_cut is not None else ""))
         for side, stats in self.trained_tokens.items():
             out.append(f"  trained tokens per {side} response: mean {stats['mean']}, p50 {stats['p50']:g}, "
                        f"p95 {stats['p95']:g}, max {stats['max']}")  # fmt: skip

@@ -7,14 +7,15 @@ string of that list is read too). Its messages may hold
 
 - an assistant turn with ``tool_calls``: ``[{"type": "function", "function": {"name", "arguments"}}]`` (or
   ``{"name", "arguments"}``); ``arguments`` an object, or a JSON string of one (OpenAI's form), which is parsed so
-  that every family writes the object;
-- a tool result: a ``tool`` (or ``ipython``) turn; a content that is not a string is written as JSON.
+  that every family writes the object (Qwen3's template would write such a string as given);
+- a tool result: a ``tool`` (or ``ipython``) turn; a content that is not a string is written as JSON (Qwen's
+  templates would print a Python dict).
 
 A call travels inside torchtune's ``Message`` as a content part ``{"type": "tool_call", "name", "arguments"}``
 (``text_content`` leaves it out, so families without tool support see only text, and refuse: chat.py).
 
 What the released templates write (read from their Jinja; checked token for token in
-``tests/components/test_tool_templates.py``):
+``tests/components/test_tool_data.py``):
 
 - **Llama 3.1 / 3.2 / 3.3 Instruct** (tools in the first user message, the templates' default): the system block
   starts with ``Environment: ipython\\n``; the first user turn is :data:`LLAMA3_TOOLS_PREAMBLE`, each tool as JSON
@@ -109,10 +110,24 @@ def uses_tools(messages: list[Message]) -> bool:
 
 
 def with_text(message: Message, text: str, masked: bool | None = None) -> Message:
-    """``message`` with its text replaced (its calls kept)."""
-    content = [{"type": "text", "content": text}, *tool_calls(message)]
+    """``message`` with its text replaced (its calls, and a structured result's JSON flag, kept)."""
+    structured = any(part.get("json") for part in message.content)
+    content = [{"type": "text", "content": text, **({"json": True} if structured else {})}, *tool_calls(message)]
     return Message(message.role, content, masked=message.masked if masked is None else masked,
                    ipython=message.ipython, eot=message.eot)  # fmt: skip
+
+
+def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as ``{"role", "content"}`` dicts again (what a reward model and a written round are given): tool
+    results as role ``tool``, calls as OpenAI-style ``tool_calls``."""
+    out = []
+    for m in messages:
+        entry: dict[str, Any] = {"role": "tool" if m.role == "ipython" else m.role, "content": m.text_content}
+        if calls := tool_calls(m):
+            entry["tool_calls"] = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                   for c in calls]  # fmt: skip
+        out.append(entry)
+    return out
 
 
 def check_tool_use(messages: list[Message], tools: list[dict[str, Any]]) -> None:

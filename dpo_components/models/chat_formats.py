@@ -31,7 +31,10 @@ tokenized as the Instruct model was tuned and as it is served (vLLM, ``transform
 
 Tools (a row's ``tools``, tool calls and results) are written as the Llama 3.1+, Qwen2.5 and Qwen3 templates write
 them (:mod:`dpo_components.data.tools`); the other families' tokenizers take no ``tools`` and refuse such rows.
-In every family a multi-turn response trains its assistant turns' text and end of turn, never a turn's header.
+A multi-turn response trains its assistant turns' text and end of turn, never a turn's header, with these
+tokenizers and Gemma 2's and Mistral's; torchtune's own (Llama 3.0, Llama 2, Phi-3, Phi-4) mask a turn's header
+with its body, so an assistant header *inside* a response trains there (the first one, the generation prompt's,
+never does).
 
 The end of a trained response is the family's: the end-of-turn marker, then EOS where torchtune appends one
 (``add_eos``). The template's newline after the last end-of-turn marker is not part of the response.
@@ -148,8 +151,8 @@ def chatml_turns(messages: list[Message], tools: list[dict[str, Any]] | None = N
     :func:`dpo_components.models.qwen3.qwen3_turns` sets them."""
     system = messages[0] if messages and messages[0].role == "system" else None
     system_text = system.text_content if system is not None else default_system
-    if tools:
-        system_text = (system_text + "\n\n" if system_text else "") + qwen_tools_text(tools)
+    if tools:  # after the system text and a blank line, even an empty system message's
+        system_text = (system_text + "\n\n" if system_text is not None else "") + qwen_tools_text(tools)
     turns = [ChatMLTurn("system", system_text, True)] if system_text is not None else []
     for message in qwen_merge_results(messages[system is not None :]):
         text = message.text_content

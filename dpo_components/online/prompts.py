@@ -37,7 +37,7 @@ from dpo_components.data.formats import (
     parse_row,
 )
 from dpo_components.data.report import DataReport
-from dpo_components.data.tools import check_tool_use, parse_tools
+from dpo_components.data.tools import check_tool_use, message_dicts, parse_tools
 
 
 class PromptDataset(Dataset):
@@ -126,8 +126,8 @@ def prompt_dataset(
         cuts = Cuts()
         if max_prompt_length is not None and len(generation_prompt(tokenizer, prompt, tools)) > max_prompt_length:
             prompt, cuts.prompt = _shorten_prompt(tokenizer, prompt, max_prompt_length, tools), True
-        return {"prompt_ids": generation_prompt(tokenizer, prompt, tools),
-                "messages": [{"role": m.role, "content": m.text_content} for m in prompt]}, cuts  # fmt: skip
+        sample = {"prompt_ids": generation_prompt(tokenizer, prompt, tools), "messages": message_dicts(prompt)}
+        return ({**sample, "tools": tools} if tools else sample), cuts
 
     skipped: Counter = Counter()
     with own_truncation(tokenizer):

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from dpo_components.data import PreferenceDataset, stop_tokens
 from dpo_components.data.dataset import labels_of, tokenize_responses
 from dpo_components.data.formats import BadRow
+from dpo_components.data.tools import check_tool_use, message_dicts, parse_tools
 from dpo_components.files import (
     entries_problem,
     manifest_entries,
@@ -181,19 +182,21 @@ def fixed_samples(path: str | Path, tokenizer: Any, max_length: int) -> list[dic
             try:
                 raw = json.loads(line)
                 prompt = prompt_messages({k: raw.get(k) for k in ("prompt", "system") if k in raw})
+                tools = parse_tools(raw)
+                check_tool_use(prompt, tools)
                 texts = raw.get("responses")
                 if not isinstance(texts, list) or len(texts) < 2 or not all(isinstance(t, str) for t in texts):
                     raise BadRow("'responses' must be a list of two or more strings")
                 prompt_ids, tokenized, _ = tokenize_responses(
-                    tokenizer, prompt, [[Message("assistant", t)] for t in texts], max_length, None
+                    tokenizer, prompt, [[Message("assistant", t)] for t in texts], max_length, None, tools=tools
                 )
             except (BadRow, json.JSONDecodeError) as error:
                 raise ValueError(f"{path} line {number}: {error}") from None
             responses = [{"ids": ids, "labels": labels_of(ids, masked), "text": text}
                          for (ids, masked), text in zip(tokenized, texts)]  # fmt: skip
             rows.append({"prompt_index": len(rows), "prompt_ids": prompt_ids,
-                         "messages": [{"role": m.role, "content": m.text_content} for m in prompt],
-                         "responses": responses})  # fmt: skip
+                         "messages": message_dicts(prompt), "responses": responses,
+                         **({"tools": tools} if tools else {})})  # fmt: skip
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -244,7 +247,7 @@ def preference_rows(
     rows = []
     for i, chosen, rejected in pairs:
         sample = samples[i]
-        rows.append({"prompt": sample["messages"],
+        rows.append({"prompt": sample["messages"], **({"tools": sample["tools"]} if "tools" in sample else {}),
                      "chosen": [{"role": "assistant", "content": sample["responses"][chosen]["text"]}],
                      "rejected": [{"role": "assistant", "content": sample["responses"][rejected]["text"]}],
                      "chosen_reward": rewards[i][chosen], "rejected_reward": rewards[i][rejected],
@@ -390,5 +393,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def round_samples_of(prompts: PromptDataset, indices: Sequence[int]) -> list[dict[str, Any]]:
     """The prompts of a round as the start of ``samples.jsonl`` rows (responses still to come)."""
-    return [{"prompt_index": i, "prompt_ids": prompts[i]["prompt_ids"], "messages": prompts[i]["messages"]}
+    return [{"prompt_index": i, "prompt_ids": prompts[i]["prompt_ids"], "messages": prompts[i]["messages"],
+             **({"tools": prompts[i]["tools"]} if "tools" in prompts[i] else {})}
             for i in indices]  # fmt: skip

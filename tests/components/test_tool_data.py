@@ -260,3 +260,75 @@ def test_tool_results_carry_no_loss(tmp_path):
         unscored = tokenizer.decode(batch["input_ids"][i, 1:][~scored[i]].tolist())  # the result is written quoted
         trained = tokenizer.decode(batch["input_ids"][i, 1:][scored[i]].tolist())
         assert json.dumps(result) in unscored and json.dumps(result) not in trained
+
+
+TRANSCRIPTS = {  # two whole conversations (implicit format) that share their first turns
+    "diverge at the call": ([USER, *CHOSEN], [USER, *REJECTED]),
+    "diverge at the result": ([USER, CHOSEN[0], RESULT, CHOSEN[2]],
+                              [USER, CHOSEN[0], {"role": "tool", "content": "rain"},
+                               {"role": "assistant", "content": "It rains."}]),  # fmt: skip
+    "diverge at a user turn": ([USER, *CHOSEN, {"role": "user", "content": "And Rome?"},
+                                {"role": "assistant", "content": "Rain."}],
+                               [USER, *CHOSEN, {"role": "user", "content": "And Oslo?"},
+                                {"role": "assistant", "content": "Snow."}]),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", TRANSCRIPTS)
+def test_two_transcripts_train_their_final_turn_as_the_template_writes_them(tokenizers, case):
+    """implicit rows that diverge before their final turn (at a call, at a tool result, at a user turn): the
+    whole sequence is the template's conversation, and only each side's final assistant turn trains."""
+    name, ours, hf, kwargs, not_trained, trained_end = tokenizers
+    chosen, rejected = TRANSCRIPTS[case]
+    sample = tokenize_rows([{"chosen": chosen, "rejected": rejected, "tools": TOOLS}], ours, source="rows",
+                           max_length=4096)[0]  # fmt: skip
+    for side, conversation in (("chosen", chosen), ("rejected", rejected)):
+        ids = hf.encode(hf.apply_chat_template(conversation, tools=TOOLS, tokenize=False, **kwargs),
+                        add_special_tokens=False)  # fmt: skip
+        tail = hf.encode(not_trained, add_special_tokens=False) if not_trained else []
+        want = ids[: len(ids) - len(tail)] + (hf.encode(trained_end, add_special_tokens=False) if trained_end else [])
+        assert sample["prompt_ids"] + sample[f"{side}_response_ids"] == want
+        trained = hf.decode([t for t in sample[f"{side}_labels"] if t != IGNORE_INDEX])
+        think = EMPTY_THINK if name == "qwen3-thinking" else ""
+        end = "<|eot_id|>" if name == "llama3_1+" else "<|im_end|>"
+        assert trained == think + conversation[-1]["content"] + end
+
+
+def test_a_completion_that_opens_with_a_tool_result(tmp_path):
+    """KTO: a completion [result, answer] after a prompt ending in a call trains the answer only."""
+    from dpo_components.data import unpaired_dataset
+
+    ours, hf, *_ = family("llama3_1+")
+    rows = [{"prompt": [USER, CHOSEN[0]], "tools": TOOLS, "completion": CHOSEN[1:], "label": True},
+            {"prompt": [USER, CHOSEN[0]], "tools": TOOLS, "completion": [{"role": "tool", "content": "rain"},
+             {"role": "assistant", "content": "It rains."}], "label": False}]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = unpaired_dataset(ours, source="json", data_files=str(path), max_length=4096)
+    assert [hf.decode([t for t in data[i]["chosen_labels"] if t != IGNORE_INDEX]) for i in range(2)] == [
+        "It is sunny.<|eot_id|>", "It rains.<|eot_id|>"]
+
+
+def test_a_cut_agentic_prompt_keeps_its_user_turn_first():
+    """max_prompt_length on [long user turn, call, result]: no whole turn can go (the result would be left without
+    its call), so the user's text is cut at its start and the prompt stays valid, a prefix of the template's."""
+    ours, hf, kwargs, *_ = family("qwen2_5")
+    long_user = {"role": "user", "content": "Tell me everything. " * 40 + "What is the weather in Paris?"}
+    prompt = [long_user, CHOSEN[0], RESULT]
+    row = {"prompt": prompt, "tools": TOOLS, "chosen": [CHOSEN[2]], "rejected": [REJECTED[2]]}
+    full = tokenize_rows([row], ours, source="rows", max_length=4096)[0]
+    sample = tokenize_rows([row], ours, source="rows", max_length=len(full["prompt_ids"]) - 20,
+                           max_prompt_length=len(full["prompt_ids"]) - 40)[0]  # fmt: skip
+    text = hf.decode(sample["prompt_ids"])
+    assert "<tool_call>" in text and "<tool_response>" in text and "What is the weather in Paris?" in text
+    assert text.count("Tell me everything.") < 40
+
+
+@pytest.mark.parametrize("name", ("qwen2_5", "qwen3"))
+def test_an_empty_system_turn_with_tools(name):
+    ours, hf, kwargs, *_ = family(name)
+    prompt = [{"role": "system", "content": ""}, USER]
+    row = {"prompt": prompt, "tools": TOOLS, "chosen": CHOSEN, "rejected": REJECTED}
+    sample = tokenize_rows([row], ours, source="rows", max_length=4096)[0]
+    generation = hf.apply_chat_template(prompt, tools=TOOLS, add_generation_prompt=True, tokenize=True, **kwargs)
+    assert sample["prompt_ids"] == list(generation["input_ids"] if hasattr(generation, "keys") else generation)
