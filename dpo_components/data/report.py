@@ -16,7 +16,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 ONE_SIDED_WARNING = 0.02  # warn when more than this fraction of pairs has exactly one response cut
-IGNORE_INDEX = -100
 
 
 def token_stats(counts: list[int]) -> dict[str, float]:
@@ -63,7 +62,7 @@ class DataReport:
             prompt_cut=sum(c.prompt for c in cuts),
             cut={side: sum(c.responses[k] for c in cuts) for k, side in enumerate(sides)},
             one_sided_cut=sum(c.responses[0] != c.responses[1] for c in cuts) if kind == "pairs" else None,
-            trained_tokens={side: token_stats([sum(t != IGNORE_INDEX for t in s[key]) for s in samples])
+            trained_tokens={side: token_stats([sum(t >= 0 for t in s[key]) for s in samples])  # -100: not trained
                             for side, key in zip(sides, keys)},  # fmt: skip
         )
 

@@ -109,11 +109,11 @@ def uses_tools(messages: list[Message]) -> bool:
     return any(m.role == "ipython" or tool_calls(m) for m in messages)
 
 
-def with_text(message: Message, text: str, masked: bool | None = None) -> Message:
+def with_text(message: Message, text: str) -> Message:
     """``message`` with its text replaced (its calls, and a structured result's JSON flag, kept)."""
     structured = any(part.get("json") for part in message.content)
     content = [{"type": "text", "content": text, **({"json": True} if structured else {})}, *tool_calls(message)]
-    return Message(message.role, content, masked=message.masked if masked is None else masked,
+    return Message(message.role, content, masked=message.masked,
                    ipython=message.ipython, eot=message.eot)  # fmt: skip
 
 
