@@ -39,8 +39,15 @@ def process_group(device: str, timeout_seconds: float = 1800) -> Iterator[None]:
 
     An error on one rank is printed and ends that rank at once, with no barrier and no teardown: the other ranks may
     sit in a collective this rank will never join, and torchrun stops them. After a run every rank meets at a
-    barrier before the group goes away (gloo aborts on an early teardown)."""
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_seconds))
+    barrier before the group goes away (gloo aborts on an early teardown).
+
+    Started without torchrun (``python recipes/<recipe>.py --config ...``: no ``RANK`` in the environment), the
+    run is a group of one process."""
+    backend, timeout = "nccl" if device == "cuda" else "gloo", timedelta(seconds=timeout_seconds)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     except BaseException:

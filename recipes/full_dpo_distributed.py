@@ -5,7 +5,8 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 recipes/... (each node)
 
 PyTorch's own engine: ``torch.distributed`` with NCCL on CUDA and gloo on CPU, the policy sharded with FSDP2
-(``fully_shard`` per transformer layer, then the root), launched by torchrun.
+(``fully_shard`` per transformer layer, then the root), launched by torchrun; started without it
+(``python recipes/full_dpo_distributed.py --config ...``) it runs as one process.
 
 - The global batch of a micro-step is ``batch_size`` pairs per rank x world size; the ranks take consecutive slices
   of the same seeded order, so 2 ranks x batch 4 train on exactly the pairs 1 process x batch 8 would, and FSDP

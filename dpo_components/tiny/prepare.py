@@ -15,6 +15,7 @@ it writes well-formed reviews with mean sentiment reward near 0; DPO then has so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +129,18 @@ def prepare_tiny(out_dir: str | Path, force: bool = False, **overrides: Any) -> 
     redone on the next call.
     """
     out_dir = Path(out_dir).expanduser()
+    with build_lock(out_dir):
+        return _prepare_locked(out_dir, force, {**DEFAULTS, **overrides})
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive file lock beside ``out_dir`` for the block: the ranks of a distributed run that all prepare the
+    same directory build it once (the first) and then reuse it (the others, after waiting)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _prepare_locked(out_dir, force, {**DEFAULTS, **overrides})
+        yield
 
 
 def _built_with() -> dict[str, Any]:

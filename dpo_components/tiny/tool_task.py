@@ -10,7 +10,8 @@ Rows are written in Llama 3.1+'s tool format (tools in the first user turn, JSON
 :mod:`dpo_components.data.tools`) with a tokenizer trained on the task's text (:func:`corpus_lines`,
 :func:`tool_task_tokenizer`), so a row is ~300 tokens instead of the ~1,400 the sentiment task's vocabulary would
 need, within the tiny model's 512 positions. ``tests/components/test_tool_data.py`` checks on them that tool
-results carry no loss.
+results carry no loss. :func:`prepare_tool_task` builds a seed's tokenizer, untrained model and data for
+``recipe_configs/tiny/full_dpo_tool_use.yaml`` (docs/data.md, "The tiny tool-use task").
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_components.models.chat_formats import llama3_1_instruct_tokenizer
-from dpo_components.tiny.tokenizer import no_tiktoken_cache
+from dpo_components.tiny.tokenizer import no_tiktoken_cache, train_tiny_tokenizer
 
 CITIES = ("paris", "rome", "oslo", "lima", "cairo", "tokyo", "delhi", "quito", "dakar", "hanoi", "bern", "riga")
 QUESTIONS = {
@@ -108,3 +109,49 @@ def tool_task_tokenizer(path: str | Path, max_seq_len: int | None = None) -> Any
     with no_tiktoken_cache():
         return llama3_1_instruct_tokenizer(str(path / "tokenizer.model"), max_seq_len=max_seq_len,
                                            special_tokens_path=str(path / "tokenizer.json"))  # fmt: skip
+
+
+def prepare_tool_task(out_dir: str | Path, seed: int = 0, train_pairs: int = 2000, eval_pairs: int = 200) -> Path:
+    """Build (or reuse) the task's inputs under ``out_dir`` (the ``prepare`` step of
+    ``recipe_configs/tiny/full_dpo_tool_use.yaml``); returns ``out_dir``:
+
+        tokenizer/            the task's BPE (:func:`corpus_lines`), read by :func:`tool_task_tokenizer`
+        base_model/           the tiny model with fresh weights from ``seed`` (HF layout), the policy's start and
+                              the reference
+        data/train.jsonl      ``train_pairs`` pairs on the cities :func:`split_combos` keeps for training
+        data/eval.jsonl       ``eval_pairs`` pairs on the ``seed``'s held-out cities
+        manifest.json         the settings and the held-out cities, written last (a killed build is redone)
+
+    The model starts untrained: DPO alone has to learn which tool a question asks for, and the held-out accuracy
+    says whether it learned that rather than something about the training cities.
+    """
+    from dpo_components.tiny.prepare import build_lock
+
+    out_dir = Path(out_dir).expanduser()
+    with build_lock(out_dir):  # every rank of a distributed run prepares: one builds, the others reuse
+        return _prepare_tool_task_locked(out_dir, {"seed": seed, "train_pairs": train_pairs, "eval_pairs": eval_pairs})
+
+
+def _prepare_tool_task_locked(out_dir: Path, settings: dict[str, int]) -> Path:
+    import torch
+
+    from dpo_components.files import write_json, write_jsonl
+    from dpo_components.tiny.model import save_hf_checkpoint, tiny_llama
+
+    seed = settings["seed"]
+    manifest_path = out_dir / "manifest.json"
+    built = [out_dir / "tokenizer/tokenizer.model", out_dir / "base_model/model.safetensors",
+             out_dir / "data/train.jsonl", out_dir / "data/eval.jsonl"]  # fmt: skip
+    if manifest_path.exists() and all(path.exists() for path in built):
+        if json.loads(manifest_path.read_text()).get("settings") == settings:
+            return out_dir
+    manifest_path.unlink(missing_ok=True)
+    train_tiny_tokenizer(out_dir / "tokenizer", corpus=corpus_lines())
+    torch.manual_seed(seed)
+    save_hf_checkpoint(tiny_llama(), out_dir / "base_model", tokenizer_dir=out_dir / "tokenizer")
+    train, heldout = split_combos(seed)
+    for name, combos, row_seed in (("train", train, seed), ("eval", heldout, seed + 1)):
+        write_jsonl(out_dir / f"data/{name}.jsonl", preference_rows(combos, settings[f"{name}_pairs"], row_seed))
+    heldout_cities = sorted({city for _, city in heldout})
+    write_json(manifest_path, {"settings": settings, "heldout_cities": heldout_cities})
+    return out_dir

@@ -8,7 +8,8 @@ the same data and seed, and writes its metrics through the recipe's disk logger;
 ``results.json``, ``results.md`` and ``results.png`` to the sweep's output directory: per variant the peak memory,
 tokens/s, final train loss, held-out preference accuracy and reward margin, and the difference from the
 ``baseline: true`` row of the same recipe and config. A variant with ``requires: cuda`` or ``requires: sm89`` is
-skipped, with the reason in the table, on a machine without that.
+skipped, with the reason in the table, on a machine without that. ``--jobs N`` runs N variants at once (their
+speed and memory figures then share the machine).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,20 +137,26 @@ def write_plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_sweep(sweep_file: str | Path, output_dir: str | Path | None = None, repo_root: str | Path = ".") -> Path:
+def run_sweep(
+    sweep_file: str | Path, output_dir: str | Path | None = None, repo_root: str | Path = ".", jobs: int = 1
+) -> Path:
+    """Run every variant of ``sweep_file`` (``jobs`` at a time, each its own process) and write the results."""
     repo_root = Path(repo_root).resolve()
     sweep = OmegaConf.to_container(OmegaConf.load(sweep_file), resolve=True)
     out = Path(output_dir or sweep["output_dir"])
     out = out if out.is_absolute() else repo_root / out
     out.mkdir(parents=True, exist_ok=True)
     defaults = sweep.get("defaults", {})
-    results = []
-    for spec in sweep["variants"]:
+
+    def run(spec: dict[str, Any]) -> dict[str, Any]:
         variant = {**defaults, **spec, "overrides": {**defaults.get("overrides", {}), **spec.get("overrides", {})}}
         print(f"[sweep] {variant['name']} ...", flush=True)
         result = run_variant(variant, out / _slug(variant["name"]), repo_root)
         print(f"[sweep] {variant['name']}: {result['status']}", flush=True)
-        results.append(result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(run, sweep["variants"]))
     add_deltas(results)
     title = sweep.get("title", Path(sweep_file).stem)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -161,8 +169,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run a sweep of recipe variants and write results.md/json/png.")
     parser.add_argument("sweep_file")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="variants run at once (their speeds then share the CPU)")
     args = parser.parse_args()
-    out = run_sweep(args.sweep_file, args.output_dir)
+    out = run_sweep(args.sweep_file, args.output_dir, jobs=args.jobs)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, results.json, results.png")
 

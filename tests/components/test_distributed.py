@@ -87,3 +87,19 @@ def test_metrics_are_averaged_over_the_pairs_of_all_ranks(two_ranks):
 def test_rank_zeros_result_and_error_reach_every_rank(two_ranks):
     assert two_ranks[0]["from_rank_zero"] == two_ranks[1]["from_rank_zero"] == "made on rank 0"
     assert two_ranks[0]["error"] == two_ranks[1]["error"] == "bad row 7"
+
+
+def test_a_recipe_started_without_torchrun_is_a_group_of_one(tmp_path):
+    """``python recipes/full_dpo_distributed.py --config ...`` (no RANK in the environment): process_group makes a
+    one-process group, in which rank 0's work still reaches the caller and the run ends at its barrier."""
+    import subprocess
+    import sys
+
+    code = ("import torch.distributed as dist\n"
+            "from dpo_components.distributed import from_rank_zero, process_group\n"
+            "with process_group('cpu'):\n"
+            "    print(dist.get_world_size(), dist.get_rank(), from_rank_zero(lambda: 'made'))\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0", "made"]

@@ -87,7 +87,7 @@ def test_sweep_runner_writes_results_with_deltas_and_skips(tiny_setup, tmp_path)
     }  # fmt: skip
     path = tmp_path / "sweep.yaml"
     OmegaConf.save(OmegaConf.create(sweep), path)
-    out = experiments.run_sweep(path, repo_root=REPO_ROOT)
+    out = experiments.run_sweep(path, repo_root=REPO_ROOT, jobs=2)  # two at a time; results in sweep order
     results = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in results[:2]] == ["ok", "ok"]
     if not torch.cuda.is_available():

@@ -225,25 +225,50 @@ def test_prompt_and_unpaired_rows_with_tools(tmp_path):
     assert trained == trained_text("qwen2_5", CHOSEN) and "sunny, 21 C" not in trained
 
 
-def test_tool_results_carry_no_loss(tmp_path):
+@pytest.fixture(scope="module")
+def tool_task(tmp_path_factory):
+    """The tiny tool-use task as its config's prepare step builds it (tokenizer, untrained model, data)."""
+    from dpo_components.tiny.tool_task import prepare_tool_task
+
+    return prepare_tool_task(tmp_path_factory.mktemp("tool_task"), seed=1, train_pairs=300, eval_pairs=60)
+
+
+def test_the_tool_task_holds_out_whole_cities_and_chosen_calls_the_tool_the_question_asks_for(tool_task):
+    from dpo_components.tiny.tool_task import QUESTIONS, prepare_tool_task
+
+    manifest = json.loads((tool_task / "manifest.json").read_text())
+    split = {name: [json.loads(line) for line in (tool_task / f"data/{name}.jsonl").read_text().splitlines()]
+             for name in ("train", "eval")}  # fmt: skip
+    assert (len(split["train"]), len(split["eval"])) == (300, 60)
+    city = lambda side: side[0]["tool_calls"][0]["function"]["arguments"]["city"]
+    tool = lambda side: side[0]["tool_calls"][0]["function"]["name"]
+    for name, rows in split.items():
+        for row in rows:
+            held = city(row["chosen"]) in manifest["heldout_cities"]
+            assert held == (name == "eval") and city(row["chosen"]) == city(row["rejected"])
+            question = row["prompt"][0]["content"]
+            assert any(q.format(city=city(row["chosen"])) == question for q in QUESTIONS[tool(row["chosen"])])
+            assert tool(row["rejected"]) != tool(row["chosen"])
+    assert len(manifest["heldout_cities"]) == 3
+    written = (tool_task / "data/train.jsonl").stat().st_mtime_ns
+    assert prepare_tool_task(tool_task, seed=1, train_pairs=300, eval_pairs=60) == tool_task
+    assert (tool_task / "data/train.jsonl").stat().st_mtime_ns == written  # reused, not rebuilt
+    (tool_task / "data/eval.jsonl").unlink()  # a file gone: built again, the same
+    prepare_tool_task(tool_task, seed=1, train_pairs=300, eval_pairs=60)
+    assert [json.loads(line) for line in (tool_task / "data/eval.jsonl").read_text().splitlines()] == split["eval"]
+
+
+def test_tool_results_carry_no_loss(tool_task):
     """On the tiny tool-use task's rows (dpo_components.tiny.tool_task) and the tiny model, the log-probs the losses
     use have zero gradient with respect to the last layer's output at every position that predicts a tool result
     (or a header), and a non-zero one at every position that predicts a token of the call or the answer."""
     from dpo_components.data import collate_preference_batch
     from dpo_components.logprobs import concatenated_logprobs
     from dpo_components.tiny.model import tiny_llama
-    from dpo_components.tiny.tokenizer import train_tiny_tokenizer
-    from dpo_components.tiny.tool_task import (
-        MAX_LENGTH,
-        corpus_lines,
-        preference_rows,
-        split_combos,
-        tool_task_tokenizer,
-    )
+    from dpo_components.tiny.tool_task import MAX_LENGTH, tool_task_tokenizer
 
-    train_tiny_tokenizer(tmp_path, corpus=corpus_lines())
-    tokenizer = tool_task_tokenizer(tmp_path)
-    rows = preference_rows(split_combos(0)[0], 2, seed=0)
+    tokenizer = tool_task_tokenizer(tool_task / "tokenizer")
+    rows = [json.loads(line) for line in (tool_task / "data/train.jsonl").read_text().splitlines()[:2]]
     data = tokenize_rows(rows, tokenizer, source="rows", max_length=MAX_LENGTH)
     batch = collate_preference_batch([data[0], data[1]], padding_idx=tokenizer.pad_id)
     model = tiny_llama().eval()
