@@ -258,6 +258,26 @@ def test_the_tool_task_holds_out_whole_cities_and_chosen_calls_the_tool_the_ques
     assert [json.loads(line) for line in (tool_task / "data/eval.jsonl").read_text().splitlines()] == split["eval"]
 
 
+def test_the_tool_use_config_prepares_its_task_and_trains(tmp_path):
+    """recipe_configs/tiny/full_dpo_tool_use.yaml as shipped (sizes shrunk): its prepare step builds the task, the
+    FSDP2 recipe trains on the tool rows, and the data report counts only calls and answers as trained."""
+    from conftest import recipe_config, run_distributed_in_process
+
+    from recipes.full_dpo_distributed import FullDPORecipeDistributed
+
+    out = tmp_path / "run"
+    cfg = recipe_config("recipe_configs/tiny/full_dpo_tool_use.yaml", [
+        f"prepare.out_dir={tmp_path / 'task'}", "prepare.train_pairs=8", "prepare.eval_pairs=4", "batch_size=4",
+        "epochs=1", "max_steps_per_epoch=2", "eval_every_n_steps=null", "save_every_n_steps=null",
+        f"output_dir={out}"])  # fmt: skip
+    run_distributed_in_process(FullDPORecipeDistributed, cfg, tmp_path / "pg")
+    assert (tmp_path / "task/manifest.json").exists() and (out / "step_2/model-00001-of-00001.safetensors").exists()
+    report = json.loads((out / "data_report.json").read_text())
+    trained = report["dataset"]["trained_tokens"]["chosen"]
+    assert report["dataset"]["rows_kept"] == 8
+    assert 20 <= trained["p50"] and trained["max"] <= 30  # the call and the answer; with the result and headers ~50
+
+
 def test_tool_results_carry_no_loss(tool_task):
     """On the tiny tool-use task's rows (dpo_components.tiny.tool_task) and the tiny model, the log-probs the losses
     use have zero gradient with respect to the last layer's output at every position that predicts a tool result
