@@ -26,6 +26,8 @@ from dpo_components.data.dataset import IGNORE_INDEX
 from dpo_components.losses import SequenceLogProbs
 from dpo_components.models.attention_masks import attention_mask
 from dpo_components.models.document_attention import supports_document_attention
+from dpo_components.vision.collate import vision_inputs
+from dpo_components.vision.model import text_decoder
 
 HiddenSink = Callable[[Tensor, Tensor, int], None]  # (final hidden states [T, D], sequence ids [T], num sequences)
 
@@ -55,8 +57,10 @@ def sequence_logprobs(
     chunk_size: int = 256,
     ignore_index: int = IGNORE_INDEX,
     hidden_sink: HiddenSink | None = None,
+    **forward_kwargs,
 ) -> tuple[Tensor, Tensor]:
-    """Run ``model`` (a torchtune ``TransformerDecoder``) and return per-sequence (log-prob sums, token counts).
+    """Run ``model`` (a torchtune ``TransformerDecoder``, or ``ImagePairFusion`` with its image inputs in
+    ``forward_kwargs``) and return per-sequence (log-prob sums, token counts).
 
     ``labels`` are aligned with ``input_ids`` (torchtune's convention): position t's label is the token itself, and
     it is scored by the logits at position t - 1. ``ignore_index`` marks prompt and padding positions. Both
@@ -69,7 +73,7 @@ def sequence_logprobs(
     rows, columns = keep.nonzero(as_tuple=True)
     return scored_logprobs(
         model, input_ids, positions=rows * length + columns, targets=labels[:, 1:][keep], sequence_ids=rows,
-        num_sequences=n, chunk_size=chunk_size, hidden_sink=hidden_sink,
+        num_sequences=n, chunk_size=chunk_size, hidden_sink=hidden_sink, **forward_kwargs,
     )  # fmt: skip
 
 
@@ -87,7 +91,7 @@ def scored_logprobs(
     """The general form: token ``k`` to score is ``targets[k]``, predicted by the final hidden state at flat index
     ``positions[k]`` of the [B, L] input, and it counts towards sequence ``sequence_ids[k]`` (of
     ``num_sequences``). Returns per-sequence (log-prob sums, token counts). ``forward_kwargs`` go to the model
-    (``mask``, ``input_pos`` for prefix sharing).
+    (``mask``, ``input_pos`` for prefix sharing; a vision model's image inputs).
 
     The chunked head runs *inside* the model's forward (by replacing ``model.unembed`` for the call), so it sees
     the output projection exactly as the model does: tied, LoRA, NF4, or sharded by FSDP. ``hidden_sink``, if
@@ -95,18 +99,20 @@ def scored_logprobs(
     ``num_sequences`` (the data audit's CHES reads them there: ``dpo_components.audit``).
     """
 
+    decoder = text_decoder(model)  # the model itself, or a vision model's text decoder
+
     def unembed(h: Tensor) -> Tensor:
         # RMSNorm is per position, so normalising only the scored positions is exact.
-        hidden = model.norm(h.flatten(0, 1)[positions])
+        hidden = decoder.norm(h.flatten(0, 1)[positions])
         if hidden_sink is not None:
             hidden_sink(hidden, sequence_ids, num_sequences)
-        return chunked_target_logprobs(hidden, targets, model.output, chunk_size)
+        return chunked_target_logprobs(hidden, targets, decoder.output, chunk_size)
 
-    model.unembed = unembed
+    decoder.unembed = unembed
     try:
         token_logps = model(input_ids, **forward_kwargs)
     finally:
-        del model.unembed  # back to the class's own unembed
+        del decoder.unembed  # back to the class's own unembed
     sums = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, sequence_ids, token_logps)
     return sums, torch.bincount(sequence_ids, minlength=num_sequences)
@@ -141,17 +147,21 @@ def concatenated_logprobs(
     Unpaired rows (a ``desirable`` key, KTO) carry their KL completions as the second half; no loss differentiates
     through those (z0 is detached), so with grad enabled the standard layout scores them in a second forward under
     ``torch.no_grad()``, as TRL does, and the backward pass covers the completions only. (Prefix-shared and packed
-    rows hold both in one forward.)"""
+    rows hold both in one forward, and so do rows with images: a second forward would encode them again.)
+
+    Image-grounded pairs (``dpo_components.vision.collate``) carry their images once per pair; the model
+    (``ImagePairFusion``) encodes them once and feeds every row its pair's embeddings."""
     desirable = batch.get("desirable")
+    images = vision_inputs(batch)
     if "segments" in batch:
         logps, tokens = scored_logprobs(
             model, batch["input_ids"], batch["score_positions"], batch["score_targets"], batch["score_sequences"],
             num_sequences=2 * len(batch["index"]), chunk_size=chunk_size, hidden_sink=hidden_sink,
-            input_pos=batch["input_pos"],
+            input_pos=batch["input_pos"], **images,
             mask=attention_mask(batch["segments"], flex_attention, batch.get("documents"),
                                 by_document=supports_document_attention(model)),
         )  # fmt: skip
-    elif desirable is not None and torch.is_grad_enabled():
+    elif desirable is not None and torch.is_grad_enabled() and not images:
         rows, labels = batch["input_ids"].chunk(2), batch["labels"].chunk(2)
         logps, tokens = sequence_logprobs(model, rows[0], labels[0], chunk_size=chunk_size)
         with torch.no_grad():
@@ -159,5 +169,5 @@ def concatenated_logprobs(
         logps, tokens = torch.cat([logps, kl_logps]), torch.cat([tokens, kl_tokens])
     else:
         input_ids, labels = batch["input_ids"], batch["labels"]
-        logps, tokens = sequence_logprobs(model, input_ids, labels, chunk_size, hidden_sink=hidden_sink)
+        logps, tokens = sequence_logprobs(model, input_ids, labels, chunk_size, hidden_sink=hidden_sink, **images)
     return SequenceLogProbs.from_concatenated(logps, tokens, desirable)

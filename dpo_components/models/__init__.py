@@ -34,6 +34,11 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
   (``checkpointing.peft.merge_lora_state``; torchtune's recipes merge into the live weights on CPU).
 - torchtune's distributed LoRA init draws each rank's shard from that rank's RNG -> ``dpo_components.distributed
   .initial_adapter_state`` gives every world size the same start; NF4 under FSDP2 on one rank is refused there.
+- ``torchtune.models.clip._transform`` imports torchvision at import time, so no Llama 3.2 Vision builder imports
+  where torchvision does not -> a stand-in for that one module while importing the family, only when torchvision
+  fails to import (``llama3_2_vision.import_vision_family``); ``DeepFusionModel.forward`` encodes the images of
+  every text row -> ``dpo_components.vision.model.ImagePairFusion`` (the same encoder and decoder, one encoder
+  pass per pair; in ``apply_model_fixes``).
 - ``tune run recipes/x.py`` imports the ``recipes`` package of torchtune's wheel -> ``dpo_components._tune_hook``
   (a meta-path finder for this project's ``recipes/``), which also drops torchao 0.15's C++-extension skip line.
 """
@@ -44,11 +49,14 @@ from dpo_components.models.attention_masks import flex_attention_any_length
 from dpo_components.models.document_attention import document_attention
 from dpo_components.models.dora import unscale_dora_bias
 from dpo_components.models.norms import fused_rms_norm
+from dpo_components.vision.model import encode_images_once
 
 
 def apply_model_fixes(model: nn.Module) -> nn.Module:
     """The per-instance fixes of torchtune's modules, applied by every recipe to a model it has just built: DoRA's
     bias outside the magnitude scaling, RMSNorm on PyTorch's fused kernel under bf16, attention that takes the
-    documents of prefix-shared and packed rows one at a time, FlexAttention compiled once for every row length.
-    Returns ``model``."""
-    return document_attention(flex_attention_any_length(fused_rms_norm(unscale_dora_bias(model))))
+    documents of prefix-shared and packed rows one at a time, FlexAttention compiled once for every row length; a
+    vision model (torchtune's ``DeepFusionModel``) becomes ``ImagePairFusion``, which encodes each pair's images
+    once. Returns the model (the same one, or its ``ImagePairFusion``)."""
+    model = document_attention(flex_attention_any_length(fused_rms_norm(unscale_dora_bias(model))))
+    return encode_images_once(model)

@@ -1,0 +1,64 @@
+"""Llama 3.2 Vision for preference batches: each pair's images go through the encoder once.
+
+torchtune's ``DeepFusionModel.forward`` runs its encoder on every text row's images, so a [2B, L] DPO batch (chosen
+rows, then rejected) would encode each image twice, as TRL, LLaMA-Factory and ms-swift do (they repeat the image
+for both responses). :class:`ImagePairFusion` holds the same ``encoder`` and ``decoder`` (same parameter names, so
+torchtune's checkpoints and adapters load unchanged) and runs
+
+    embeddings = encoder(images [P, n_img, n_tiles, C, H, W], aspect_ratio [P, n_img, 2])   # once per pair
+    decoder(tokens [R, L], encoder_input=embeddings[image_rows], encoder_mask [R, L, S])  # each row its pair's
+
+where ``image_rows`` [R] names each text row's pair (``[0..B-1, 0..B-1]`` for chosen and rejected rows, ``[0..B-1]``
+for prefix-shared rows). Gradients of both rows add up in the encoder, as they would with the image repeated. The
+encoder call stays inside this root module's ``forward``, so FSDP2's root hooks (unshard, reshard) run around it.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchtune.modules.model_fusion import DeepFusionModel
+
+
+class ImagePairFusion(nn.Module):
+    """``DeepFusionModel`` with one encoder pass per pair of text rows (module docstring)."""
+
+    def __init__(self, model: DeepFusionModel) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+        self.encoder = model.encoder
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.decoder.max_seq_len
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None = None,
+        images: Tensor | None = None,
+        aspect_ratio: Tensor | None = None,
+        encoder_mask: Tensor | None = None,
+        image_rows: Tensor | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """``tokens`` [R, L]; ``images`` [P, n_img, n_tiles, C, H, W] and ``aspect_ratio`` [P, n_img, 2], one entry
+        per pair; ``image_rows`` [R]: the pair of each text row (default: row r is pair r); ``encoder_mask``
+        [R, L, n_img * n_tiles * tokens_per_tile], which image tokens each text position attends to."""
+        embeddings = None
+        if images is not None:
+            embeddings = self.encoder(images=images, aspect_ratio=aspect_ratio)
+            if image_rows is not None:
+                embeddings = embeddings[image_rows]
+        return self.decoder(tokens, mask=mask, encoder_input=embeddings, encoder_mask=encoder_mask,
+                            input_pos=input_pos)  # fmt: skip
+
+
+def encode_images_once(model: nn.Module) -> nn.Module:
+    """A torchtune ``DeepFusionModel`` as :class:`ImagePairFusion`; any other model unchanged."""
+    return ImagePairFusion(model) if isinstance(model, DeepFusionModel) else model
+
+
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The module that holds ``norm``, ``output`` and ``unembed``: a vision model's decoder, else the model."""
+    return model.decoder if isinstance(model, ImagePairFusion) else model
