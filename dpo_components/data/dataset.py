@@ -270,9 +270,14 @@ def _tokenize_pair(
     max_length: int,
     max_prompt_length: int | None,
     train_turns: str = "final",
+    place_images: Callable[[list[Message], list[Message], list[Message]], list[Message]] | None = None,
 ) -> tuple[dict[str, list[int]], Cuts]:
-    """One parsed, tokenized and truncated pair (the sample dict of :class:`PreferenceDataset`), and what was cut."""
+    """One parsed, tokenized and truncated pair (the sample dict of :class:`PreferenceDataset`), and what was cut.
+    ``place_images(prompt, chosen, rejected)`` gives the prompt with its image parts (image-grounded pairs,
+    :mod:`dpo_components.vision.data`)."""
     prompt, chosen, rejected = parse_row(row, fmt)
+    if place_images is not None:
+        prompt = place_images(prompt, chosen, rejected)
     tools = parse_tools(row)
     for response in (chosen, rejected):
         check_tool_use(prompt + response, tools)

@@ -110,9 +110,12 @@ def uses_tools(messages: list[Message]) -> bool:
 
 
 def with_text(message: Message, text: str) -> Message:
-    """``message`` with its text replaced (its calls, and a structured result's JSON flag, kept)."""
+    """``message`` with its text replaced (its images, first, its calls, and a structured result's JSON flag,
+    kept)."""
     structured = any(part.get("json") for part in message.content)
-    content = [{"type": "text", "content": text, **({"json": True} if structured else {})}, *tool_calls(message)]
+    images = [part for part in message.content if part["type"] == "image"]
+    content = [*images, {"type": "text", "content": text, **({"json": True} if structured else {})},
+               *tool_calls(message)]  # fmt: skip
     return Message(message.role, content, masked=message.masked,
                    ipython=message.ipython, eot=message.eot)  # fmt: skip
 
