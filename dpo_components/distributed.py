@@ -143,7 +143,7 @@ def initial_adapter_state(model: nn.Module, base_state: dict[str, torch.Tensor],
     for name, module in model.named_modules():
         if not isinstance(module, (LoRALinear, DoRALinear)):
             continue
-        prefix = f"{name}." if name else ""
+        prefix = state_dict_key(model, name) + "." if name else ""
         lora_a = torch.empty(module.lora_a.weight.shape, dtype=torch.float32)
         torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
         state[f"{prefix}lora_a.weight"] = lora_a
@@ -154,3 +154,15 @@ def initial_adapter_state(model: nn.Module, base_state: dict[str, torch.Tensor],
                 weight = to_nf4(weight.to(module.lora_a.weight.dtype)).get_original_weight().float()
             state[f"{prefix}magnitude"] = torch.linalg.norm(weight, dim=1)
     return state
+
+
+def state_dict_key(model: nn.Module, name: str) -> str:
+    """The state-dict key of the submodule or parameter at module path ``name``: the same, except inside a module
+    that renames its keys and says so with DCP's ``_fqn_modifiers`` (Llama 3.2 Vision's fusion layers and
+    embedding drop ``layer.`` / ``embedding.``: ``dpo_components.vision.model``)."""
+    kept, module = [], model
+    for part in name.split("."):
+        if part not in getattr(module, "_fqn_modifiers", dict)().values():
+            kept.append(part)
+        module = getattr(module, part)
+    return ".".join(kept)

@@ -39,6 +39,8 @@ from dpo_components.data import IGNORE_INDEX, decode_text, stop_tokens
 from dpo_components.files import writing
 from dpo_components.logprobs import sequence_logprobs
 from dpo_components.precision import compute_dtype
+from dpo_components.settings import ConfigError
+from dpo_components.vision.data import VisionPreferenceDataset
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ def eval_sampling(cfg: Any, eval_data: Any, tokenizer: Any, seed: int) -> EvalSa
     if eval_data is None:
         log.warning("eval_samples is set but there is no eval_dataset: no samples are drawn")
         return None
+    if isinstance(eval_data, VisionPreferenceDataset):  # generation does not take images yet
+        raise ConfigError("eval_samples does not sample with images yet: set eval_samples=0 for image-grounded pairs")
     return EvalSampling(settings, eval_prompts(eval_data, settings.prompts), tokenizer, seed)
 
 

@@ -100,8 +100,10 @@ def write_hf_files(
     sharding then), and the adapter in PEFT layout under ``adapter/``. ``model_state`` None writes the adapter
     alone. No manifest: the caller writes it once, when the directory is whole."""
     state: dict[str, Any] = {training.MODEL_KEY: model_state or {}}
+    vision = checkpointer._model_type.name == "LLAMA3_VISION"  # torchtune writes its adapter in its own names only
     if adapter_state is not None:
-        state[training.ADAPTER_KEY] = _rows_for_torchtune_peft_export(adapter_state, checkpointer)
+        state[training.ADAPTER_KEY] = adapter_state if vision else _rows_for_torchtune_peft_export(adapter_state,
+                                                                                                  checkpointer)
         state[training.ADAPTER_CONFIG] = dict(adapter_config or {})
     saved_output_dir = checkpointer._output_dir
     checkpointer._output_dir = directory  # torchtune writes into <output_dir>/epoch_<n>/
@@ -123,9 +125,9 @@ def write_hf_files(
         if (directory / PEFT_FILES[0]).exists():
             for name in PEFT_FILES:
                 (directory / name).rename(directory / ADAPTER_DIR / name)
-        else:  # Phi-3/Phi-4: torchtune has no PEFT export (fused qkv_proj, gate_up_proj). torchtune's names, for resume
+        else:  # Phi-3/Phi-4, Llama 3.2 Vision: torchtune has no PEFT export. torchtune's names, for resume
             save_file(adapter_state, directory / ADAPTER_DIR / TUNE_ADAPTER_FILE)
-            if not (adapter_config or {}).get("use_dora"):  # and ours, for peft (LoRA; DoRA is not exported)
+            if not vision and not (adapter_config or {}).get("use_dora"):  # and ours, for peft (LoRA, Phi)
                 weights, peft_config = fused_peft_adapter(
                     adapter_state, dict(adapter_config or {}), checkpointer._config
                 )

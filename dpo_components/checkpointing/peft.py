@@ -149,7 +149,7 @@ def fused_peft_adapter(
 
 def peft_layout(checkpointer: Any) -> dict[str, Any]:
     """The arguments of :func:`load_peft_adapter` for a model loaded by the HF ``checkpointer``."""
-    hf = checkpointer._config
+    hf = checkpointer._config.get("text_config", checkpointer._config)  # Llama 3.2 Vision nests the text model's
     return {"num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"], "dim": hf["hidden_size"],
             "head_dim": hf.get("head_dim"), "permuted_qk": qk_permuted(checkpointer)}  # fmt: skip
 

@@ -35,8 +35,6 @@ from dpo_components.files import torch_save, writing
 from dpo_components.settings import ConfigError
 
 log = logging.getLogger(__name__)
-# LoRA: the shards hold the trainable parameters (the adapters) and their optimizer state, not the frozen base
-ADAPTERS_ONLY = StateDictOptions(ignore_frozen_params=True)
 PROGRESS_KEYS = ("global_step", "epochs_run", "batches_done_in_epoch")
 
 
@@ -67,7 +65,7 @@ def save_sharded_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_shards, optim_shards = get_state_dict(model, optimizer, options=ADAPTERS_ONLY if adapters_only else None)
+        model_shards, optim_shards = _state_shards(model, optimizer, adapters_only)
         with writing(tmp / "dcp", "checkpoint shards"):
             dcp.save({"model": model_shards, "optimizer": optim_shards}, checkpoint_id=str(tmp / "dcp"))
         torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
@@ -86,6 +84,19 @@ def save_sharded_checkpoint(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _state_shards(model: nn.Module, optimizer: torch.optim.Optimizer, adapters_only: bool) -> tuple[dict, dict]:
+    """The model's and optimizer's sharded state (DCP's ``get_state_dict``); with ``adapters_only`` the model's
+    trainable parameters only (LoRA: the adapters, not the frozen base). Filtered here rather than with DCP's
+    ``ignore_frozen_params``, which looks the frozen parameters up by module path and so misses a key a module
+    renames in its state dict (torchtune's ``FusionLayer`` and ``FusionEmbedding``: KeyError)."""
+    model_shards, optim_shards = get_state_dict(model, optimizer)
+    if adapters_only:
+        trainable = {key for key, value in model.state_dict(keep_vars=True).items()
+                     if isinstance(value, nn.Parameter) and value.requires_grad}  # fmt: skip
+        model_shards = {key: value for key, value in model_shards.items() if key in trainable}
+    return model_shards, optim_shards
 
 
 def full_model_files(model: nn.Module, device: torch.device) -> Callable[[], dict[str, Any] | None]:
@@ -145,10 +156,10 @@ def load_sharded_checkpoint(
     ``adapters_only`` the frozen base is not in the checkpoint, and every adapter key must be."""
     state = load_recipe_state(checkpoint_dir)
     check_same_run(checkpoint_dir, state["run"], run)
-    model_shards, optim_shards = get_state_dict(model, optimizer, options=ADAPTERS_ONLY if adapters_only else None)
+    model_shards, optim_shards = _state_shards(model, optimizer, adapters_only)
     shards = {"model": model_shards, "optimizer": optim_shards}
     dcp.load(shards, checkpoint_id=str(checkpoint_dir / "dcp"))
-    options = StateDictOptions(ignore_frozen_params=True, strict=False) if adapters_only else None
+    options = StateDictOptions(strict=False) if adapters_only else None
     incompatible = set_state_dict(model, optimizer, model_state_dict=shards["model"],
                                   optim_state_dict=shards["optimizer"], options=options)  # fmt: skip
     if adapters_only:

@@ -17,6 +17,8 @@ from dpo_components.data.micro_batches import check_pairs_fit_budget, plan_micro
 from dpo_components.files import write_json
 from dpo_components.losses import PreferenceLoss
 from dpo_components.settings import ConfigError, RecipeSettings, check_datasets, optional_component
+from dpo_components.vision.collate import VisionPreferenceCollator
+from dpo_components.vision.data import VisionPreferenceDataset
 
 log = get_logger("INFO")
 
@@ -28,7 +30,7 @@ class RecipeData:
 
     train: PreferenceDataset
     eval: PreferenceDataset | None
-    collate: PreferenceCollator
+    collate: PreferenceCollator | VisionPreferenceCollator
     batch_size: int = 1
     max_micro_batch_tokens: int | None = None
 
@@ -64,6 +66,14 @@ def load_recipe_data(
     collate = make_collator(tokenizer.pad_id, max_seq_len, settings.pad_to_multiple_of, settings.prefix_sharing,
                             datasets={"dataset": train, "eval_dataset": held_out}, packing=settings.packing,
                             packing_row_tokens=settings.packing_row_tokens)  # fmt: skip
+    if isinstance(train, VisionPreferenceDataset):  # image-grounded pairs: each pair's images once per batch
+        if settings.packing:
+            raise ConfigError("packing does not hold images yet: set packing=false for image-grounded pairs "
+                              "(prefix_sharing works with them)")  # fmt: skip
+        if held_out is not None and not isinstance(held_out, VisionPreferenceDataset):
+            raise ConfigError("dataset holds image-grounded pairs and eval_dataset text pairs: build both with "
+                              "dpo_components.vision.vision_preference_dataset")  # fmt: skip
+        collate = VisionPreferenceCollator(collate, tokenizer.image_id, train.tiler.tokens_per_tile)
     if settings.max_micro_batch_tokens is not None:  # a batch-coupled loss is refused by instantiate_loss
         check_pairs_fit_budget(settings.max_micro_batch_tokens, collate, dataset=train)
         log.info(f"micro-batches by tokens: each step's {settings.batch_size * settings.gradient_accumulation_steps} "

@@ -3,53 +3,30 @@
 ``torchtune.models.llama3_2_vision`` imports ``torchtune.models.clip``, whose ``_transform`` module imports
 torchvision at import time for ``CLIPImageTransform``, the image tiling of torchtune's own SFT data. Where
 torchvision does not import (PyPI's wheels are built against CUDA torch: beside the CPU torch 2.13 build they fail
-with "operator torchvision::nms does not exist"), nothing of the vision family imports, not even the model
-builders, which need only torch. :func:`import_vision_family` registers a stand-in for that one module, whose
+with "operator torchvision::nms does not exist"), nothing of the vision family imports: not the model builders
+(torch only), not the HF checkpointer's ``LLAMA3_VISION`` weight conversion. A meta-path finder
+(``dpo_components._tune_hook``, installed at interpreter start by the package's ``.pth`` file, and again by
+:func:`import_vision_family`) answers for that one module with a stand-in (``_tune_hook.clip_transform_stand_in``)
+whose
 ``CLIPImageTransform`` raises when constructed and names ours (``dpo_components.vision.images.ImageTiler``, the
-released Hugging Face processor's tiling, PIL and numpy only); the builders then import unchanged. Where
-torchvision imports, nothing is replaced.
+released Hugging Face processor's tiling, PIL and numpy only). Where torchvision imports, torchtune's own module
+loads.
 
-YAML configs name the builders here (``dpo_components.models.llama3_2_vision.lora_llama3_2_vision_11b``): the
-same functions as torchtune's, reached through this module so the stand-in is in place first.
+YAML configs may name the builders here (``dpo_components.models.llama3_2_vision.lora_llama3_2_vision_11b``): the
+same functions as torchtune's.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 import types
-from typing import Any
-
-_TRANSFORM_MODULE = "torchtune.models.clip._transform"
-
-
-class _CLIPImageTransformWithoutTorchvision:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise ImportError(
-            "torchtune's CLIPImageTransform needs torchvision, which does not import here; the preference data "
-            "builders tile images with dpo_components.vision.images.ImageTiler (transformers' "
-            "MllamaImageProcessorPil: PIL and numpy)"
-        )
-
-
-def _torchvision_imports() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # ImportError, or RuntimeError from a wheel built for another torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]  # a half-imported package would fail differently on the next import
-        return False
-    return True
 
 
 def import_vision_family() -> types.ModuleType:
-    """``torchtune.models.llama3_2_vision``, imported with the stand-in for CLIP's transform module when
-    torchvision does not import (module docstring)."""
-    if _TRANSFORM_MODULE not in sys.modules and not _torchvision_imports():
-        stand_in = types.ModuleType(_TRANSFORM_MODULE)
-        stand_in.CLIPImageTransform = _CLIPImageTransformWithoutTorchvision
-        stand_in.__doc__ = f"Stand-in registered by {__name__} (torchvision does not import)."
-        sys.modules[_TRANSFORM_MODULE] = stand_in
+    """``torchtune.models.llama3_2_vision``, with the finder of the stand-in in place (module docstring)."""
+    from dpo_components import _tune_hook
+
+    _tune_hook.install()  # already there when the package's .pth file ran at start-up
     return importlib.import_module("torchtune.models.llama3_2_vision")
 
 

@@ -46,41 +46,53 @@ class VisionPreferenceCollator:
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
         out = self.text(batch)
-        pairs = len(batch)
-        rows = out["input_ids"]
-        image_rows = torch.arange(pairs) if self.text.prefix_sharing else torch.arange(pairs).repeat(2)
-        n_images = max(len(sample["images"]) for sample in batch)
-        if n_images == 0:
-            return out  # text-only pairs: the decoder runs without cross-attention inputs
-        n_tiles = max(tiles.shape[0] for sample in batch for tiles in sample["images"])
-        tile_shape = next(tiles.shape[1:] for sample in batch for tiles in sample["images"])
-        images = torch.zeros(pairs, n_images, n_tiles, *tile_shape)
-        aspect_ratio = torch.ones(pairs, n_images, 2, dtype=torch.long)
-        for p, sample in enumerate(batch):
-            for k, (tiles, ratio) in enumerate(zip(sample["images"], sample["aspect_ratios"])):
-                images[p, k, : tiles.shape[0]] = tiles
-                aspect_ratio[p, k] = ratio
-        per_image = n_tiles * self.tokens_per_tile
-        encoder_mask = torch.zeros(len(rows), rows.shape[1], n_images * per_image, dtype=torch.bool)
+        image_rows = torch.arange(len(batch)) if self.text.prefix_sharing else torch.arange(len(batch)).repeat(2)
         # each row's tokens before padding (a prefix-shared row holds three documents: count them by segment)
         lengths = (out["segments"] != PADDING).sum(-1) if "segments" in out else out["lengths"]
-        for r, p in enumerate(image_rows.tolist()):
-            intervals = image_intervals(rows[r, : int(lengths[r])].tolist(), self.image_token_id)
-            sample = batch[p]
-            if len(intervals) != len(sample["images"]):  # the data builder checks this; a collator is not trusted
-                raise RuntimeError(f"pair {sample['index']}: {len(intervals)} image tokens in its text row, "
-                                   f"{len(sample['images'])} images")  # fmt: skip
-            for k, (start, end) in enumerate(intervals):
-                width = sample["images"][k].shape[0] * self.tokens_per_tile
-                encoder_mask[r, start:end, k * per_image : k * per_image + width] = True
-        return {**out, "images": images, "aspect_ratio": aspect_ratio, "image_rows": image_rows,
-                "encoder_mask": encoder_mask}  # fmt: skip
+        return {**out, **image_inputs(batch, out["input_ids"], lengths, image_rows, self.image_token_id,
+                                      self.tokens_per_tile)}  # fmt: skip
 
     def data_positions(self, batch: list[dict[str, Any]]) -> int:
         return self.text.data_positions(batch)
 
     def computed_positions(self, batch: list[dict[str, Any]]) -> int:
         return self.text.computed_positions(batch)
+
+
+def image_inputs(
+    batch: list[dict[str, Any]],
+    rows: Tensor,
+    lengths: Tensor,
+    image_rows: Tensor,
+    image_token_id: int,
+    tokens_per_tile: int,
+) -> dict[str, Tensor]:
+    """``images``, ``aspect_ratio``, ``image_rows`` and ``encoder_mask`` (module docstring) for the text ``rows``
+    [R, L] (``lengths`` [R] before padding) of ``batch``'s samples (row r holds sample ``image_rows[r]``'s text);
+    {} when no sample has an image."""
+    n_images = max(len(sample["images"]) for sample in batch)
+    if n_images == 0:
+        return {}  # text-only pairs: the decoder runs without cross-attention inputs
+    n_tiles = max(tiles.shape[0] for sample in batch for tiles in sample["images"])
+    tile_shape = next(tiles.shape[1:] for sample in batch for tiles in sample["images"])
+    images = torch.zeros(len(batch), n_images, n_tiles, *tile_shape)
+    aspect_ratio = torch.ones(len(batch), n_images, 2, dtype=torch.long)
+    for p, sample in enumerate(batch):
+        for k, (tiles, ratio) in enumerate(zip(sample["images"], sample["aspect_ratios"])):
+            images[p, k, : tiles.shape[0]] = tiles
+            aspect_ratio[p, k] = ratio
+    per_image = n_tiles * tokens_per_tile
+    encoder_mask = torch.zeros(len(rows), rows.shape[1], n_images * per_image, dtype=torch.bool)
+    for r, p in enumerate(image_rows.tolist()):
+        intervals = image_intervals(rows[r, : int(lengths[r])].tolist(), image_token_id)
+        sample = batch[p]
+        if len(intervals) != len(sample["images"]):  # the data builder checks this; a collator is not trusted
+            raise RuntimeError(f"pair {sample.get('index', p)}: {len(intervals)} image tokens in its text row, "
+                               f"{len(sample['images'])} images")  # fmt: skip
+        for k, (start, end) in enumerate(intervals):
+            width = sample["images"][k].shape[0] * tokens_per_tile
+            encoder_mask[r, start:end, k * per_image : k * per_image + width] = True
+    return {"images": images, "aspect_ratio": aspect_ratio, "image_rows": image_rows, "encoder_mask": encoder_mask}
 
 
 VISION_KEYS = ("images", "aspect_ratio", "encoder_mask", "image_rows")

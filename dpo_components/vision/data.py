@@ -210,6 +210,7 @@ def vision_preference_dataset(
     image_column: str | None = None,
     tile_size: int = 560,
     max_num_tiles: int = 4,
+    patch_size: int = 14,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
@@ -222,7 +223,7 @@ def vision_preference_dataset(
 
     Args are :func:`dpo_components.data.preference_dataset`'s, plus:
         image_column: the column with the images (default: ``images``, else ``image``).
-        tile_size, max_num_tiles: the model's tiling (Llama 3.2 Vision 11B Instruct: 560 and 4).
+        tile_size, max_num_tiles, patch_size: the model's tiling (Llama 3.2 Vision 11B Instruct: 560, 4, 14).
     """
     image_id = getattr(tokenizer, "image_id", None)
     if image_id is None:
@@ -246,7 +247,7 @@ def vision_preference_dataset(
     rows = _undecoded(rows, image_column)
     files = _files(data_files)
     base_dir = Path(files[0]).parent if len(files) == 1 and Path(files[0]).is_file() else None
-    tiler = ImageTiler(tile_size, max_num_tiles)
+    tiler = ImageTiler(tile_size, max_num_tiles, patch_size=patch_size)
 
     def tokenize(position_and_row: tuple[int, dict[str, Any]]) -> tuple[dict[str, Any], Any]:
         position, raw = position_and_row

@@ -87,11 +87,14 @@ class ImageTiler:
         max_num_tiles: int = 4,
         image_mean: tuple[float, ...] = CLIP_MEAN,
         image_std: tuple[float, ...] = CLIP_STD,
+        patch_size: int = 14,
     ) -> None:
         from transformers import MllamaImageProcessorPil
         from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
 
-        self.tile_size, self.max_num_tiles = tile_size, max_num_tiles
+        if tile_size % patch_size:
+            raise ValueError(f"tile_size {tile_size} is not a multiple of patch_size {patch_size}")
+        self.tile_size, self.max_num_tiles, self.patch_size = tile_size, max_num_tiles, patch_size
         self.processor = MllamaImageProcessorPil(
             size={"height": tile_size, "width": tile_size}, max_image_tiles=max_num_tiles,
             image_mean=list(image_mean), image_std=list(image_std), do_convert_rgb=True, resample=2,
@@ -107,6 +110,7 @@ class ImageTiler:
         tiles = out["pixel_values"][0, 0, :n_tiles].to(torch.float32).contiguous()
         return tiles, torch.tensor([down, across])
 
-    def tokens_per_tile(self, patch_size: int = 14) -> int:
+    @property
+    def tokens_per_tile(self) -> int:
         """Encoder tokens of one tile: its patches and the CLS token."""
-        return (self.tile_size // patch_size) ** 2 + 1
+        return (self.tile_size // self.patch_size) ** 2 + 1

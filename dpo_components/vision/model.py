@@ -11,12 +11,14 @@ torchtune's checkpoints and adapters load unchanged) and runs
 where ``image_rows`` [R] names each text row's pair (``[0..B-1, 0..B-1]`` for chosen and rejected rows, ``[0..B-1]``
 for prefix-shared rows). Gradients of both rows add up in the encoder, as they would with the image repeated. The
 encoder call stays inside this root module's ``forward``, so FSDP2's root hooks (unshard, reshard) run around it.
+The decoder's fusion modules also get what PyTorch's distributed checkpoint needs to find their renamed
+state-dict keys (:func:`_resolvable_state_dict_keys`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchtune.modules.model_fusion import DeepFusionModel
+from torchtune.modules.model_fusion import DeepFusionModel, FusionEmbedding, FusionLayer
 
 
 class ImagePairFusion(nn.Module):
@@ -26,6 +28,8 @@ class ImagePairFusion(nn.Module):
         super().__init__()
         self.decoder = model.decoder
         self.encoder = model.encoder
+        for module in self.decoder.modules():
+            _resolvable_state_dict_keys(module)
 
     @property
     def max_seq_len(self) -> int:
@@ -52,6 +56,21 @@ class ImagePairFusion(nn.Module):
                 embeddings = embeddings[image_rows]
         return self.decoder(tokens, mask=mask, encoder_input=embeddings, encoder_mask=encoder_mask,
                             input_pos=input_pos)  # fmt: skip
+
+
+def _resolvable_state_dict_keys(module: nn.Module) -> None:
+    """Let PyTorch's distributed checkpoint (DCP) find the parameters behind torchtune's renamed state-dict keys.
+
+    ``FusionLayer`` writes its inner self-attention layer's keys without the ``layer.`` of its module path, and
+    ``FusionEmbedding`` its text embedding as ``weight`` (``embedding.weight`` in the module); DCP resolves a key by
+    walking attributes and fails on both ("'FusionEmbedding' object has no attribute 'weight'"). DCP reads a
+    module's ``_fqn_modifiers()`` (a key component -> the attribute to step into first) for such modules: set here,
+    per instance."""
+    if isinstance(module, FusionLayer):
+        children = [name for name, _ in module.layer.named_children()]
+        module._fqn_modifiers = lambda: dict.fromkeys(children, "layer")
+    elif isinstance(module, FusionEmbedding):
+        module._fqn_modifiers = lambda: {"weight": "embedding"}
 
 
 def encode_images_once(model: nn.Module) -> nn.Module:
