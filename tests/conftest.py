@@ -42,7 +42,7 @@ def tiny_family(tmp_path_factory):
             from dpo_components.tiny.shapes_task import prepare_shapes_task
 
             written[family] = prepare_shapes_task(tmp_path_factory.mktemp(family), train_pairs=16, eval_pairs=16,
-                                                  caption_steps=2, caption_batch_size=4)  # fmt: skip
+                                                  caption_steps=40, caption_batch_size=4)  # fmt: skip
         elif family not in written:
             written[family] = write_tiny_checkpoint(tmp_path_factory.mktemp(family), family)
         return written[family]

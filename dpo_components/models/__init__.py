@@ -38,7 +38,13 @@ site-packages; torchtune's own code is subclassed or wrapped, not edited):
   where torchvision does not -> a stand-in for that one module while importing the family, only when torchvision
   fails to import (``llama3_2_vision.import_vision_family``); ``DeepFusionModel.forward`` encodes the images of
   every text row -> ``dpo_components.vision.model.ImagePairFusion`` (the same encoder and decoder, one encoder
-  pass per pair; in ``apply_model_fixes``).
+  pass per pair; in ``apply_model_fixes``), which also makes the encoder's attention bidirectional (torchtune's
+  ``lora_clip_vision_encoder`` and ``lora_llama3_2_vision_projection_head`` build it causal, unlike the model they
+  adapt) and gives ``FusionLayer`` / ``FusionEmbedding`` (keys renamed in their state dicts) the
+  ``_fqn_modifiers`` PyTorch's distributed checkpoint resolves keys with; ``padded_collate_tiled_images_and_mask``
+  scrambles the masks of batches with several images (a view without moving the image axis) -> our collator
+  (``dpo_components.vision.collate``); DCP's ``ignore_frozen_params`` looks parameters up by module path ->
+  ``checkpointing.sharded`` keeps the trainable ones itself, ``distributed.state_dict_key`` names adapters.
 - ``tune run recipes/x.py`` imports the ``recipes`` package of torchtune's wheel -> ``dpo_components._tune_hook``
   (a meta-path finder for this project's ``recipes/``), which also drops torchao 0.15's C++-extension skip line.
 """

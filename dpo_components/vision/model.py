@@ -11,13 +11,18 @@ torchtune's checkpoints and adapters load unchanged) and runs
 where ``image_rows`` [R] names each text row's pair (``[0..B-1, 0..B-1]`` for chosen and rejected rows, ``[0..B-1]``
 for prefix-shared rows). Gradients of both rows add up in the encoder, as they would with the image repeated. The
 encoder call stays inside this root module's ``forward``, so FSDP2's root hooks (unshard, reshard) run around it.
-The decoder's fusion modules also get what PyTorch's distributed checkpoint needs to find their renamed
-state-dict keys (:func:`_resolvable_state_dict_keys`).
+Two fixes of torchtune 0.6.1 come with it. Its LoRA builders of the vision encoder
+(``lora_clip_vision_encoder``, ``lora_llama3_2_vision_projection_head``) build the encoder's self-attention with
+``is_causal=True`` where the model (``clip_vision_encoder``) and the released weights attend both ways: a LoRA
+model would train and score a different encoder than the one it merges into; the encoder's attention is made
+bidirectional here. And the decoder's fusion modules get what PyTorch's distributed checkpoint needs to find their
+renamed state-dict keys (:func:`_resolvable_state_dict_keys`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torchtune.modules import MultiHeadAttention
 from torchtune.modules.model_fusion import DeepFusionModel, FusionEmbedding, FusionLayer
 
 
@@ -30,6 +35,9 @@ class ImagePairFusion(nn.Module):
         self.encoder = model.encoder
         for module in self.decoder.modules():
             _resolvable_state_dict_keys(module)
+        for module in self.encoder.modules():
+            if isinstance(module, MultiHeadAttention):  # torchtune's LoRA builders leave the encoder's attention causal
+                module.is_causal = False
 
     @property
     def max_seq_len(self) -> int:

@@ -271,3 +271,31 @@ def test_a_shortened_prompt_loses_its_oldest_turns_with_their_images_and_never_s
     # cut further, into the latest turn's text: its image stays, in front of the text that is left
     shortest = _build(path, max_prompt_length=16, max_length=24)[0]
     assert shortest["prompt_ids"].count(tokenizer.image_id) == 1 and shortest["image_ids"] == [1]
+
+
+def test_a_lora_vision_model_scores_what_its_merged_weights_score():
+    """torchtune's LoRA builders make the encoder's attention causal (the model's is not): ImagePairFusion undoes
+    that, so a LoRA policy trains the encoder it merges into."""
+    from dpo_components.checkpointing.peft import merged_lora_state_dict
+    from dpo_components.tiny.vision_model import lora_tiny_llama_vision
+
+    torch.manual_seed(0)
+    base = tiny_llama_vision(gate_init=1.0)
+    lora = lora_tiny_llama_vision(["q_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=4,
+                                  lora_alpha=8)  # fmt: skip
+    lora.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_b" in name:
+                param.normal_(std=0.05)
+    live = apply_model_fixes(lora)
+    merged = tiny_llama_vision()
+    merged.load_state_dict(merged_lora_state_dict(live, 4, 8, torch.float32), strict=True)
+    tokenizer, samples = _pairs()
+    samples = [{k: v for k, v in s.items() if k != "desirable"} for s in samples]
+    batch = VisionPreferenceCollator(preference_collator(tokenizer.pad_id), tokenizer.image_id, TOKENS_PER_TILE)(
+        samples)
+    with torch.no_grad():
+        ours, theirs = concatenated_logprobs(live, batch), concatenated_logprobs(apply_model_fixes(merged), batch)
+    torch.testing.assert_close(ours.chosen_logps, theirs.chosen_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.rejected_logps, theirs.rejected_logps, rtol=1e-5, atol=1e-4)

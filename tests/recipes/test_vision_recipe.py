@@ -1,0 +1,98 @@
+"""recipe_configs/tiny/lora_dpo_vision.yaml as shipped (sizes shrunk) through the LoRA recipes: a run killed with
+SIGKILL resumes to the uninterrupted run's weights bit for bit, and two FSDP2 ranks take one process's step."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
+from helpers import logged, run_lora_recipe
+from safetensors.torch import load_file
+from test_full_dpo_distributed import Cfg, torchrun
+
+from dpo_components.logprobs import concatenated_logprobs
+from dpo_components.tiny.shapes_task import load_vision_model
+from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
+
+CONFIG = "recipe_configs/tiny/lora_dpo_vision.yaml"
+ADAPTER = "adapter/adapter_model.torchtune.safetensors"
+MERGED = "model-00001-of-00001.safetensors"
+
+
+def vision_args(task, out, **extra):
+    """key=value arguments: the shipped config on the tests' small task (its prepare step's own output), 4 pairs a
+    step, 2 steps an epoch, no eval."""
+    settings = {"prepare.out_dir": task, "prepare.train_pairs": 16, "prepare.eval_pairs": 16,
+                "prepare.caption_steps": 40, "prepare.caption_batch_size": 4, "output_dir": out, "batch_size": 4,
+                "max_steps_per_epoch": 2, "eval_every_n_steps": "null", "log_every_n_steps": 1,
+                "lr_scheduler.num_warmup_steps": 0, **extra}  # fmt: skip
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_weights(tiny_family, tmp_path):
+    task = tiny_family("llama3_2_vision")
+    args = vision_args(task, tmp_path / "killed", epochs=4, save_every_n_steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "recipes/lora_dpo_single_device.py", "--config", CONFIG, *args],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed/step_3/manifest.json").exists():  # a complete checkpoint of step 3
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed/step_8").exists()  # killed mid-run
+    run_lora_recipe(recipe_config(CONFIG, [*args, "resume_from_checkpoint=true"]))
+    uninterrupted = vision_args(task, tmp_path / "uninterrupted", epochs=4, save_every_n_steps=8)
+    recipe = run_lora_recipe(recipe_config(CONFIG, uninterrupted))
+    for name in (ADAPTER, MERGED):
+        assert_bitwise_equal(load_file(tmp_path / "killed/step_8" / name),
+                             load_file(tmp_path / "uninterrupted/step_8" / name))  # fmt: skip
+    losses = logged(Cfg(tmp_path / "uninterrupted"))
+    assert losses[8]["loss"] < losses[1]["loss"]  # it learns from the pictures' pairs
+    adapter = load_file(tmp_path / "uninterrupted/step_8" / ADAPTER)
+    moved = [k for k, v in adapter.items() if "lora_b" in k and v.abs().max() > 0]
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    # the merged HF-layout model loads back through torchtune's checkpointer (every key) with the policy's log-probs
+    merged = load_vision_model(tmp_path / "uninterrupted/step_8")
+    batch = recipe._data.collate([recipe._data.eval[i] for i in range(4)])
+    with torch.no_grad():
+        ours, loaded = concatenated_logprobs(recipe._model.eval(), batch), concatenated_logprobs(merged, batch)
+    torch.testing.assert_close(loaded.chosen_logps, ours.chosen_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loaded.rejected_logps, ours.rejected_logps, rtol=1e-5, atol=1e-4)
+    # ... and in transformers' MllamaForConditionalGeneration, whose text path gives our logits (its vision path
+    # differs by torchtune's design: docs/vision.md, "The merged model in transformers")
+    from transformers import MllamaForConditionalGeneration
+
+    hf = MllamaForConditionalGeneration.from_pretrained(tmp_path / "uninterrupted/step_8", dtype=torch.float32).eval()
+    tokens = batch["input_ids"][:2, :12]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=tokens).logits, recipe._model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_two_fsdp2_ranks_take_the_step_of_one_process_with_the_whole_batch(tiny_family, tmp_path):
+    task = tiny_family("llama3_2_vision")
+    sgd = {"optimizer._component_": "torch.optim.SGD", "optimizer.lr": 0.5, "~optimizer.weight_decay": None,
+           "max_steps_per_epoch": 1, "save_every_n_steps": "null", "fsdp_reshard_after_forward": "true",
+           "consolidate_every_save": "false"}  # fmt: skip
+    to_args = lambda out, **extra: [a.removesuffix("=None") for a in vision_args(task, out, **sgd, **extra)]
+    torchrun(to_args(tmp_path / "two", batch_size=2), recipe="recipes/lora_dpo_distributed.py", config=CONFIG)
+    run_distributed_in_process(LoRADPORecipeDistributed, recipe_config(CONFIG, to_args(tmp_path / "one")),
+                               tmp_path / "pg")  # fmt: skip
+    two, one = logged(Cfg(tmp_path / "two")), logged(Cfg(tmp_path / "one"))
+    assert abs(two[1]["loss"] - one[1]["loss"]) < 1e-6
+    a, b = load_file(tmp_path / "one/step_1" / ADAPTER), load_file(tmp_path / "two/step_1" / ADAPTER)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+    for room in ("encoder.", "decoder."):  # the step moved the adapters of both (the images count)
+        assert max(float(v.abs().max()) for k, v in a.items() if k.startswith(room) and "lora_b" in k) > 1e-4, room
