@@ -112,14 +112,18 @@ def make_collator(
 ) -> PreferenceCollator:
     """A recipe's collator (:func:`preference_collator`), after checking that every row of ``datasets`` (by config
     key; None is skipped) fits the model's ``max_seq_len`` in that layout, padding included: a pair too long is
-    named at setup instead of crashing the step that draws it."""
+    named at setup instead of crashing the step that draws it. Datasets of image-grounded pairs wrap it so that
+    batches carry their images (``with_images``, :mod:`dpo_components.vision.collate`)."""
     if packing:
         check_documents_fit(max_seq_len, prefix_sharing, packing_row_tokens, **(datasets or {}))
     else:
         check = check_fits if prefix_sharing else check_rows_fit
         check(max_seq_len, pad_to_multiple_of, **(datasets or {}))
     row_tokens = packing_row_tokens or max_seq_len  # packing: rows up to the model's length by default
-    return preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing, packing, row_tokens)
+    collator = preference_collator(padding_idx, pad_to_multiple_of, prefix_sharing, packing, row_tokens)
+    # image-grounded pairs (dpo_components.vision) add their images to the text batch, once per pair
+    with_images = next((d.with_images for d in (datasets or {}).values() if hasattr(d, "with_images")), None)
+    return with_images(collator) if with_images is not None else collator
 
 
 def check_rows_fit(max_seq_len: int, pad_to_multiple_of: int = 1, **datasets: PreferenceDataset | None) -> None:

@@ -63,17 +63,17 @@ def load_recipe_data(
     if loss is not None:
         check_data_kind(loss, dataset=train, eval_dataset=held_out)
     check_datasets(settings, train, held_out, world_size)
+    with_images = [isinstance(data, VisionPreferenceDataset) for data in (train, held_out) if data is not None]
+    if any(with_images) and settings.packing:
+        raise ConfigError("packing does not hold images yet: set packing=false for image-grounded pairs "
+                          "(prefix_sharing works with them)")  # fmt: skip
+    if any(with_images) and not all(with_images):
+        raise ConfigError("dataset and eval_dataset must both hold image-grounded pairs or both text pairs: build "
+                          "both with dpo_components.vision.vision_preference_dataset, or neither")  # fmt: skip
+    # the batches of image-grounded pairs carry each pair's images once (dpo_components.vision.collate)
     collate = make_collator(tokenizer.pad_id, max_seq_len, settings.pad_to_multiple_of, settings.prefix_sharing,
                             datasets={"dataset": train, "eval_dataset": held_out}, packing=settings.packing,
                             packing_row_tokens=settings.packing_row_tokens)  # fmt: skip
-    if isinstance(train, VisionPreferenceDataset):  # image-grounded pairs: each pair's images once per batch
-        if settings.packing:
-            raise ConfigError("packing does not hold images yet: set packing=false for image-grounded pairs "
-                              "(prefix_sharing works with them)")  # fmt: skip
-        if held_out is not None and not isinstance(held_out, VisionPreferenceDataset):
-            raise ConfigError("dataset holds image-grounded pairs and eval_dataset text pairs: build both with "
-                              "dpo_components.vision.vision_preference_dataset")  # fmt: skip
-        collate = VisionPreferenceCollator(collate, tokenizer.image_id, train.tiler.tokens_per_tile)
     if settings.max_micro_batch_tokens is not None:  # a batch-coupled loss is refused by instantiate_loss
         check_pairs_fit_budget(settings.max_micro_batch_tokens, collate, dataset=train)
         log.info(f"micro-batches by tokens: each step's {settings.batch_size * settings.gradient_accumulation_steps} "

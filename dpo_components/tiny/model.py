@@ -122,20 +122,31 @@ def save_hf_checkpoint(
     The directory is written under a temporary name and renamed into place, so an interrupted save never
     leaves a half-written checkpoint behind; an existing ``out_dir`` is replaced.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     args = args or TINY_LLAMA_ARGS
     state = tune_to_hf(
         model.state_dict(), num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], dim=args["embed_dim"]
     )
-    dtype = next(iter(state.values())).dtype
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp_dir / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
-    config = hf_config(dtype, tokenizer_dir, args)
-    (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config = hf_config(next(iter(state.values())).dtype, tokenizer_dir, args)
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-    (tmp_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return write_hf_dir(out_dir, state, config, tokenizer_dir, {"generation_config.json": generation})
+
+
+def write_hf_dir(
+    out_dir: str | Path,
+    hf_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    tokenizer_dir: str | Path = TOKENIZER_DIR,
+    more_json: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """``model.safetensors`` (``hf_state``), ``config.json``, ``more_json`` files and the tokenizer files in
+    ``out_dir``, written under a temporary name and renamed into place (an existing ``out_dir`` is replaced)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    save_file({k: v.contiguous().clone() for k, v in hf_state.items()}, tmp_dir / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    for name, value in {"config.json": config, **(more_json or {})}.items():
+        (tmp_dir / name).write_text(json.dumps(value, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_dir) / name, tmp_dir / name)
     if out_dir.exists():

@@ -10,15 +10,10 @@ images; ``gate_init`` sets them (tests of the image path use 1.0; a real start i
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torchtune.modules.model_fusion import DeepFusionModel
 from torchtune.modules.tanh_gate import TanhGate
@@ -29,9 +24,8 @@ from dpo_components.models.llama3_2_vision import (
     lora_llama3_2_vision_decoder,
     lora_llama3_2_vision_encoder,
 )
-from dpo_components.tiny.model import _special_token_ids
+from dpo_components.tiny.model import _special_token_ids, write_hf_dir
 from dpo_components.tiny.tokenizer import ASSET_DIR as TOKENIZER_DIR
-from dpo_components.tiny.tokenizer import TOKENIZER_FILES
 
 TINY_VISION_ENCODER_ARGS: dict[str, Any] = dict(
     patch_size=14, tile_size=56, max_num_tiles=2, clip_embed_dim=128, num_heads=2, clip_num_layers=2,
@@ -164,12 +158,8 @@ def save_hf_vision_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer_d
     written under a temporary name and renamed into place."""
     from torchtune.models.llama3_2_vision._convert_weights import llama3_vision_tune_to_hf
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    state = {k: v for k, v in model.state_dict().items()}
-    dtype = next(iter(state.values())).dtype
-    config = hf_vision_config(dtype=dtype, tokenizer_dir=tokenizer_dir)
+    state = dict(model.state_dict())
+    config = hf_vision_config(dtype=next(iter(state.values())).dtype, tokenizer_dir=tokenizer_dir)
     text, vision = config["text_config"], config["vision_config"]
     hf_state = llama3_vision_tune_to_hf(
         state, num_heads=text["num_attention_heads"], num_kv_heads=text["num_key_value_heads"],
@@ -177,12 +167,4 @@ def save_hf_vision_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer_d
         encoder_dim=vision["hidden_size"], tile_size=vision["image_size"], num_tiles=vision["max_num_tiles"],
         supported_aspect_ratios=vision["supported_aspect_ratios"],
     )  # fmt: skip
-    save_file({k: v.contiguous().clone() for k, v in hf_state.items()}, tmp_dir / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
-    (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(tokenizer_dir) / name, tmp_dir / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return out_dir
+    return write_hf_dir(out_dir, hf_state, config, tokenizer_dir)

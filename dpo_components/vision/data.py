@@ -41,6 +41,7 @@ from datasets import Image as ImageFeature
 from torchtune.data import Message
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from dpo_components.data.collate import PreferenceCollator
 from dpo_components.data.dataset import (
     PreferenceDataset,
     _files,
@@ -55,6 +56,7 @@ from dpo_components.data.dataset import (
 from dpo_components.data.errors import BadRow
 from dpo_components.data.formats import FORMATS, detect_format, map_columns
 from dpo_components.data.report import DataReport
+from dpo_components.vision.collate import VisionPreferenceCollator
 from dpo_components.vision.images import ImageTiler, open_image
 
 IMAGE_COLUMNS = ("images", "image")  # TRL's list, RLAIF-V's single image
@@ -163,11 +165,18 @@ class VisionPreferenceDataset(PreferenceDataset):
         image_column: str,
         tiler: ImageTiler,
         base_dir: Path | None,
+        image_token_id: int,
         skipped: Counter | None = None,
         row_numbers: list[int] | None = None,
     ) -> None:
         super().__init__(samples, source, skipped, row_numbers)
         self._rows, self._image_column, self.tiler, self._base_dir = rows, image_column, tiler, base_dir
+        self.image_token_id = image_token_id
+
+    def with_images(self, text_collator: PreferenceCollator) -> VisionPreferenceCollator:
+        """The collator of these pairs: ``text_collator``'s batches plus each pair's images, once
+        (``dpo_components.data.collate.make_collator`` asks every dataset for it)."""
+        return VisionPreferenceCollator(text_collator, self.image_token_id, self.tiler.tokens_per_tile)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = super().__getitem__(index)
@@ -281,6 +290,7 @@ def vision_preference_dataset(
     report_skipped(skipped, len(results), rows, where, lambda: "")
     samples = [sample for sample, _ in results]
     text = PreferenceDataset(samples, where, skipped, kept_rows)
-    dataset = VisionPreferenceDataset(samples, where, rows, image_column, tiler, base_dir, skipped, kept_rows)
+    dataset = VisionPreferenceDataset(samples, where, rows, image_column, tiler, base_dir, image_id, skipped,
+                                      kept_rows)
     dataset.report = DataReport.of(text, len(rows), [cuts for _, cuts in results], max_length)
     return dataset

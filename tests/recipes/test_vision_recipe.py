@@ -1,5 +1,6 @@
 """recipe_configs/tiny/lora_dpo_vision.yaml as shipped (sizes shrunk) through the LoRA recipes: a run killed with
-SIGKILL resumes to the uninterrupted run's weights bit for bit, and two FSDP2 ranks take one process's step."""
+SIGKILL resumes to the uninterrupted run's weights bit for bit, its merged model loads back (torchtune, transformers),
+two FSDP2 ranks take one process's step, and what cannot take images yet is refused."""
 
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import REPO_ROOT, recipe_config, run_distributed_in_process
 from helpers import logged, run_lora_recipe
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from test_full_dpo_distributed import Cfg, torchrun
 
 from dpo_components.logprobs import concatenated_logprobs
+from dpo_components.settings import ConfigError
 from dpo_components.tiny.shapes_task import load_vision_model
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
@@ -96,3 +99,22 @@ def test_two_fsdp2_ranks_take_the_step_of_one_process_with_the_whole_batch(tiny_
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
     for room in ("encoder.", "decoder."):  # the step moved the adapters of both (the images count)
         assert max(float(v.abs().max()) for k, v in a.items() if k.startswith(room) and "lora_b" in k) > 1e-4, room
+
+
+def test_what_cannot_take_images_yet_is_refused_at_setup(tiny_family, tmp_path):
+    """Packing (the recipes' data setup) and sampling at eval refuse image-grounded pairs, saying so."""
+    from torchtune import config
+
+    from dpo_components.data.recipe_data import load_recipe_data
+    from dpo_components.samples import eval_sampling
+    from dpo_components.settings import RecipeSettings
+
+    cfg = recipe_config(CONFIG, [*vision_args(tiny_family("llama3_2_vision"), tmp_path / "out"), "packing=true"])
+    tokenizer = config.instantiate(cfg.tokenizer)
+    with pytest.raises(ConfigError, match="packing does not hold images yet: set packing=false"):
+        load_recipe_data(cfg, RecipeSettings.from_config(cfg), tokenizer, max_seq_len=512)
+    cfg.packing, cfg.eval_samples = False, 4
+    data = load_recipe_data(cfg, RecipeSettings.from_config(cfg), tokenizer, max_seq_len=512)
+    assert "images" in data.collate([data.train[0], data.train[1]])  # the batches carry their pictures
+    with pytest.raises(ConfigError, match="eval_samples does not sample with images yet"):
+        eval_sampling(cfg, data.eval, tokenizer, seed=0)
