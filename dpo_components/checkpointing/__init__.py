@@ -33,6 +33,7 @@ from dpo_components.checkpointing.peft import (
     lora_settings,
     merge_lora_state,
     merged_lora_state_dict,
+    mllama_peft_adapter,
     peft_adapter_config,
     peft_layout,
 )
@@ -57,7 +58,8 @@ __all__ = [
     "CheckpointError", "adapter_state_dict", "check_same_run", "checkpoint_fingerprint", "checkpoint_problem",
     "claim_output_dir", "file_digest", "files_digest", "full_model_files", "fused_peft_adapter", "latest_checkpoint",
     "load_peft_adapter", "load_recipe_state", "load_sharded_checkpoint", "load_state_file", "lora_model_files",
-    "lora_settings", "merge_lora_state", "merged_lora_state_dict", "peft_adapter_config", "peft_layout",
+    "lora_settings", "merge_lora_state", "merged_lora_state_dict", "mllama_peft_adapter", "peft_adapter_config",
+    "peft_layout",
     "prepare_output_dir", "remove_stale_temporaries", "restore_training_state", "resume_checkpoint", "rng_state",
     "run_fingerprint", "save_checkpoint_dir", "save_failed", "save_lora_checkpoint", "save_sharded_checkpoint",
     "set_rng_state", "step_dirs", "training_state", "write_hf_files", "write_manifest",

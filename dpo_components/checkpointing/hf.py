@@ -9,7 +9,8 @@ A checkpoint is one directory, ``<output_dir>/step_<N>/``:
         its own: ``transformers`` with ``peft`` installed loads an adapter it finds beside a model's weights on top
         of them, so next to the merged model it would be applied twice. Phi-3/Phi-4, whose HF q/k/v (and gate/up)
         projections are fused and which torchtune cannot export, get our export (:func:`fused_peft_adapter`; LoRA
-        only, not DoRA) and ``adapter/adapter_model.torchtune.safetensors`` in torchtune's names, for resume;
+        only, not DoRA), and so does Llama 3.2 Vision (:func:`mllama_peft_adapter`), with
+        ``adapter/adapter_model.torchtune.safetensors`` in torchtune's names, for resume;
     recipe_state.pt
         what an exact resume needs: optimizer, LR schedule, step, data position, RNG (tensors and plain
         Python values only, read back with ``torch.load(weights_only=True)``), and the run's fingerprint;
@@ -49,6 +50,7 @@ from dpo_components.checkpointing.peft import (
     adapter_state_dict,
     fused_peft_adapter,
     merged_lora_state_dict,
+    mllama_peft_adapter,
     peft_adapter_config,
 )
 from dpo_components.files import torch_save, writing
@@ -127,10 +129,9 @@ def write_hf_files(
                 (directory / name).rename(directory / ADAPTER_DIR / name)
         else:  # Phi-3/Phi-4, Llama 3.2 Vision: torchtune has no PEFT export. torchtune's names, for resume
             save_file(adapter_state, directory / ADAPTER_DIR / TUNE_ADAPTER_FILE)
-            if not vision and not (adapter_config or {}).get("use_dora"):  # and ours, for peft (LoRA, Phi)
-                weights, peft_config = fused_peft_adapter(
-                    adapter_state, dict(adapter_config or {}), checkpointer._config
-                )
+            if not (adapter_config or {}).get("use_dora"):  # and ours, for peft (LoRA; DoRA is not exported)
+                export = mllama_peft_adapter if vision else fused_peft_adapter
+                weights, peft_config = export(adapter_state, dict(adapter_config or {}), checkpointer._config)
                 save_file(weights, directory / ADAPTER_DIR / PEFT_FILES[0], metadata={"format": "pt"})
                 (directory / ADAPTER_DIR / PEFT_FILES[1]).write_text(json.dumps(peft_config, indent=2) + "\n")
 

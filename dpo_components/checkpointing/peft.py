@@ -147,6 +147,52 @@ def fused_peft_adapter(
     return {k: v.contiguous() for k, v in out.items()}, peft_config
 
 
+# transformers 5's module paths of MllamaForConditionalGeneration for the checkpoint keys torchtune's converter writes
+_MLLAMA_MODULES = (("language_model.model.", "model.language_model."), ("vision_model.", "model.vision_model."),
+                   ("multi_modal_projector.", "model.multi_modal_projector."), ("language_model.lm_head.", "lm_head."))
+
+
+def mllama_peft_adapter(
+    adapter: dict[str, torch.Tensor], config: dict[str, Any], hf_config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Llama 3.2 Vision LoRA adapter in torchtune's names as a PEFT adapter of transformers'
+    ``MllamaForConditionalGeneration`` (torchtune 0.6.1 exports none for this family). Each adapted linear's name is
+    what torchtune's own ``llama3_vision_tune_to_hf`` makes of its weight's key (cross-attention layers numbered
+    among the self-attention ones, encoder and projector renamed); ``lora_B`` rows of the text self-attention's q/k
+    follow that converter's q/k permutation. ``target_modules`` names exactly the adapted modules (a full-match
+    regex), so PEFT adds no adapter the run did not train."""
+    from torchtune.models.llama3_2_vision._convert_weights import llama3_vision_tune_to_hf
+
+    text, vision = hf_config["text_config"], hf_config["vision_config"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    convert = dict(num_heads=text["num_attention_heads"], num_kv_heads=text["num_key_value_heads"],
+                   dim=text["hidden_size"], head_dim=head_dim, vocab_size=text["vocab_size"],
+                   cross_attention_layers=text.get("cross_attention_layers"), encoder_dim=vision["hidden_size"],
+                   tile_size=vision["image_size"], num_tiles=vision["max_num_tiles"],
+                   supported_aspect_ratios=vision.get("supported_aspect_ratios"))  # fmt: skip
+    out, modules = {}, []
+    for key in sorted(k for k in adapter if k.endswith("lora_a.weight")):
+        base = key.removesuffix("lora_a.weight")
+        lora_a, lora_b = adapter[key], adapter[f"{base}lora_b.weight"]
+        weight = torch.zeros(lora_b.shape[0], lora_a.shape[1])  # only its key and shape matter to the converter
+        (hf_key,) = llama3_vision_tune_to_hf({f"{base}weight": weight}, **convert)
+        module = hf_key.removesuffix(".weight")
+        for old, new in _MLLAMA_MODULES:
+            if module.startswith(old):
+                module = new + module.removeprefix(old)
+                break
+        if module.startswith("model.language_model.") and module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            heads = text["num_attention_heads"] if module.endswith("q_proj") else text["num_key_value_heads"]
+            lora_b = _to_hf_rows(lora_b, heads, head_dim)  # the converter permutes these weights' rows
+        out[f"base_model.model.{module}.lora_A.weight"] = lora_a.contiguous()
+        out[f"base_model.model.{module}.lora_B.weight"] = lora_b.contiguous()
+        modules.append(module)
+    peft_config = {"r": config["r"], "lora_alpha": config["lora_alpha"], "peft_type": "LORA", "task_type": None,
+                   "use_dora": False, "bias": "none",
+                   "target_modules": "^(" + "|".join(re.escape(m) for m in modules) + ")$"}  # fmt: skip
+    return out, peft_config
+
+
 def peft_layout(checkpointer: Any) -> dict[str, Any]:
     """The arguments of :func:`load_peft_adapter` for a model loaded by the HF ``checkpointer``."""
     hf = checkpointer._config.get("text_config", checkpointer._config)  # Llama 3.2 Vision nests the text model's

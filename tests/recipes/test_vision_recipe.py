@@ -76,10 +76,39 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_weights(tin
     # differs by torchtune's design: docs/vision.md, "The merged model in transformers")
     from transformers import MllamaForConditionalGeneration
 
-    hf = MllamaForConditionalGeneration.from_pretrained(tmp_path / "uninterrupted/step_8", dtype=torch.float32).eval()
+    load = lambda path: MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    merged_hf = load(tmp_path / "uninterrupted/step_8")
     tokens = batch["input_ids"][:2, :12]
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=tokens).logits, recipe._model(tokens), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged_hf(input_ids=tokens).logits, recipe._model(tokens), rtol=1e-4, atol=1e-4)
+    # the PEFT adapter on the base model in peft gives the merged model's logits, images and all
+    from peft import PeftModel
+    from peft.tuners.lora import torchao as peft_torchao
+
+    with pytest.MonkeyPatch.context() as patch:  # PEFT refuses torchao < 0.16 (torchtune's); no torchao layer here
+        patch.setattr(peft_torchao, "is_torchao_available", lambda: False)
+        with_adapter = PeftModel.from_pretrained(load(task / "captioned_model"),
+                                                 tmp_path / "uninterrupted/step_8/adapter").eval()  # fmt: skip
+        inputs = hf_image_inputs(batch)
+        with torch.no_grad():
+            expected = merged_hf(**inputs).logits
+            torch.testing.assert_close(with_adapter(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+            assert (load(task / "captioned_model")(**inputs).logits - expected).abs().max() > 1e-2  # it moved
+
+
+def hf_image_inputs(batch):
+    """Our collated batch (first two chosen rows) as transformers' Mllama takes it: pixel values, aspect-ratio ids
+    and masks, the cross-attention mask per image and tile."""
+    from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+    images, ratios = batch["images"][:2], batch["aspect_ratio"][:2]
+    supported = [tuple(r) for r in get_all_supported_aspect_ratios(images.shape[2])]
+    ids = torch.tensor([[supported.index(tuple(r.tolist())) + 1 for r in row] for row in ratios])
+    tile_mask = (torch.arange(images.shape[2]) < ratios.prod(-1).unsqueeze(-1)).long()
+    rows, length = 2, batch["input_ids"].shape[1]
+    cross = batch["encoder_mask"][:rows].view(rows, length, images.shape[1], images.shape[2], -1).any(-1).long()
+    return {"input_ids": batch["input_ids"][:rows], "pixel_values": images, "aspect_ratio_ids": ids,
+            "aspect_ratio_mask": tile_mask, "cross_attention_mask": cross}  # fmt: skip
 
 
 def test_two_fsdp2_ranks_take_the_step_of_one_process_with_the_whole_batch(tiny_family, tmp_path):
