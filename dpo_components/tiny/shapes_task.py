@@ -246,16 +246,15 @@ def reward_accuracy(policy: torch.nn.Module, reference: torch.nn.Module, data_fi
                     batch_size: int = 32) -> tuple[float, float]:  # fmt: skip
     """(preference accuracy, mean margin) of the implicit reward beta * log(policy / reference) on the pairs of
     ``data_file``: the share of pairs whose chosen answer it ranks above the rejected one."""
-    from dpo_components.data.collate import preference_collator
+    from dpo_components.data.collate import make_collator
     from dpo_components.logprobs import concatenated_logprobs
     from dpo_components.tiny.tokenizer import tiny_tokenizer
-    from dpo_components.vision import VisionPreferenceCollator, vision_preference_dataset
+    from dpo_components.vision import vision_preference_dataset
 
     tokenizer = tiny_tokenizer()
     data = vision_preference_dataset(tokenizer, source="json", data_files=str(data_file), tile_size=TILE_SIZE,
                                      max_num_tiles=MAX_NUM_TILES, max_length=64)  # fmt: skip
-    collate = VisionPreferenceCollator(preference_collator(tokenizer.pad_id), tokenizer.image_id,
-                                       data.tiler.tokens_per_tile)  # fmt: skip
+    collate = make_collator(tokenizer.pad_id, policy.max_seq_len, datasets={"pairs": data})  # with the images
     margins = []
     for start in range(0, len(data), batch_size):
         batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])

@@ -299,3 +299,17 @@ def test_a_lora_vision_model_scores_what_its_merged_weights_score():
         ours, theirs = concatenated_logprobs(live, batch), concatenated_logprobs(apply_model_fixes(merged), batch)
     torch.testing.assert_close(ours.chosen_logps, theirs.chosen_logps, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ours.rejected_logps, theirs.rejected_logps, rtol=1e-5, atol=1e-4)
+
+
+def test_llama_3_2_vision_imports_without_torchvision_and_clip_transform_names_our_tiler():
+    """torchtune's CLIP transform module imports torchvision; where that fails, the package's import hook gives it
+    a stand-in, so the vision builders import, and torchtune's image transform says what to use instead."""
+    from dpo_components._tune_hook import _torchvision_imports
+
+    if _torchvision_imports():
+        pytest.skip("torchvision imports here: torchtune's own module is used")
+    from torchtune.models.clip import CLIPImageTransform
+    from torchtune.models.llama3_2_vision import lora_llama3_2_vision_11b  # noqa: F401 (it imports)
+
+    with pytest.raises(ImportError, match="ImageTiler"):
+        CLIPImageTransform()

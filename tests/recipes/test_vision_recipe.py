@@ -17,7 +17,7 @@ from test_full_dpo_distributed import Cfg, torchrun
 
 from dpo_components.logprobs import concatenated_logprobs
 from dpo_components.settings import ConfigError
-from dpo_components.tiny.shapes_task import load_vision_model
+from dpo_components.tiny.shapes_task import image_control, load_vision_model
 from recipes.lora_dpo_distributed import LoRADPORecipeDistributed
 
 CONFIG = "recipe_configs/tiny/lora_dpo_vision.yaml"
@@ -65,6 +65,14 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_weights(tin
     adapter = load_file(tmp_path / "uninterrupted/step_8" / ADAPTER)
     moved = [k for k, v in adapter.items() if "lora_b" in k and v.abs().max() > 0]
     assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    # the image control's scoring (a loaded merged model against the loaded captioned model) agrees with the
+    # recipe's own eval (the LoRA model against itself with adapters off)
+    control = image_control(tmp_path / "uninterrupted/step_8", task, beta=recipe._loss_fn.beta)
+    recipe._metric_logger = None  # closed by the run's cleanup
+    own = recipe.evaluate()
+    assert control["heldout_accuracy"] == pytest.approx(own["eval/rewards/accuracies"], abs=1e-6)
+    assert control["heldout_margin"] == pytest.approx(own["eval/rewards/margins"], rel=1e-3, abs=1e-4)
+    assert 0.0 <= control["shuffled_images_accuracy"] <= 1.0
     # the merged HF-layout model loads back through torchtune's checkpointer (every key) with the policy's log-probs
     merged = load_vision_model(tmp_path / "uninterrupted/step_8")
     batch = recipe._data.collate([recipe._data.eval[i] for i in range(4)])
